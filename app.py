@@ -1,0 +1,43 @@
+"""SAHC Explorer: a router. Shared sidebar (model picker, device, cache), then st.navigation."""
+from __future__ import annotations
+
+import streamlit as st
+
+st.set_page_config(page_title="SAHC Explorer", page_icon="📉", layout="wide")
+
+import app_state  # noqa: E402  (after set_page_config)
+
+with st.sidebar:
+    st.markdown("### Model")
+    st.text_input(
+        "Local HuggingFace model directory",
+        key="model_path",
+        placeholder=app_state.DEFAULT_LABEL,
+        help="A directory with config.json and *.safetensors. Leave empty for the embedded default model.",
+    )
+    if not st.session_state.get("model_path", "").strip():
+        st.caption("Embedded default: SmolLM2-135M-Instruct (weights from a 4-bit GGUF).")
+    else:
+        st.caption(f"Path: `{app_state.model_dir()}`")
+    from sahc_core.device import resolve_device
+
+    st.caption(f"Compute device: **{resolve_device('auto')}**")
+    from sahc_core.cache import default_cache_path
+
+    st.caption(f"Cache: `{default_cache_path()}`")
+
+pages = {
+    "Explore": [
+        st.Page("pages/model.py", title="Model", icon="🧭", default=True),
+        st.Page("pages/spectrum.py", title="Spectrum", icon="📈"),
+    ],
+    "Budget": [
+        st.Page("pages/whatif.py", title="What-if", icon="🎚️"),
+        st.Page("pages/budget.py", title="Budget", icon="💰"),
+    ],
+    "Present": [
+        st.Page("pages/runs.py", title="Runs", icon="🏃"),
+        st.Page("pages/report.py", title="Report", icon="📊"),
+    ],
+}
+st.navigation(pages).run()

@@ -1,0 +1,77 @@
+"""Shared Streamlit state for every page: the selected model, the cache, error display.
+
+Pages import from here; `sahc_core` never imports Streamlit. Heavy objects are cached with
+``st.cache_resource`` keyed by the resolved path, so switching pages costs nothing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from sahc_core.errors import SahcError
+
+DEFAULT_LABEL = "(embedded default: SmolLM2-135M-Instruct)"
+
+
+@st.cache_resource(show_spinner="Converting the embedded default model once (about a minute)…")
+def _default_model_dir() -> str:
+    from sahc_core.defaults import default_model_dir
+
+    return str(default_model_dir())
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _open_source(path: str, mtime_key: float):
+    from sahc_core.model_io import ModelSource
+
+    return ModelSource.open(path)
+
+
+def _dir_mtime(path: str) -> float:
+    p = Path(path)
+    try:
+        return max((f.stat().st_mtime for f in p.iterdir()), default=p.stat().st_mtime)
+    except OSError:
+        return 0.0
+
+
+def model_dir() -> str:
+    """The selected model directory (the embedded default unless the user typed a path)."""
+    chosen = st.session_state.get("model_path", "").strip()
+    return str(Path(chosen).expanduser().resolve()) if chosen else _default_model_dir()
+
+
+def is_default_model() -> bool:
+    return not st.session_state.get("model_path", "").strip()
+
+
+def current_source():
+    """The open ``ModelSource``, or ``None`` after showing a clear ``st.error``."""
+    try:
+        path = model_dir()
+        return _open_source(path, _dir_mtime(path))
+    except SahcError as exc:
+        st.error(str(exc))
+        return None
+
+
+@st.cache_resource(show_spinner=False)
+def _cache(path: str | None):
+    from sahc_core.cache import Cache
+
+    return Cache(path)
+
+
+def current_cache():
+    """The DuckDB cache, or ``None`` after a clear ``st.error`` (corrupt or read-only file)."""
+    try:
+        return _cache(None)
+    except SahcError as exc:
+        st.error(str(exc))
+        return None
+
+
+def show_error(exc: Exception) -> None:
+    """One-line message for a user-facing failure; never a traceback."""
+    st.error(str(exc))
