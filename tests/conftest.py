@@ -1,0 +1,27 @@
+"""Shared pytest fixtures: tiny sharded checkpoints built once per test session (offline, seeded).
+
+Fixture directories are session-scoped and shared: tests must NOT modify them (copy with
+``shutil.copytree(tiny_llama_dir, tmp_path / "m")`` first when a test needs to break a model).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_models import build_tiny_llama, build_tiny_qwen35  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer tied-embedding llama checkpoint saved in 2 safetensors shards (read-only use)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), shards=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen35_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Qwen3.5 (1 linear + 1 full attention, vision tower, ``mtp.*`` shard) checkpoint."""
+    return build_tiny_qwen35(tmp_path_factory.mktemp("tiny_qwen35"))
