@@ -1,0 +1,68 @@
+"""Model page: architecture summary, where the parameters live, searchable tensor table."""
+from __future__ import annotations
+
+import streamlit as st
+
+import app_state
+from sahc_core.components import component_shares, is_known_architecture, tensor_table
+from sahc_core.errors import SahcError
+from sahc_core.figures_model import shares_bar, shares_treemap
+
+st.title("Model")
+source = app_state.current_source()
+if source is None:
+    st.stop()
+
+
+@st.cache_data(show_spinner=False)
+def _table(fingerprint: str, _source):
+    return tensor_table(_source)
+
+
+try:
+    table = _table(source.fingerprint, source)
+except SahcError as exc:
+    app_state.show_error(exc)
+    st.stop()
+shares = component_shares(table)
+
+if app_state.is_default_model():
+    from sahc_core.defaults import DEFAULT_MODEL_NOTE
+
+    st.info(DEFAULT_MODEL_NOTE)
+if not is_known_architecture(source.architecture):
+    st.warning(f"Unknown architecture `{source.architecture}`: components are guessed from tensor names.")
+
+total = int(table["params"].sum())
+emb = shares.set_index("component")["share"].get("embedding", 0.0)
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Architecture", source.architecture)
+c2.metric("Parameters", f"{total / 1e6:,.1f} M")
+c3.metric("Tensors", f"{len(table):,}")
+c4.metric("Embedding / LM head share", f"{emb:.1%}", help="Tied weights are counted once.")
+st.caption(f"`{source.path}` · fingerprint `{source.fingerprint[:16]}` · "
+           f"tied embeddings: {'yes' if source.tied_embeddings else 'no'}")
+if emb > 0.15:
+    st.warning(f"The embedding / LM head holds {emb:.1%} of the parameters: whatever the rest achieves, "
+               "this share bounds the total ratio (the 'embedding wall', see the Budget page).")
+
+left, right = st.columns([2, 1])
+left.subheader("Where the parameters live")
+left.plotly_chart(shares_treemap(table), width="stretch")
+right.subheader("Component shares")
+right.plotly_chart(shares_bar(shares), width="stretch")
+right.dataframe(shares.assign(share=shares["share"] * 100), hide_index=True,
+                column_config={"share": st.column_config.NumberColumn("share (%)", format="%.2f")})
+
+st.subheader("Tensors")
+query = st.text_input("Filter by name (substring)", key="model_filter")
+comps = st.multiselect("Components", sorted(table["component"].unique()), key="model_components")
+view = table
+if query:
+    view = view[view["name"].str.contains(query, case=False, regex=False)]
+if comps:
+    view = view[view["component"].isin(comps)]
+view = view.assign(shape=view["shape"].map(lambda s: " × ".join(map(str, s))))
+st.dataframe(view[["name", "shape", "dtype", "component", "kind", "layer", "params"]], hide_index=True,
+             width="stretch", height=420)
+st.download_button("Download tensor table (CSV)", view.to_csv(index=False), "tensors.csv", "text/csv")
