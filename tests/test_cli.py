@@ -1,0 +1,114 @@
+"""CLI contract (design.md): --json puts one JSON object on the last stdout line; errors are one line."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sahc_core.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_json(capsys, *argv: str) -> dict:
+    code = main([*argv, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_error(capsys, *argv: str) -> str:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture()
+def cache_path(tmp_path, monkeypatch):
+    p = tmp_path / "c.duckdb"
+    monkeypatch.setenv("SAHC_CACHE", str(p))
+    return p
+
+
+def test_inspect_contract(capsys, tiny_qwen35_dir, cache_path):
+    d = run_json(capsys, "inspect", "--model", str(tiny_qwen35_dir))
+    assert d["architecture"] == "qwen3_5"
+    assert d["total_params"] == sum(t["params"] for t in d["tensors"])
+    comps = {c["component"]: c for c in d["components"]}
+    assert {"ffn", "attention_full", "attention_linear", "embedding", "vision", "mtp"} <= set(comps)
+    assert sum(c["share"] for c in d["components"]) == pytest.approx(1.0)
+    for t in d["tensors"]:
+        assert {"name", "shape", "dtype", "component"} <= set(t)
+
+
+def test_spectrum_contract_and_cache(capsys, tiny_llama_dir, cache_path):
+    name = "model.layers.1.mlp.gate_proj.weight"
+    d = run_json(capsys, "spectrum", "--model", str(tiny_llama_dir), "--tensor", name, "--device", "cpu")
+    assert d["tensor"] == name and d["shape"] == [128, 64] and d["device"] == "cpu"
+    s = d["singular_values"]
+    assert len(s) == 64 and all(a >= b for a, b in zip(s, s[1:]))
+    assert {"sigma_max", "sigma_min", "condition_number", "stable_rank", "effective_rank"} <= set(d["stats"])
+    assert set(d["min_rank"]) == {"0.1", "0.05", "0.01"}
+    assert len(d["rank_error"]["ranks"]) == len(d["rank_error"]["rel_error"])
+    again = run_json(capsys, "spectrum", "--model", str(tiny_llama_dir), "--tensor", name, "--device", "cpu")
+    assert again["singular_values"] == s
+
+
+def test_measure_contract(capsys, tiny_llama_dir, cache_path):
+    name = "model.layers.0.mlp.down_proj.weight"  # 64 x 128
+    d = run_json(capsys, "measure", "--model", str(tiny_llama_dir), "--tensor", name, "--method", "int",
+                 "--bits", "4", "--group-size", "32")
+    assert {"bytes", "ratio", "bits_per_weight", "rel_error", "weight_cosine", "gates"} <= set(d)
+    assert d["ratio"] == pytest.approx(2 * 64 * 128 / d["bytes"])
+    assert 0 < d["rel_error"] < 0.2 and d["weight_cosine"] > 0.98
+
+
+def test_plan_contract(capsys, tiny_llama_dir, cache_path, tmp_path):
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps({"name": "int8", "default": {"method": "int", "bits": 8, "group_size": 32}}))
+    d = run_json(capsys, "plan", "--model", str(tiny_llama_dir), "--plan", str(plan))
+    assert {"ratio_projected", "bytes_projected", "components"} <= set(d)
+    assert 1.5 < d["ratio_projected"] < 2.0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["inspect", "--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["spectrum", "--tensor", "no.such.tensor"], "no.such.tensor"),
+    (["measure", "--tensor", "model.layers.0.mlp.down_proj.weight", "--method", "int", "--bits", "17"], "bits"),
+    (["measure", "--tensor", "model.layers.0.mlp.down_proj.weight", "--method", "svd", "--rank", "0"], "rank"),
+    (["plan", "--plan", "/nonexistent/plan.json"], "plan"),
+])
+def test_errors_are_one_line(capsys, tiny_llama_dir, cache_path, argv, needle):
+    if "--model" not in argv:
+        argv = [*argv, "--model", str(tiny_llama_dir)]
+    line = run_error(capsys, *argv)
+    assert needle in line
+
+
+def test_pickle_checkpoint_refused(capsys, tiny_llama_dir, tmp_path, cache_path):
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    shutil.copy(tiny_llama_dir / "config.json", bad / "config.json")
+    (bad / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    line = run_error(capsys, "inspect", "--model", str(bad))
+    assert "safetensors" in line
+
+
+def test_module_entry_point(tiny_llama_dir, tmp_path):
+    """`python -m sahc_core` in a subprocess: JSON on the last stdout line, exit 0; bad path: exit != 0."""
+    env = {"SAHC_CACHE": str(tmp_path / "c.duckdb"), "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run([sys.executable, "-m", "sahc_core", "inspect", "--model", str(tiny_llama_dir), "--json"],
+                        cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["architecture"] == "llama"
+    bad = subprocess.run([sys.executable, "-m", "sahc_core", "inspect", "--model", str(tmp_path / "nope")],
+                         cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
