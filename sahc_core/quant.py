@@ -1,0 +1,286 @@
+"""Round-to-nearest int-k quantization (k = 2..8), per row or per group, with exact byte accounting.
+
+Storage format of a :class:`QuantizedTensor` (what :meth:`QuantizedTensor.state` returns):
+
+- ``codes``: ``uint8`` 1-D, the unsigned k-bit codes of the flattened tensor (row-major, i.e. rows of
+  the ``(rows, in_features)`` view one after another) packed as an LSB-first bitstream: code ``i``
+  occupies bits ``i*k .. i*k+k-1`` where bit ``b`` is bit ``b % 8`` of byte ``b // 8``. Length
+  ``ceil(numel*k/8)``; the unused high bits of the last byte are padding and are counted in the bytes.
+- ``scales``: ``float16`` ``(rows, n_groups)``, one scale per group of ``group_size`` consecutive
+  weights along the last (input) dimension; ``group_size=None`` means one group per row.
+- ``zeros`` (``asym`` only): ``float16`` ``(rows, n_groups)``, the group minimum (an fp16 offset, as in
+  HQQ / gpt-fast's float zero point, not an integer zero point) so a range need not contain 0.
+
+Schemes (``w`` a weight, ``s`` the fp16 scale, ``z`` the fp16 zero, ``q`` the stored code):
+
+- ``sym``: restricted symmetric range ``q - Q in [-Q, Q]`` with ``Q = 2^(k-1) - 1`` (the code
+  ``2^k - 1`` is never used, so the grid is symmetric around 0); ``s = fp16(max|w| / Q)``,
+  ``ŵ = (q - Q) * s``.
+- ``asym``: min-max, ``z = fp16(min w)``, ``s = fp16((max w - z) / (2^k - 1))``, ``q in [0, 2^k - 1]``,
+  ``ŵ = q * s + z``.
+
+Codes are computed with the fp16-rounded ``s`` and ``z``, so :func:`dequantize` returns exactly the
+grid point that was chosen: ``|w - ŵ| <= s/2`` plus the fp16 rounding of ``s`` and ``z``. A group
+with zero range stores ``s = 0`` and reconstructs exactly (0 for ``sym``, ``z`` for ``asym``).
+
+Bytes: ``ceil(numel*k/8) + 2*rows*n_groups`` (``sym``) or ``+ 4*rows*n_groups`` (``asym``); e.g.
+int4, g=128, asym is 4 + 32/128 = 4.25 bits per weight. 1-D tensors (biases, norms) are quantized as
+one row (per-tensor scale when ``group_size=None``); compression plans keep them in 16-bit anyway.
+
+References: gpt-fast ``group_quantize_tensor`` (the asym min-max RTN this mirrors, with an fp16 zero).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_SCHEMES = ("sym", "asym")
+_PACK_CHUNK = 1 << 20  # 8-code blocks packed per step for k in {3,5,6,7} (bounds int64 temporaries)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Round-to-nearest int-k quantization settings.
+
+    Parameters
+    ----------
+    bits : int
+        Code width k, 2..8.
+    group_size : int or None
+        Consecutive weights along the last dimension sharing one scale (must divide it);
+        ``None`` = one scale per row.
+    scheme : {"asym", "sym"}
+        Min-max with an fp16 zero point, or restricted symmetric around 0.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    scheme: str = "asym"
+
+    def __post_init__(self) -> None:
+        bits = _as_int(self.bits, "bits")
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits must be an integer from 2 to 8, got {self.bits!r}.")
+        object.__setattr__(self, "bits", bits)
+        if self.group_size is not None:
+            g = _as_int(self.group_size, "group_size")
+            if g < 1:
+                raise ValueError(f"group_size must be a positive integer or None (per row), got {self.group_size!r}.")
+            object.__setattr__(self, "group_size", g)
+        if self.scheme not in _SCHEMES:
+            raise ValueError(f"scheme must be 'sym' or 'asym', got {self.scheme!r}.")
+
+    def to_dict(self) -> dict:
+        """Plan JSON form, e.g. ``{"method": "int", "bits": 4, "group_size": 128, "scheme": "asym"}``."""
+        return {"method": "int", "bits": self.bits, "group_size": self.group_size, "scheme": self.scheme}
+
+
+def _as_int(value: object, name: str) -> int:
+    """``operator.index`` with a one-sentence error (accepts numpy ints, rejects floats and bools)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}.")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}.") from None
+
+
+def _layout(shape: tuple[int, ...], cfg: QuantConfig) -> tuple[int, int, int]:
+    """Validate ``shape`` for ``cfg``; return ``(rows, in_features, group_size)`` of the 2-D view."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0 or any(s < 1 for s in shape):
+        raise ValueError(f"cannot quantize a tensor of shape {shape}; it needs at least one dimension and no empty ones.")
+    cols = shape[-1]
+    rows = math.prod(shape[:-1])
+    g = cols if cfg.group_size is None else cfg.group_size
+    if cols % g:
+        raise ValueError(
+            f"group_size {g} does not divide the last dimension {cols} of shape {shape}; "
+            f"pick a divisor of {cols} or group_size=None (per row)."
+        )
+    return rows, cols, g
+
+
+def quant_bytes(shape: tuple[int, ...], cfg: QuantConfig) -> int:
+    """Exact stored bytes of ``quantize(W, cfg)`` for a tensor of ``shape`` (codes + scales + zeros)."""
+    rows, cols, g = _layout(shape, cfg)
+    n_groups = rows * (cols // g)
+    per_group = 4 if cfg.scheme == "asym" else 2  # fp16 scale (+ fp16 zero)
+    return (rows * cols * cfg.bits + 7) // 8 + per_group * n_groups
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Pack unsigned codes ``< 2**bits`` (any shape, flattened) into an LSB-first ``uint8`` bitstream.
+
+    Returns a 1-D tensor of ``ceil(n*bits/8)`` bytes. Hand-written (torch has no sub-byte packing for
+    arbitrary k): 8 codes of k bits fill exactly k bytes, so the stream is built block by block.
+    """
+    flat = codes.reshape(-1).to(torch.uint8)
+    n = flat.numel()
+    n_bytes = (n * bits + 7) // 8
+    if bits == 8:
+        return flat.clone()
+    pad = (-n) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    if 8 % bits == 0:  # 2, 4: whole codes per byte, stay in uint8
+        per = 8 // bits
+        blk = flat.reshape(-1, per)
+        out = blk[:, 0].clone()
+        for j in range(1, per):
+            out |= blk[:, j] << (bits * j)
+        return out[:n_bytes].contiguous()
+    blocks = flat.reshape(-1, 8)
+    dev = flat.device
+    code_shift = torch.arange(8, device=dev, dtype=torch.int64) * bits
+    byte_shift = torch.arange(bits, device=dev, dtype=torch.int64) * 8
+    parts = []
+    for start in range(0, blocks.shape[0], _PACK_CHUNK):
+        word = (blocks[start:start + _PACK_CHUNK].to(torch.int64) << code_shift).sum(-1)  # <= 56 bits
+        parts.append(((word[:, None] >> byte_shift) & 0xFF).to(torch.uint8).reshape(-1))
+    return torch.cat(parts)[:n_bytes].contiguous()
+
+
+def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: the first ``n`` k-bit codes of ``packed`` as ``uint8`` (1-D)."""
+    expected = (n * bits + 7) // 8
+    if packed.dtype != torch.uint8 or packed.numel() != expected:
+        raise ValueError(
+            f"packed codes must be {expected} uint8 bytes for {n} {bits}-bit codes, "
+            f"got {packed.numel()} of {packed.dtype}."
+        )
+    flat = packed.reshape(-1)
+    if bits == 8:
+        return flat.clone()
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        out = torch.stack([(flat >> (bits * j)) & mask for j in range(per)], dim=1).reshape(-1)
+        return out[:n].contiguous()
+    pad = (-flat.numel()) % bits
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    rows = flat.reshape(-1, bits)
+    dev = flat.device
+    code_shift = torch.arange(8, device=dev, dtype=torch.int64) * bits
+    byte_shift = torch.arange(bits, device=dev, dtype=torch.int64) * 8
+    parts = []
+    for start in range(0, rows.shape[0], _PACK_CHUNK):
+        word = (rows[start:start + _PACK_CHUNK].to(torch.int64) << byte_shift).sum(-1)
+        parts.append(((word[:, None] >> code_shift) & mask).to(torch.uint8).reshape(-1))
+    return torch.cat(parts)[:n].contiguous()
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A quantized tensor: packed codes, fp16 scales and (asym) fp16 zeros. See the module docstring."""
+
+    shape: tuple[int, ...]
+    config: QuantConfig
+    codes: Tensor                # (ceil(numel*bits/8),) uint8
+    scales: Tensor               # (rows, n_groups) float16
+    zeros: Tensor | None = None  # (rows, n_groups) float16, asym only
+
+    def reconstruct(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The dequantized tensor, of the original shape."""
+        return dequantize(self, dtype)
+
+    def state(self) -> dict[str, Tensor]:
+        """Tensors to store (all of them count in :attr:`nbytes`)."""
+        out = {"codes": self.codes, "scales": self.scales}
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        return out
+
+    def meta(self) -> dict:
+        """JSON-able description: method, config (plan form) and shape."""
+        return {"method": "int", "config": self.config.to_dict(), "shape": list(self.shape)}
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes of :meth:`state` tensors."""
+        return sum(t.numel() * t.element_size() for t in self.state().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per original weight, scales and zeros included."""
+        return 8 * self.nbytes / math.prod(self.shape)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor], shape: tuple[int, ...], cfg: QuantConfig) -> "QuantizedTensor":
+        """Rebuild from :meth:`state` tensors, checking their sizes against ``shape`` and ``cfg``."""
+        rows, cols, g = _layout(tuple(shape), cfg)
+        want = {"codes", "scales"} | ({"zeros"} if cfg.scheme == "asym" else set())
+        if set(state) != want:
+            raise ValueError(f"quantized state must hold exactly {sorted(want)}, got {sorted(state)}.")
+        grid = (rows, cols // g)
+        for key in want - {"codes"}:
+            t = state[key]
+            if t.dtype != torch.float16 or tuple(t.shape) != grid:
+                raise ValueError(f"quantized {key} must be float16 of shape {grid}, got {t.dtype} {tuple(t.shape)}.")
+        n = rows * cols
+        if state["codes"].dtype != torch.uint8 or state["codes"].numel() != (n * cfg.bits + 7) // 8:
+            raise ValueError(f"quantized codes must be {(n * cfg.bits + 7) // 8} uint8 bytes for shape {tuple(shape)}.")
+        return cls(tuple(int(s) for s in shape), cfg, state["codes"].reshape(-1), state["scales"], state.get("zeros"))
+
+
+def _check_fp16(t: Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"the {what} overflow float16 (weights beyond about 6.5e4); rescale the tensor first.")
+
+
+def quantize(W: Tensor, cfg: QuantConfig) -> QuantizedTensor:
+    """Round-to-nearest int-k quantization of ``W`` along its last dimension (see module docstring).
+
+    Parameters
+    ----------
+    W : Tensor
+        Any shape with ``ndim >= 1``; groups run along the last dimension; computed on ``W``'s device.
+    cfg : QuantConfig
+
+    Returns
+    -------
+    QuantizedTensor
+    """
+    shape = tuple(W.shape)
+    rows, cols, g = _layout(shape, cfg)
+    x = W.detach().to(torch.float32).reshape(rows, cols // g, g)  # (rows, groups, g)
+    if not torch.isfinite(x).all():
+        raise ValueError("the tensor contains NaN or Inf values and cannot be quantized.")
+    if cfg.scheme == "sym":
+        qmax = 2 ** (cfg.bits - 1) - 1
+        scales = (x.abs().amax(-1) / qmax).to(torch.float16)
+        _check_fp16(scales, "scales")
+        s = scales.float()
+        s_safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
+        q = torch.round(x / s_safe).clamp_(-qmax, qmax) + qmax  # stored code in [0, 2Q]
+        zeros = None
+    else:
+        qmax = 2 ** cfg.bits - 1
+        zeros = x.amin(-1).to(torch.float16)
+        _check_fp16(zeros, "zero points")
+        z = zeros.float()
+        scales = ((x.amax(-1) - z) / qmax).to(torch.float16)  # range from the stored zero
+        _check_fp16(scales, "scales")
+        s = scales.float()
+        s_safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
+        q = torch.round((x - z[..., None]) / s_safe).clamp_(0, qmax)
+    codes = pack_codes(q.to(torch.uint8), cfg.bits)
+    return QuantizedTensor(shape, cfg, codes, scales, zeros)
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Reconstruct ``ŵ`` from a :class:`QuantizedTensor` (float32 arithmetic, then cast to ``dtype``)."""
+    rows, cols, g = _layout(q.shape, q.config)
+    codes = unpack_codes(q.codes, q.config.bits, rows * cols).to(torch.float32).reshape(rows, cols // g, g)
+    s = q.scales.float()[..., None]
+    if q.config.scheme == "sym":
+        w = (codes - (2 ** (q.config.bits - 1) - 1)) * s
+    else:
+        assert q.zeros is not None, "asym QuantizedTensor without zeros"
+        w = codes * s + q.zeros.float()[..., None]
+    return w.reshape(q.shape).to(dtype)
