@@ -19,6 +19,8 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from sahc_core import lowrank as _lowrank
+from sahc_core.lowrank import SVDConfig
 from sahc_core.quant import QuantConfig, QuantizedTensor, quant_bytes, quantize
 
 _KEEP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -97,7 +99,7 @@ def _quant_load(state: dict[str, Tensor], meta: dict, cfg: QuantConfig) -> Quant
     return QuantizedTensor.from_state(state, tuple(meta["shape"]), cfg)
 
 
-def _no_extras(W: Tensor, c: Any) -> dict:
+def _no_extras(W: Tensor, c: Any, W_hat: Tensor) -> dict:
     return {}
 
 
@@ -110,13 +112,17 @@ class _Method:
     nbytes: Callable[[tuple[int, ...], Any], int]
     load: Callable[[dict, dict, Any], Any]
     keys: dict[str, str]                              # plan JSON key -> config field
-    extras: Callable[[Tensor, Any], dict] = _no_extras  # method-specific keys for measure()
+    extras: Callable[[Tensor, Any, Tensor], dict] = _no_extras  # (W, compressed, Ŵ) -> extra measure keys
 
 
 _REGISTRY: dict[type, _Method] = {
     KeepConfig: _Method("keep", _keep, _keep_bytes, _keep_load, {"dtype": "dtype"}),
     QuantConfig: _Method("int", quantize, quant_bytes, _quant_load,
                          {"bits": "bits", "group_size": "group_size", "scheme": "scheme"}),
+    SVDConfig: _Method("svd", _lowrank.lowrank, _lowrank.lowrank_bytes, _lowrank._load,
+                       {"rank": "rank", "rank_fraction": "rank_fraction", "bits": "bits",
+                        "group_size": "group_size", "scheme": "scheme"},
+                       _lowrank._measure_extras),
 }
 
 
@@ -177,29 +183,35 @@ def load_compressed(state: dict[str, Tensor], meta: dict) -> Compressed:
     return _method(cfg).load(state, meta, cfg)
 
 
-def rel_error(W: Tensor, W_hat: Tensor) -> float:
-    """``||W - Ŵ||_F / ||W||_F`` in float64; 1.0 by definition when ``||W||_F = 0``."""
-    a = W.detach().to(torch.float64)
-    b = W_hat.detach().to(device=a.device, dtype=torch.float64)
+def _pair(W: Tensor, W_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """Both on ``W``'s device in a common float dtype (at least float32; sums accumulate in float64)."""
+    dt = torch.promote_types(torch.promote_types(W.dtype, W_hat.dtype), torch.float32)
+    a = W.detach().to(dt)
+    b = W_hat.detach().to(device=a.device, dtype=dt)
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}.")
-    norm = torch.linalg.vector_norm(a)
+    return a, b
+
+
+def rel_error(W: Tensor, W_hat: Tensor) -> float:
+    """``||W - Ŵ||_F / ||W||_F`` (float64 accumulation); 1.0 by definition when ``||W||_F = 0``."""
+    a, b = _pair(W, W_hat)
+    norm = float(torch.linalg.vector_norm(a, dtype=torch.float64))
     if norm == 0:
         return 1.0
-    return float(torch.linalg.vector_norm(a - b) / norm)
+    return float(torch.linalg.vector_norm(a - b, dtype=torch.float64)) / norm
 
 
 def row_cosine(W: Tensor, W_hat: Tensor) -> float:
-    """Mean over rows of ``cos(W_i, Ŵ_i)`` (last dim = row); a zero row counts 1 if both are zero, else 0."""
-    a = W.detach().to(torch.float64)
-    b = W_hat.detach().to(device=a.device, dtype=torch.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}.")
+    """Mean over rows (last dim = row) of ``cos(W_i, Ŵ_i)``; a zero row scores 1 if both are zero, else 0."""
+    a, b = _pair(W, W_hat)
     a = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
     b = b.reshape(a.shape)
-    na, nb = torch.linalg.vector_norm(a, dim=1), torch.linalg.vector_norm(b, dim=1)
-    dot = (a * b).sum(1)
-    cos = torch.where((na > 0) & (nb > 0), dot / (na * nb).clamp_min(1e-300), ((na == 0) & (nb == 0)).double())
+    na = torch.linalg.vector_norm(a, dim=1, dtype=torch.float64)
+    nb = torch.linalg.vector_norm(b, dim=1, dtype=torch.float64)
+    dot = (a * b).sum(1, dtype=torch.float64)
+    both = (na > 0) & (nb > 0)
+    cos = torch.where(both, dot / (na * nb).clamp_min(1e-300), ((na == 0) & (nb == 0)).double())
     return float(cos.mean())
 
 
@@ -225,5 +237,5 @@ def measure(W: Tensor, cfg: Any, *, compressed: Compressed | None = None) -> dic
         "rel_error": rel_error(W, W_hat),
         "weight_cosine": row_cosine(W, W_hat),
     }
-    out.update(entry.extras(W, c))
+    out.update(entry.extras(W, c, W_hat))
     return out
