@@ -1,0 +1,138 @@
+"""Budget page: a method per component -> exact projected bytes, ratio, and the embedding wall."""
+from __future__ import annotations
+
+import streamlit as st
+
+import app_state
+from sahc_core.components import component_shares, tensor_table
+from sahc_core.errors import SahcError
+from sahc_core.figures_budget import (FALLBACKS, METHODS, bytes_breakdown_figure, config_to_choice, plan_dict,
+                                      wall_figure)
+from sahc_core.plan import CompressionPlan, embedding_wall, load_plans, project, save_plan
+
+GROUPS = [None, 32, 64, 128, 256]
+START = {"norm_other": {"method": "keep"}}  # first view: int4 g64 elsewhere, norms/other kept
+
+st.title("Budget")
+source = app_state.current_source()
+if source is None:
+    st.stop()
+cache = app_state.current_cache()
+
+
+@st.cache_data(show_spinner=False)
+def _components(fingerprint: str, _source) -> list[str]:
+    return component_shares(tensor_table(_source))["component"].tolist()
+
+
+def _set_widgets(plan: CompressionPlan, comps: list[str]) -> None:
+    """Copy a plan into the widget state (runs in a callback, before the widgets are drawn)."""
+    d = plan.to_dict()
+    st.session_state["budget_name"] = plan.name
+    st.session_state["budget_overrides"] = d["overrides"]
+    st.session_state["budget_fallback"] = next((k for k, v in FALLBACKS.items() if v and d.get("fallback")
+                                                and v.items() <= d["fallback"].items()), "error")
+    for comp in comps:
+        cfg = d["components"].get(comp) or d["default"] or {"method": "keep"}
+        for k, v in config_to_choice(cfg).items():
+            st.session_state[f"budget_{comp}_{k}"] = v
+
+
+def _load(source_kind: str, comps: list[str]) -> None:
+    try:
+        if source_kind == "cache":
+            _set_widgets(load_plans(cache)[st.session_state["budget_pick"]], comps)
+        elif st.session_state.get("budget_upload") is not None:
+            _set_widgets(CompressionPlan.from_json_text(st.session_state["budget_upload"].getvalue()), comps)
+    except (SahcError, ValueError, KeyError) as exc:
+        st.session_state["budget_load_error"] = str(exc)
+
+
+def component_ui(comp: str) -> dict:
+    """Widgets of one component; returns its choice (method, bits, group_size, rank_fraction, tt_ranks)."""
+    start = config_to_choice(START.get(comp, {"method": "int", "bits": 4, "group_size": 64}))
+    for k, v in start.items():
+        st.session_state.setdefault(f"budget_{comp}_{k}", v)
+    c = st.columns([1.2, 1, 1, 1.2, 1.2])
+    method = c[0].selectbox(comp, METHODS, key=f"budget_{comp}_method")
+    bits = c[1].number_input("bits", 2, 8, key=f"budget_{comp}_bits", disabled=method == "keep")
+    cur = st.session_state[f"budget_{comp}_group_size"]
+    group = c[2].selectbox("group size", GROUPS if cur in GROUPS else [*GROUPS, cur], key=f"budget_{comp}_group_size", disabled=method in ("keep", "tt"),
+                           format_func=lambda g: "per row" if g is None else str(g))
+    frac = c[3].slider("rank fraction", 0.01, 1.0, key=f"budget_{comp}_rank_fraction", disabled=method != "svd")
+    tt = c[4].text_input("TT ranks (inner)", key=f"budget_{comp}_tt_ranks", disabled=method != "tt")
+    return {"method": method, "bits": bits, "group_size": group, "rank_fraction": frac, "tt_ranks": tt}
+
+
+try:
+    comps = _components(source.fingerprint, source)
+except SahcError as exc:
+    app_state.show_error(exc)
+    st.stop()
+
+with st.expander("Load a plan"):
+    saved = list(load_plans(cache)) if cache is not None else []
+    l1, l2 = st.columns(2)
+    l1.selectbox("Saved plans", saved, key="budget_pick")
+    l1.button("Load saved plan", on_click=_load, args=("cache", comps), disabled=not saved)
+    l2.file_uploader("Plan JSON", type="json", key="budget_upload", on_change=_load, args=("upload", comps))
+    if err := st.session_state.pop("budget_load_error", None):
+        st.error(err)
+
+st.subheader("Method per component")
+choices = {comp: component_ui(comp) for comp in comps}
+n1, n2 = st.columns(2)
+name = n1.text_input("Plan name", "my-plan", key="budget_name")
+fallback = n2.selectbox("Tensors a method cannot take", list(FALLBACKS), key="budget_fallback",
+                        help="'error' refuses the plan; any other choice is applied and counted per tensor.")
+overrides = st.session_state.get("budget_overrides", [])
+if overrides:
+    st.caption("Per-tensor overrides from the loaded plan (first match wins):")
+    st.json(overrides, expanded=False)
+
+try:
+    plan = CompressionPlan.from_dict(plan_dict(name, choices, overrides, FALLBACKS[fallback]))
+    result = project(plan, source)
+except (SahcError, ValueError) as exc:
+    app_state.show_error(exc)
+    st.stop()
+
+m = st.columns(4)
+m[0].metric("Total ratio (projected)", f"{result['ratio_projected']:.2f}x")
+m[1].metric("Compressed", f"{result['bytes_projected'] / 1e6:,.2f} MB")
+m[2].metric("Original (16-bit)", f"{result['bytes_original'] / 1e6:,.2f} MB")
+m[3].metric("1-D tensors kept / fallbacks", f"{result['n_forced_keep_1d']} / {result['n_fallback']}")
+if result["n_fallback"]:
+    fb = result["tensors"][result["tensors"]["fallback_reason"].notna()]
+    st.warning(f"{len(fb)} tensor(s) took the fallback '{fallback}', e.g. {fb.iloc[0]['name']}: "
+               f"{fb.iloc[0]['fallback_reason']}.")
+
+left, right = st.columns(2)
+left.subheader("Where the bytes go")
+left.plotly_chart(bytes_breakdown_figure(result), width="stretch")
+right.subheader("The embedding wall")
+target = right.number_input("Target total ratio", 1.0, 1000.0, 5.0, step=0.5, key="budget_target")
+if "embedding" in {c["component"] for c in result["components"]}:
+    wall = embedding_wall(result, target)
+    if wall["feasible"]:
+        right.info(f"The embedding/LM head must reach **{wall['embedding_ratio_needed']:.1f}x** "
+                   f"(it now gives {wall['embedding_ratio_now']:.1f}x).")
+    else:
+        right.warning(wall["message"])
+    right.plotly_chart(wall_figure(result, target), width="stretch")
+else:
+    right.info("This model has no embedding component.")
+
+st.subheader("Per component")
+st.dataframe([{k: v for k, v in c.items()} for c in result["components"]], hide_index=True, width="stretch")
+with st.expander("Per tensor"):
+    st.dataframe(result["tensors"].astype({"shape": str, "config": str}), hide_index=True, width="stretch")
+
+s1, s2 = st.columns(2)
+if s1.button("Save plan to cache", disabled=cache is None):
+    try:
+        save_plan(cache, plan)
+        s1.success(f"Saved plan '{plan.name}'.")
+    except SahcError as exc:
+        app_state.show_error(exc)
+s2.download_button("Download plan JSON", plan.to_json(), f"{plan.name}.json", "application/json")

@@ -1,0 +1,98 @@
+"""AppTest of the Budget page and tests of its sahc_core helpers (figures_budget)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from sahc_core.figures_budget import (breakdown_frame, bytes_breakdown_figure, choice_to_config, config_to_choice,
+                                      parse_tt_ranks, plan_dict, wall_curve, wall_figure)
+from sahc_core.model_io import ModelSource
+from sahc_core.plan import CompressionPlan, embedding_wall, project
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = str(ROOT / "pages" / "budget.py")
+
+
+def _page(model_dir, monkeypatch, tmp_path) -> AppTest:
+    monkeypatch.setenv("SAHC_CACHE", str(tmp_path / "c.duckdb"))
+    monkeypatch.syspath_prepend(str(ROOT))  # the page imports app_state from the repo root
+    at = AppTest.from_file(PAGE, default_timeout=120)
+    at.session_state["model_path"] = str(model_dir)
+    return at.run()
+
+
+def _ratio(at: AppTest) -> float:
+    return float(next(m.value for m in at.metric if m.label == "Total ratio (projected)").rstrip("x"))
+
+
+def test_budget_page_ratio_follows_the_bits(tiny_llama_dir, monkeypatch, tmp_path):
+    at = _page(tiny_llama_dir, monkeypatch, tmp_path)
+    assert not at.exception and not at.error
+    before = _ratio(at)
+    # independent: the same per-component choices through the library
+    plan = CompressionPlan.from_dict(plan_dict("my-plan", {
+        c: config_to_choice({"method": "int", "bits": 4, "group_size": 64}) for c in ("ffn", "attention_full",
+                                                                                       "embedding")
+    } | {"norm_other": config_to_choice({"method": "keep"})}, fallback={"method": "keep"}))
+    assert before == pytest.approx(project(plan, ModelSource.open(tiny_llama_dir))["ratio_projected"], abs=0.005)
+    at.number_input(key="budget_ffn_bits").set_value(8).run()
+    assert not at.exception
+    assert _ratio(at) < before
+    at.selectbox(key="budget_ffn_method").set_value("keep").run()
+    assert _ratio(at) < before
+    assert any("must reach" in i.value or "impossible" in i.value for i in [*at.info, *at.warning])
+
+
+def test_budget_page_error_is_shown_not_raised(tiny_llama_dir, monkeypatch, tmp_path):
+    at = _page(tiny_llama_dir, monkeypatch, tmp_path)
+    at.selectbox(key="budget_fallback").set_value("error").run()
+    at.selectbox(key="budget_ffn_group_size").set_value(256).run()  # 256 divides neither 64 nor 128
+    assert not at.exception
+    assert at.error and "group_size 256 does not divide" in at.error[0].value
+
+
+def test_budget_page_save_and_load_from_cache(tiny_llama_dir, monkeypatch, tmp_path):
+    at = _page(tiny_llama_dir, monkeypatch, tmp_path)
+    at.text_input(key="budget_name").set_value("p8").run()
+    at.number_input(key="budget_ffn_bits").set_value(8).run()
+    at.button[1].click().run()  # "Save plan to cache"
+    assert not at.exception and any("Saved plan 'p8'" in s.value for s in at.success)
+    saved = _ratio(at)
+    at.number_input(key="budget_ffn_bits").set_value(2).run()
+    assert _ratio(at) != saved
+    at.selectbox(key="budget_pick").set_value("p8").run()
+    at.button[0].click().run()  # "Load saved plan"
+    assert not at.exception and _ratio(at) == saved
+    assert at.number_input(key="budget_ffn_bits").value == 8
+
+
+def test_tt_ranks_and_choice_round_trip():
+    assert parse_tt_ranks("64, 64") == [1, 64, 64, 1] == parse_tt_ranks([1, 64, 64, 1])
+    with pytest.raises(ValueError):
+        parse_tt_ranks("a,b")
+    with pytest.raises(ValueError):
+        parse_tt_ranks("")
+    for cfg in ({"method": "int", "bits": 3, "group_size": None, "scheme": "asym"},
+                {"method": "svd", "rank_fraction": 0.25, "bits": 4, "group_size": 64},
+                {"method": "tt", "tt_ranks": [1, 16, 8, 1], "bits": 8}, {"method": "keep"}):
+        assert choice_to_config(**config_to_choice(cfg)) == cfg
+
+
+def test_breakdown_and_wall_figures(tiny_qwen35_dir):
+    plan = CompressionPlan.from_dict({"name": "i8", "default": {"method": "int", "bits": 8, "group_size": None}})
+    res = project(plan, ModelSource.open(tiny_qwen35_dir))
+    df = breakdown_frame(res)
+    orig = df[df["side"].str.startswith("original")]["MB"].sum()
+    assert orig == pytest.approx(res["bytes_original"] / 1e6)
+    fig = bytes_breakdown_figure(res)
+    assert len(fig.data) == len(res["components"]) and fig.layout.barmode == "stack"
+    curve = wall_curve(res)
+    ok = curve.dropna()
+    for t, need in zip(ok["target_ratio"], ok["embedding_ratio_needed"]):
+        assert need == pytest.approx(embedding_wall(res, t)["embedding_ratio_needed"])
+    assert ok["embedding_ratio_needed"].is_monotonic_increasing
+    json.loads(wall_figure(res, 2.0).to_json())
