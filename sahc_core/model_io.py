@@ -97,6 +97,8 @@ def _shard_tensors(path: Path) -> list[TensorInfo]:
 def _load_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelError(f"cannot read {what} {path} ({exc.strerror or exc}); check the file permissions.") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{what} {path} is not valid JSON ({exc}); fix or regenerate it.") from exc
     if not isinstance(data, dict):
@@ -194,8 +196,13 @@ class ModelSource:
         index = _weight_map(root)
         for name in _shard_files(root, index):
             shard = root / name
-            size, header = _read_header(shard)
-            for info in _shard_tensors(shard):
+            try:
+                size, header = _read_header(shard)
+                infos = _shard_tensors(shard)
+                sample = _data_sample(shard, len(header), size)
+            except OSError as exc:
+                raise ModelError(f"cannot read {name} ({exc.strerror or exc}); check the file permissions.") from exc
+            for info in infos:
                 if info.name in tensors:
                     raise ModelError(
                         f"tensor {info.name} is stored twice ({tensors[info.name].file} and {name}); "
@@ -204,7 +211,7 @@ class ModelSource:
                 tensors[info.name] = info
             digest.update(f"{name}\0{size}\0".encode())
             digest.update(header)
-            digest.update(_data_sample(shard, len(header), size))
+            digest.update(sample)
         if index is not None:
             _check_index(index, tensors)
         return cls(root, config, list(tensors.values()), digest.hexdigest())

@@ -323,3 +323,17 @@ def test_error_tensor_stored_twice(tmp_path):
     with pytest.raises(ModelError, match="tensor w is stored twice") as exc:
         ModelSource.open(model)
     _assert_one_sentence(exc)
+
+
+
+def test_error_unreadable_shard(tiny_llama_dir, monkeypatch):
+    """An OS error (e.g. permission denied; chmod is ignored when tests run as root) is one line."""
+    import sahc_core.model_io as mio
+
+    def _denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(mio, "_read_header", _denied)
+    with pytest.raises(ModelError, match=r"cannot read model-00001-of-00002.safetensors \(Permission denied\)") as exc:
+        ModelSource.open(tiny_llama_dir)
+    _assert_one_sentence(exc)
