@@ -171,7 +171,7 @@ def test_stats_against_independent_computations():
 
 def test_marchenko_pastur_edges_match_a_simulated_random_matrix():
     rng = np.random.default_rng(0)
-    m, n, var = 1200, 300, 0.25
+    m, n, var = 800, 200, 0.25
     s = _ref(rng.normal(0.0, math.sqrt(var), (m, n)))
     lo, hi = sp.marchenko_pastur_edges((m, n), var)
     assert s[0] == pytest.approx(hi, rel=0.02) and s[-1] == pytest.approx(lo, rel=0.05)
