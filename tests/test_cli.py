@@ -99,7 +99,7 @@ def test_pickle_checkpoint_refused(capsys, tiny_llama_dir, tmp_path, cache_path)
     shutil.copy(tiny_llama_dir / "config.json", bad / "config.json")
     (bad / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     line = run_error(capsys, "inspect", "--model", str(bad))
-    assert "safetensors" in line
+    assert "pickle" in line and "safe_serialization" in line
 
 
 def test_module_entry_point(tiny_llama_dir, tmp_path):
