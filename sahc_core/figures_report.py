@@ -1,0 +1,77 @@
+"""Plotly figures of the report page (the Model page's share bar is reused from figures_model)."""
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+
+
+METHOD_COLORS = {"int": "#4C78A8", "svd": "#E45756", "tt": "#54A24B", "keep": "#999999"}
+_LABELS = {"ffn": "FFN", "attention_full": "Full attention", "attention_linear": "Linear attention",
+           "embedding": "Embedding / LM head", "vision": "Vision", "mtp": "MTP", "norm_other": "Norms & other"}
+
+
+def label(component: str) -> str:
+    """Human label of a component value (``"ffn"`` -> ``"FFN"``); unknown values pass through."""
+    return _LABELS.get(str(component), str(component))
+
+
+def rank_heatmap(per_tensor: pd.DataFrame, eps: float = 0.10) -> go.Figure:
+    """Heatmap layer x projection kind of the min rank for ``eps`` as % of full rank.
+
+    ``per_tensor`` is the first table of :func:`sahc_core.report.spectrum_verdict`; tensors without a
+    layer (embedding, LM head) are shown in a column "—".
+    """
+    df = per_tensor.assign(layer_s=per_tensor["layer"].map(lambda v: "—" if pd.isna(v) else int(v)),
+                           row=per_tensor["component"].map(label) + " · " + per_tensor["kind"].astype(str))
+    layers = sorted({v for v in df["layer_s"] if v != "—"}) + (["—"] if (df["layer_s"] == "—").any() else [])
+    rows = sorted(df["row"].unique())
+    z = [[None] * len(layers) for _ in rows]
+    text = [[""] * len(layers) for _ in rows]
+    for rec in df.itertuples():
+        i, j = rows.index(rec.row), layers.index(rec.layer_s)
+        z[i][j] = 100 * rec.rank_fraction
+        text[i][j] = f"{rec.name}<br>min rank {rec.min_rank} of {rec.full_rank} ({100 * rec.rank_fraction:.1f} %)" \
+                     f"<br>break-even {100 * rec.break_even:.0f} %"
+    fig = go.Figure(go.Heatmap(z=z, x=[str(v) for v in layers], y=rows, text=text, hoverinfo="text",
+                               colorscale="RdYlGn_r", zmin=0, zmax=100,
+                               colorbar=dict(title=f"% of full rank<br>for {eps:g} error", ticksuffix=" %")))
+    fig.update_layout(xaxis_title="layer", height=max(320, 34 * len(rows) + 140), margin=dict(t=20, b=40, l=10))
+    return fig
+
+
+def pareto_scatter(points: pd.DataFrame, tensor: str) -> go.Figure:
+    """Ratio (log x) vs relative error per method; Pareto-optimal points are outlined and joined."""
+    fig = go.Figure()
+    for method, g in points.groupby("method", sort=False):
+        fig.add_trace(go.Scatter(
+            x=g["ratio"], y=g["rel_error"], mode="markers+text", name=method.upper(), text=g["label"],
+            textposition="top center", marker=dict(size=11, color=METHOD_COLORS.get(method, "#333"),
+                                                   line=dict(width=[2 if p else 0 for p in g.get("pareto", [])],
+                                                             color="black")),
+            hovertemplate="%{text}<br>ratio %{x:.2f}x<br>error %{y:.4f}<extra></extra>"))
+    front = points[points.get("pareto", False) == True].sort_values("ratio")  # noqa: E712
+    if len(front) > 1:
+        fig.add_trace(go.Scatter(x=front["ratio"], y=front["rel_error"], mode="lines", name="Pareto front",
+                                 line=dict(color="black", dash="dot", width=1), hoverinfo="skip"))
+    fig.add_hline(y=1.0, line=dict(color="#B00", dash="dash"), annotation_text="zeros (error 1.0)")
+    fig.update_layout(xaxis=dict(title="compression ratio vs 16-bit", type="log"), yaxis_title="relative error",
+                      title=dict(text=tensor, font=dict(size=13)), height=460, margin=dict(t=40, b=40))
+    return fig
+
+
+def runs_scatter(runs: pd.DataFrame) -> go.Figure:
+    """Ratio vs perplexity per finished run, with each run's baseline perplexity as a dashed line."""
+    done = runs[(runs["status"] == "done") & runs["ppl"].notna()] if len(runs) else runs
+    fig = go.Figure()
+    if len(done):
+        fig.add_trace(go.Scatter(x=done["ratio"].astype(float), y=done["ppl"].astype(float), mode="markers+text",
+                                 text=done["plan_name"], textposition="top center", name="runs",
+                                 marker=dict(size=12, color="#4C78A8"),
+                                 hovertemplate="%{text}<br>%{x:.2f}x<br>ppl %{y:.3f}<extra></extra>"))
+        base = pd.to_numeric(done["baseline_ppl"], errors="coerce").dropna()
+        if len(base):
+            fig.add_hline(y=float(base.iloc[-1]), line=dict(color="#555", dash="dash"),
+                          annotation_text=f"baseline ppl {float(base.iloc[-1]):.2f}")
+    fig.update_layout(xaxis_title="compression ratio (actual)", yaxis_title="perplexity", height=400,
+                      margin=dict(t=20, b=40))
+    return fig
