@@ -1,0 +1,155 @@
+"""The whole run on the tiny llama: assemble, gates, perplexity vs a cached baseline, cancel, failure."""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sahc_core.cache import Cache
+from sahc_core.errors import CorpusError
+from sahc_core.gates import audit_log
+from sahc_core.jobs import JobCancelled, JobReporter, list_runs, run_status, start_run
+from sahc_core.pipeline import BASELINE_KIND, execute_run
+
+WINDOW = 32
+TEXT = ("to be or not to be that is the question whether tis nobler in the mind to suffer the slings and "
+        "arrows of outrageous fortune or to take arms against a sea of troubles and by opposing end them\n") * 6
+INT4 = {"name": "int4-g32", "default": {"method": "int", "bits": 4, "group_size": 32, "scheme": "asym"},
+        "overrides": [{"pattern": "*norm*", "method": "keep"}]}
+KEEP = {"name": "keep-bf16", "default": {"method": "keep"}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny llama plus a word-level tokenizer (vocab <= 256) trained in memory on TEXT."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("llama_tok") / "m"
+    shutil.copytree(tiny_llama_dir, out)
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], trainers.WordLevelTrainer(vocab_size=256, special_tokens=["[UNK]"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def corpus_file(tmp_path: Path) -> Path:
+    p = tmp_path / "test.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return p
+
+
+def _reference_ppl(model_dir: Path, state_dict: dict | None) -> float:
+    """Independent perplexity: HF's own shifted cross-entropy per non-overlapping window."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=False)
+    ids = torch.tensor(tok(TEXT)["input_ids"])
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, len(ids), WINDOW):
+            x = ids[b:b + WINDOW].unsqueeze(0)
+            if x.shape[1] < 2:
+                continue
+            loss = model(input_ids=x, labels=x).loss.item()  # mean over x.shape[1] - 1 predictions
+            nll += loss * (x.shape[1] - 1)
+            n += x.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def test_run_int4_end_to_end_with_cached_baseline(tmp_path: Path, model_dir: Path, corpus_file: Path) -> None:
+    from sahc_core.assemble import load_assembled
+
+    cache = Cache(tmp_path / "c.duckdb")
+    res = execute_run(cache, INT4, model_dir, corpus=corpus_file, window=WINDOW, run_id="run-a", device="cpu")
+    # bytes: projected from the formula, actual from the files (safetensors headers are the only gap)
+    assert res["bytes_projected"] == res["bytes_payload"]
+    assert res["bytes_projected"] < res["bytes_actual"] < res["bytes_projected"] * 1.2
+    assert res["ratio_actual"] == pytest.approx(res["bytes_original"] / res["bytes_actual"])
+    assert 2.0 < res["ratio_actual"] < res["ratio_projected"]
+    # perplexity: both numbers against an independent computation
+    assert res["baseline_ppl"] == pytest.approx(_reference_ppl(model_dir, None), rel=1e-5)
+    state = load_assembled(res["out_dir"])
+    assert res["ppl"] == pytest.approx(_reference_ppl(model_dir, state), rel=1e-5)
+    assert res["delta_ppl"] == pytest.approx(res["ppl"] - res["baseline_ppl"])
+    assert res["protocol"]["window"] == WINDOW and res["protocol"]["stride"] == WINDOW
+    assert res["protocol"]["tokens"] > 100 and res["protocol"]["device"] == "cpu"
+    # gates: every decision in the result and in the audit log, model-level ones passed
+    names = {g["gate"] for g in res["gates"]}
+    assert {"rel_error", "shape_match", "plan_coverage", "ppl_finite"} <= names
+    assert res["gates_passed"] + res["gates_failed"] == len(res["gates"])
+    log = audit_log(cache, run_id="run-a")
+    assert len(log) == len(res["gates"]) and int((~log["passed"]).sum()) == res["gates_failed"]
+    by_gate = {g["gate"]: g for g in res["gates"] if g["tensor"] == "*"}
+    assert by_gate["shape_match"]["passed"] and by_gate["plan_coverage"]["passed"] and by_gate["ppl_finite"]["passed"]
+    assert {c["component"] for c in res["components"]} >= {"ffn", "embedding"}
+    # stored: the runs row and the listing
+    st = run_status(cache, "run-a")
+    assert st["status"] == "done" and st["result"]["ppl"] == res["ppl"] and st["model_fp"] == res["model_fp"]
+    row = list_runs(cache).iloc[0]
+    assert row["plan_name"] == "int4-g32" and row["ppl"] == res["ppl"] and row["gates_failed"] == res["gates_failed"]
+    # second run: the baseline comes from the cache, the same number, and a bf16 keep plan is near it
+    assert len(cache.keys(BASELINE_KIND, res["model_fp"], 1)) == 1
+    res2 = execute_run(cache, KEEP, model_dir, corpus=corpus_file, window=WINDOW, run_id="run-b", device="cpu")
+    assert res2["baseline_cached"] and res2["baseline_ppl"] == res["baseline_ppl"]
+    assert abs(res2["delta_ppl"]) < 0.02 * res["baseline_ppl"]
+    assert res2["ratio_projected"] == pytest.approx(1.0)
+    assert len(list_runs(cache)) == 2
+
+
+def test_cancelled_run_is_marked_and_leaves_no_checkpoint(tmp_path: Path, model_dir: Path, corpus_file: Path) -> None:
+    cache = Cache(tmp_path / "c.duckdb")
+    cache.execute("INSERT INTO runs (run_id, status, cancel_requested) VALUES ('c1', 'queued', true)")
+    with pytest.raises(JobCancelled):
+        execute_run(cache, INT4, model_dir, corpus=corpus_file, window=WINDOW, reporter=JobReporter(cache, "c1"))
+    assert run_status(cache, "c1")["status"] == "cancelled"
+    assert not (tmp_path / "runs" / "c1").exists()
+
+
+def test_cancel_during_assembly(tmp_path: Path, model_dir: Path, corpus_file: Path) -> None:
+    cache = Cache(tmp_path / "c.duckdb")
+
+    class CancelAfterTwo(JobReporter):
+        def progress(self, force: bool = False, **fields) -> None:
+            super().progress(force=force, **fields)
+            if fields.get("tensors_done") == 2:
+                self.cache.execute("UPDATE runs SET cancel_requested = true WHERE run_id = ?", [self.run_id])
+                self._last_cancel_check = 0.0
+
+    with pytest.raises(JobCancelled):
+        execute_run(cache, INT4, model_dir, corpus=corpus_file, window=WINDOW, reporter=CancelAfterTwo(cache, "c2"))
+    st = run_status(cache, "c2")
+    assert st["status"] == "cancelled" and st["stage"] == "assemble"
+    assert not any((tmp_path / "runs").glob("c2*"))
+
+
+def test_failed_run_records_the_error(tmp_path: Path, model_dir: Path) -> None:
+    cache = Cache(tmp_path / "c.duckdb")
+    with pytest.raises(CorpusError):
+        execute_run(cache, INT4, model_dir, corpus=tmp_path / "missing.txt", run_id="f1")
+    st = run_status(cache, "f1")
+    assert st["status"] == "failed" and "missing.txt" in st["error"] and "\n" not in st["error"]
+
+
+@pytest.mark.slow
+def test_start_run_background_worker_to_done(tmp_path: Path, model_dir: Path, corpus_file: Path) -> None:
+    cache = Cache(tmp_path / "c.duckdb")
+    run_id = start_run(cache, KEEP, model_dir, corpus=corpus_file, window=WINDOW, device="cpu")
+    st = run_status(cache, run_id)
+    assert st["status"] in ("queued", "running") and st["pid"] and st["log_path"].endswith(f"{run_id}.log")
+    end = time.monotonic() + 240
+    while time.monotonic() < end and run_status(cache, run_id)["status"] in ("queued", "running"):
+        time.sleep(0.5)
+    st = run_status(cache, run_id)
+    assert st["status"] == "done", (st["error"], Path(st["log_path"]).read_text()[-2000:])
+    assert st["result"]["ppl"] == pytest.approx(st["result"]["baseline_ppl"], rel=0.02)
+    assert Path(st["result"]["out_dir"]).is_dir()
