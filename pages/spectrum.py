@@ -1,0 +1,127 @@
+"""Spectrum page: singular values, rank-vs-error curves and layer heatmaps of one model's weights."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+import torch
+
+import app_state
+from sahc_core.errors import SahcError
+from sahc_core.figures_spectrum import energy_figure, layer_heatmap, rank_error_figure, sigma_figure
+from sahc_core.scan import cached_scan, matrix_table, results_frame, scan
+from sahc_core.spectrum import tensor_spectrum
+
+MODES = ("This tensor", "All projections of this layer", "This projection across layers")
+NO_LAYER = "—"
+
+st.title("Spectrum")
+source = app_state.current_source()
+cache = app_state.current_cache()
+if source is None:
+    st.stop()
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("model.").removesuffix(".weight")
+
+
+def selection_ui(table: pd.DataFrame) -> tuple[str, list[str], str]:
+    """Component -> layer -> tensor, a mode (tensor / layer / kind across layers), extra overlays."""
+    c1, c2, c3, c4 = st.columns([2, 1, 3, 1])
+    component = c1.selectbox("Component", sorted(table["component"].unique()), key="sp_component")
+    comp = table[table["component"] == component]
+    layers = sorted(int(v) for v in comp["layer"].dropna().unique()) + ([NO_LAYER] if comp["layer"].isna().any() else [])
+    layer = c2.selectbox("Layer", layers, key="sp_layer")
+    here = comp[comp["layer"].isna()] if layer == NO_LAYER else comp[comp["layer"] == layer]
+    name = c3.selectbox("Tensor", here["name"].tolist(), format_func=_short, key="sp_tensor")
+    devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    device = c4.selectbox("Device", devices, key="sp_device")
+    mode = st.radio("Show", MODES, horizontal=True, key="sp_mode")
+    kind = comp.set_index("name")["kind"].get(name)
+    if mode == MODES[1]:
+        names = here["name"].tolist()
+    elif mode == MODES[2]:
+        names = comp[comp["kind"] == kind].sort_values("layer")["name"].tolist()
+    else:
+        names = [name]
+    extra = st.multiselect("Overlay more tensors", [n for n in table["name"] if n not in names],
+                           format_func=_short, key="sp_extra")
+    return component, names + extra, device
+
+
+def compute(names: list[str], device: str) -> list:
+    """Spectra of the selected tensors (cached in DuckDB), with a progress bar for several."""
+    bar = st.progress(0.0, text="Computing spectra…") if len(names) > 1 else None
+    results = []
+    for i, n in enumerate(names):
+        results.append(tensor_spectrum(source, n, cache=cache, device=device))
+        if bar is not None:
+            bar.progress((i + 1) / len(names), text=f"{i + 1}/{len(names)} tensors")
+    if bar is not None:
+        bar.empty()
+    return results
+
+
+def scan_ui(component: str, device: str) -> pd.DataFrame:
+    """Scan button (component or whole model) with progress; returns the scanned rows so far."""
+    scope = st.radio("Scope", ("This component", "Whole model"), horizontal=True, key="sp_scope")
+    comp_arg = component if scope == "This component" else None
+    if st.button(f"Scan {'component' if comp_arg else 'model'}", key="sp_scan"):
+        bar = st.progress(0.0, text="Scanning…")
+
+        def tick(done: int, total: int, name: str, eta: float | None) -> None:
+            eta_txt = f" · ETA {eta:.0f} s" if eta is not None else ""
+            bar.progress(done / total, text=f"{done}/{total} tensors · {_short(name)}{eta_txt}")
+
+        df = scan(source, component=comp_arg, cache=cache, device=device, progress=tick)
+        st.session_state["sp_scan_df"] = df
+        bar.empty()
+    if cache is not None:
+        return cached_scan(source, cache, comp_arg)
+    df = st.session_state.get("sp_scan_df", pd.DataFrame())
+    return df[df["component"] == comp_arg] if comp_arg and not df.empty else df
+
+
+try:
+    table = matrix_table(source)
+    component, names, device = selection_ui(table)
+    results = compute(names, device)
+except (SahcError, ValueError) as exc:
+    app_state.show_error(exc)
+    st.stop()
+
+n_cached = sum(r.cached for r in results)
+devices = sorted({r.device for r in results})
+st.caption(f"Device: **{', '.join(devices)}** · {len(results)} tensor(s) in {sum(r.seconds for r in results):.3f} s "
+           f"({n_cached} from cache; computing took {sum(r.compute_seconds for r in results):.2f} s)")
+for r in results:
+    if r.note:
+        st.caption(f"`{_short(r.tensor)}`: {r.note}")
+
+left, right = st.columns(2)
+left.plotly_chart(sigma_figure(results), width="stretch", key="sp_fig_sigma")
+right.plotly_chart(sigma_figure(results, normalized=True), width="stretch", key="sp_fig_norm")
+left.plotly_chart(rank_error_figure(results), width="stretch", key="sp_fig_err")
+right.plotly_chart(energy_figure(results), width="stretch", key="sp_fig_energy")
+
+st.subheader("Statistics")
+stats = results_frame(results)
+st.dataframe(stats, hide_index=True, width="stretch")
+st.download_button("Download statistics (CSV)", stats.to_csv(index=False), "spectrum_stats.csv", "text/csv")
+
+st.subheader("Layer heatmaps")
+try:
+    scanned = scan_ui(component, device)
+except (SahcError, ValueError) as exc:
+    app_state.show_error(exc)
+    st.stop()
+if scanned.empty:
+    st.info("No scan yet: press the scan button (each tensor is cached as it finishes, so a scan resumes).")
+else:
+    st.caption(f"{len(scanned)} tensor(s) scanned, heatmaps over layer index × projection kind.")
+    h1, h2 = st.columns(2)
+    h1.plotly_chart(layer_heatmap(scanned, "min_rank_frac_0.1", "Min rank for error 0.10 (% of full rank)",
+                                  percent=True), width="stretch", key="sp_heat_rank")
+    h2.plotly_chart(layer_heatmap(scanned, "stable_rank", "Stable rank ‖W‖²_F / σ²_max"), width="stretch",
+                    key="sp_heat_stable")
+    st.download_button("Download scan (CSV)", scanned.to_csv(index=False), "spectrum_scan.csv", "text/csv")
