@@ -39,7 +39,7 @@ _children: dict[int, subprocess.Popen] = {}  # workers this process started (rea
 
 LIST_COLUMNS = ["run_id", "plan_name", "status", "stage", "ratio_projected", "ratio_actual", "ppl", "baseline_ppl",
                 "delta_ppl", "gates_passed", "gates_failed", "started_at", "duration_s", "error", "model_fp",
-                "model_path"]
+                "model_path", "ratio"]
 
 
 class JobCancelled(JobError):
@@ -358,6 +358,7 @@ def list_runs(cache: Cache) -> pd.DataFrame:
     out = pd.DataFrame(rows, columns=LIST_COLUMNS)
     for col in ("ratio_projected", "ratio_actual", "ppl", "baseline_ppl", "delta_ppl", "duration_s"):
         out[col] = pd.to_numeric(out[col], errors="coerce").astype("float64")
+    out["ratio"] = out["ratio_actual"].fillna(out["ratio_projected"])  # what a scatter plots
     for col in ("gates_passed", "gates_failed"):
         out[col] = pd.to_numeric(out[col], errors="coerce").astype("Int64")
     return out

@@ -254,3 +254,35 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
     reporter.stage("done")
     reporter.finish(result)
     return result
+
+
+def compare_runs(cache: Cache, run_ids: list[str]) -> dict:
+    """Side-by-side tables of finished or failed runs.
+
+    Returns
+    -------
+    dict
+        ``runs``: the :func:`jobs.list_runs` rows of ``run_ids``; ``components``: one row per run and
+        component (run_id, plan_name, component, ratio_projected, ratio_payload, bytes_payload,
+        max_rel_error, min_weight_cosine); ``gates``: the audit log of those runs, failed gates first.
+    """
+    import pandas as pd
+
+    from sahc_core.gates import audit_log
+    from sahc_core.jobs import list_runs, run_status
+
+    runs = list_runs(cache)
+    runs = runs[runs["run_id"].isin(run_ids)].reset_index(drop=True)
+    comps = []
+    for rid in runs["run_id"]:
+        st = run_status(cache, rid)
+        for c in (st.get("result") or {}).get("components", []):
+            comps.append({"run_id": rid, "plan_name": st.get("plan_name"), **c})
+    cols = ["run_id", "plan_name", "component", "ratio_projected", "ratio_payload", "bytes_payload",
+            "max_rel_error", "min_weight_cosine"]
+    components = pd.DataFrame(comps).reindex(columns=cols)
+    logs = [audit_log(cache, run_id=rid) for rid in runs["run_id"]]
+    logs = [g for g in logs if not g.empty]
+    gates = pd.concat(logs, ignore_index=True) if logs else audit_log(cache, run_id="\0")
+    gates = gates.sort_values(["passed", "run_id", "tensor", "gate"], kind="stable").reset_index(drop=True)
+    return {"runs": runs, "components": components, "gates": gates}

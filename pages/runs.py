@@ -1,0 +1,132 @@
+"""Runs page: launch assembly + perplexity as a background job, watch it, cancel it, compare runs."""
+from __future__ import annotations
+
+import streamlit as st
+
+import app_state
+from sahc_core.errors import SahcError
+from sahc_core.figures_report import runs_scatter
+from sahc_core.jobs import cancel_run, list_runs, run_status, start_run
+from sahc_core.pipeline import compare_runs
+from sahc_core.plan import CompressionPlan, load_plans
+
+st.title("Runs")
+st.caption("A run assembles the compressed checkpoint of a plan, checks every quality gate and measures perplexity "
+           "against the uncompressed baseline, in a background process that survives page reloads.")
+cache = app_state.current_cache()
+if cache is None:
+    st.stop()
+
+
+def plan_ui() -> CompressionPlan | None:
+    """A saved plan from the cache, or an uploaded plan JSON file."""
+    saved = load_plans(cache)
+    kind = st.radio("Plan", ["saved plan", "upload JSON"], horizontal=True, key="runs_plan_kind",
+                    index=0 if saved else 1)
+    if kind == "saved plan":
+        if not saved:
+            st.info("No saved plan yet: build one on the Budget page, or upload a plan JSON file.")
+            return None
+        return saved[st.selectbox("Saved plan", list(saved), key="runs_plan_pick")]
+    upload = st.file_uploader("Plan JSON", type=["json"], key="runs_plan_upload")
+    return CompressionPlan.from_json_text(upload.getvalue()) if upload is not None else None
+
+
+def protocol_ui() -> dict:
+    """Perplexity protocol: corpus path (blank = Shakespeare test split), window, token cap (0 = default)."""
+    c = st.columns(3)
+    corpus = c[0].text_input("Corpus (text file or folder; blank = embedded Shakespeare test split)",
+                             key="runs_corpus").strip()
+    window = c[1].number_input("Window (0 = min(2048, model max))", 0, 1 << 17, 0, step=256, key="runs_window")
+    max_tokens = c[2].number_input("Max tokens (0 = whole text)", 0, 1 << 30, 0, step=1024, key="runs_max_tokens")
+    return {"corpus": corpus or None, "window": int(window) or None, "max_tokens": int(max_tokens) or None}
+
+
+with st.expander("Launch a run", expanded=True):
+    try:
+        plan = plan_ui()
+        protocol = protocol_ui()
+        if st.button("Start run", type="primary", disabled=plan is None, key="runs_start"):
+            run_id = start_run(cache, plan, app_state.model_dir(), **protocol)
+            st.success(f"Run {run_id} started; its progress shows below.")
+    except (SahcError, ValueError) as exc:
+        app_state.show_error(exc)
+
+
+def _progress_line(p: dict) -> str:
+    parts = []
+    if p.get("tensors_total"):
+        parts.append(f"tensors {p.get('tensors_done', 0)}/{p['tensors_total']}")
+    if p.get("tokens_total"):
+        parts.append(f"tokens {p.get('tokens_done', 0):,}/{p['tokens_total']:,}")
+    if p.get("eta_s") is not None:
+        parts.append(f"ETA of this stage {p['eta_s']:.0f} s")
+    return " · ".join(parts)
+
+
+@st.fragment(run_every=2)
+def live_runs() -> None:
+    """Polls the cache every 2 s: one progress bar and a cancel button per active run."""
+    try:
+        runs = list_runs(cache)
+    except SahcError as exc:
+        app_state.show_error(exc)
+        return
+    active = runs[runs["status"].isin(["queued", "running"])]
+    if active.empty:
+        st.caption("No run in progress.")
+        return
+    for rid in active["run_id"]:
+        status = run_status(cache, rid)
+        prog = status.get("progress") or {}
+        c = st.columns([4, 1])
+        c[0].progress(float(prog.get("fraction") or 0.0),
+                      text=f"**{status['plan_name']}** ({rid}) · {status['status']} · stage "
+                           f"{status.get('stage') or 'queued'} · {_progress_line(prog)}")
+        if status.get("cancel_requested"):
+            c[1].caption("cancelling…")
+        elif c[1].button("Cancel", key=f"runs_cancel_{rid}"):
+            cancel_run(cache, rid)
+
+
+st.subheader("In progress")
+live_runs()
+
+st.subheader("All runs")
+try:
+    runs = list_runs(cache)
+except SahcError as exc:
+    app_state.show_error(exc)
+    st.stop()
+if runs.empty:
+    st.info("No runs yet: launch one above (or `python -m sahc_core run --plan PLAN.json`).")
+    st.stop()
+table = runs[["run_id", "plan_name", "status", "ratio_projected", "ratio_actual", "ppl", "baseline_ppl", "delta_ppl",
+              "gates_passed", "gates_failed", "duration_s", "error"]]
+st.dataframe(table, hide_index=True, width="stretch", column_config={
+    "ratio_projected": st.column_config.NumberColumn("ratio proj.", format="%.2fx"),
+    "ratio_actual": st.column_config.NumberColumn("ratio actual", format="%.2fx"),
+    "delta_ppl": st.column_config.NumberColumn("Δppl vs baseline", format="%+.3f"),
+    "duration_s": st.column_config.NumberColumn("duration", format="%.0f s")})
+for rec in runs[runs["gates_failed"].fillna(0) > 0].itertuples():
+    st.warning(f"Run {rec.run_id} ({rec.plan_name}): {rec.gates_failed} quality gate(s) failed; see the gate log.")
+
+done = runs[runs["status"].isin(["done", "failed", "cancelled"])]["run_id"].tolist()
+picked = st.multiselect("Compare runs (pick two or more)", done, default=done[:2], key="runs_compare")
+if picked:
+    try:
+        cmp = compare_runs(cache, picked)
+    except SahcError as exc:
+        app_state.show_error(exc)
+        st.stop()
+    st.plotly_chart(runs_scatter(cmp["runs"]), key="runs_scatter")
+    st.markdown("**Per component**")
+    st.dataframe(cmp["components"], hide_index=True, width="stretch")
+    gates = cmp["gates"]
+    failed = gates[~gates["passed"].astype(bool)] if len(gates) else gates
+    st.markdown(f"**Gate log** ({len(gates)} decisions, {len(failed)} failed; failed first)")
+    if len(failed):
+        st.error(f"{len(failed)} gate(s) failed in the selected runs: "
+                 + ", ".join(sorted(set(failed["gate"] + " on " + failed["tensor"])))[:400])
+    st.dataframe(gates[["run_id", "tensor", "gate", "value", "threshold", "passed", "evidence"]], hide_index=True,
+                 width="stretch")
