@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sahc_core import methods
+from sahc_core.device import resolve_device
 from sahc_core.errors import JobError, ModelError, SahcError
 from sahc_core.plan import TIED, CompressionPlan, resolve
 
@@ -109,7 +110,7 @@ def _disk_error(exc: Exception, out_dir: Path) -> SahcError:
 
 def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Callable | None = None,
              check_cancel: Callable[[], bool] | None = None, shard_bytes: int = SHARD_BYTES,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, device: str = "auto") -> dict:
     """Compress every tensor of ``source`` by ``plan`` and write the checkpoint to ``out_dir``.
 
     Parameters
@@ -126,6 +127,9 @@ def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Calla
         Flush a shard once this many state bytes are buffered.
     overwrite : bool
         Replace an existing ``out_dir``.
+    device : str
+        Where each tensor is compressed (``"auto"``: the GPU when there is one); states are
+        written from CPU.
 
     Returns
     -------
@@ -137,6 +141,7 @@ def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Calla
     """
     from sahc_core.components import tensor_table
 
+    dev = resolve_device(device)
     if shard_bytes <= 0:
         raise ValueError(f"shard_bytes must be positive, got {shard_bytes}.")
     out = Path(out_dir).expanduser().resolve()
@@ -149,7 +154,7 @@ def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Calla
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        entries = _write_tensors(source, df, tmp, progress, check_cancel, shard_bytes)
+        entries = _write_tensors(source, df, tmp, progress, check_cancel, shard_bytes, dev)
         files = sorted(p.name for p in tmp.glob("*.safetensors"))
         manifest = {
             "format": "sahc-compressed", "format_version": FORMAT_VERSION, "plan": plan.to_dict(),
@@ -171,7 +176,7 @@ def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Calla
     return _summary(out, df, entries, files, time.perf_counter() - t0)
 
 
-def _write_tensors(source, df, root: Path, progress, check_cancel, shard_bytes: int) -> dict[str, dict]:
+def _write_tensors(source, df, root: Path, progress, check_cancel, shard_bytes: int, device: str) -> dict[str, dict]:
     writer = _ShardWriter(root, shard_bytes)
     entries: dict[str, dict] = {}
     total = len(df)
@@ -186,7 +191,7 @@ def _write_tensors(source, df, root: Path, progress, check_cancel, shard_bytes: 
             entry.update(tied_to=row.tied_to, state_keys={}, file=None, bytes=0)
         else:
             cfg = methods.config_from_dict(row.config)
-            W = source.read(row.name, dtype=torch.float32)
+            W = source.read(row.name, device=device, dtype=torch.float32)
             c = methods.compress(W, cfg)
             del W
             state = c.state()
