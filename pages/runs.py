@@ -73,6 +73,10 @@ def live_runs() -> None:
         app_state.show_error(exc)
         return
     active = runs[runs["status"].isin(["queued", "running"])]
+    was = st.session_state.get("runs_active", set())
+    st.session_state["runs_active"] = set(active["run_id"])
+    if was - st.session_state["runs_active"]:  # a run just ended: refresh the table and comparison too
+        st.rerun(scope="app")
     if active.empty:
         st.caption("No run in progress.")
         return

@@ -12,7 +12,6 @@ launch, so a reused pid is never mistaken for the worker.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import os
 import signal
@@ -325,7 +324,10 @@ def cancel_run(cache: Cache, run_id: str) -> None:
 
 
 def reap_dead(cache: Cache) -> list[str]:
-    """Mark ``failed`` every queued/running run whose worker process is gone; returns their ids."""
+    """Mark ``failed`` (``cancelled`` if a cancel was asked) every queued/running run whose worker is gone.
+
+    Returns the ids of the runs it marked.
+    """
     for pid, child in list(_children.items()):  # reap our own finished workers (no zombies left)
         if child.poll() is not None:
             _children.pop(pid, None)
@@ -335,7 +337,9 @@ def reap_dead(cache: Cache) -> list[str]:
         if pid is None:
             continue  # being started right now (the pid is written just after the spawn)
         if not _alive(pid, start):
-            cache.execute("UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
+            # A cancel that killed the worker before it could say so still reads as cancelled.
+            cache.execute("UPDATE runs SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'failed' END, "
+                          "error = CASE WHEN cancel_requested THEN 'cancelled by the user' ELSE ? END, finished_at = ? "
                           "WHERE run_id = ? AND status IN ('queued', 'running')", [DIED, utcnow(), run_id])
             dead.append(run_id)
     return dead
