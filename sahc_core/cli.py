@@ -194,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
         reporter = JobReporter(cache, args.run_id)
     return execute_run(cache, plan, _model_dir(args), corpus=args.corpus, window=args.window,
-                       max_tokens=args.max_tokens, run_id=args.run_id, reporter=reporter)
+                       max_tokens=args.max_tokens, run_id=args.run_id, reporter=reporter, device=args.device)
 
 
 def cmd_runs(args: argparse.Namespace) -> dict:
