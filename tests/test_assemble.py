@@ -76,6 +76,16 @@ def test_qwen35_round_trip_all_tensor_kinds(tiny_qwen35_dir, tmp_path):
     _check_round_trip(ModelSource.open(tiny_qwen35_dir), INT8, tmp_path / "q")
 
 
+def test_round_trip_with_svd_ffn_and_tt_embedding(tiny_llama_dir, tmp_path):
+    plan = CompressionPlan.from_dict({
+        "name": "mixed", "default": {"method": "int", "bits": 4, "group_size": 32},
+        "components": {"ffn": {"method": "svd", "rank_fraction": 0.25, "bits": 4, "group_size": 32},
+                       "embedding": {"method": "tt", "tt_ranks": [1, 8, 8, 1], "bits": 8}},
+    })
+    res = _check_round_trip(ModelSource.open(tiny_llama_dir), plan, tmp_path / "m")
+    assert {t["method"] for t in res["tensors"]} == {"int", "svd", "tt", "keep"}
+
+
 def test_assembled_state_loads_into_the_transformers_model(tiny_llama_dir, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 

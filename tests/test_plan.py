@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -139,6 +140,25 @@ def test_incompatible_group_size_errors_or_falls_back_explicitly(tiny_llama_dir)
     assert (fb["config"].map(lambda c: c["group_size"]) == 64).all()
     assert (df.loc[df["kind"] == "down_proj", "config"].map(lambda c: c["group_size"]) == 128).all()
     assert project(plan, src)["n_fallback"] == len(fb) == 13
+
+
+def test_tt_outside_the_embedding_is_incompatible(tiny_llama_dir):
+    src = ModelSource.open(tiny_llama_dir)
+    tt = {"method": "tt", "tt_ranks": [1, 4, 1], "bits": 8}
+    with pytest.raises(PlanError, match="TT is for the embedding/LM head only"):
+        resolve(CompressionPlan.from_dict({"name": "t", "default": INT8, "components": {"ffn": tt}}), tensor_table(src))
+    ok = resolve(CompressionPlan.from_dict({"name": "t", "default": INT8, "components": {"embedding": tt}}),
+                 tensor_table(src)).set_index("name")
+    row = ok.loc["model.embed_tokens.weight"]
+    assert row["method"] == "tt" and row["bytes"] == methods.projected_bytes((256, 64), methods.config_from_dict(tt))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "plans").glob("*.json")), ids=str)
+def test_shipped_plan_files_parse_round_trip_and_resolve(path, tiny_llama_dir):
+    plan = CompressionPlan.from_json(path)
+    assert plan.name == path.stem and CompressionPlan.from_dict(plan.to_dict()) == plan
+    res = project(plan, ModelSource.open(tiny_llama_dir))
+    assert res["n_tensors"] == 20 and res["ratio_projected"] > 1.0
 
 
 def test_tied_lm_head_stored_twice_counts_once():
