@@ -20,8 +20,10 @@ import torch
 from torch import Tensor
 
 from sahc_core import lowrank as _lowrank
+from sahc_core import tt as _tt
 from sahc_core.lowrank import SVDConfig
 from sahc_core.quant import QuantConfig, QuantizedTensor, quant_bytes, quantize
+from sahc_core.tt import TTConfig
 
 _KEEP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -123,6 +125,10 @@ _REGISTRY: dict[type, _Method] = {
                        {"rank": "rank", "rank_fraction": "rank_fraction", "bits": "bits",
                         "group_size": "group_size", "scheme": "scheme"},
                        _lowrank._measure_extras),
+    TTConfig: _Method("tt", _tt.tt_decompose, _tt.tt_bytes, _tt._load,
+                      {"tt_ranks": "ranks", "bits": "bits", "group_size": "group_size", "scheme": "scheme",
+                       "row_factors": "row_factors", "col_factors": "col_factors"},
+                      _tt._measure_extras),
 }
 
 

@@ -21,6 +21,7 @@ from sahc_core.methods import (
 )
 from sahc_core.lowrank import SVDConfig
 from sahc_core.quant import QuantConfig
+from sahc_core.tt import TTConfig
 
 CONFIGS = [
     KeepConfig(),
@@ -33,6 +34,9 @@ CONFIGS = [
     SVDConfig(rank=3, bits=None),
     SVDConfig(rank_fraction=0.5, bits=4, group_size=None, scheme="sym"),
     SVDConfig(rank=2, bits=3, group_size=32),
+    TTConfig(ranks=(1, 2, 2, 1)),
+    TTConfig(ranks=(1, 3, 1), bits=8),
+    TTConfig(ranks=(1, 2, 2, 1), bits=4, group_size=2, scheme="sym"),
 ]
 SHAPES = [(32, 64), (7, 96), (2, 3, 32), (64,)]
 
