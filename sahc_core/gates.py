@@ -155,10 +155,22 @@ def tensor_gates(
         out.append(GateResult("quant_error", name, quant, quant_threshold, bool(quant <= quant_threshold),
                               {**base, "note": "error due to quantization alone, relative to ||W||_F"}))
     if output_cosine is not None:
-        c = float(output_cosine)
-        out.append(GateResult("output_cosine", name, c, cos_threshold, bool(c >= cos_threshold),
-                              {**base, "note": "cos(W x, W_hat x) on real calibration activations"}))
+        out.append(cosine_gate(name, output_cosine, cos_threshold, evidence=base))
     return out
+
+
+def cosine_gate(name: str, value: float, threshold: float = COS_THRESHOLD, gate: str = "output_cosine",
+                evidence: Mapping | None = None) -> GateResult:
+    """Forward smoke test: an output cosine on real activations must reach ``threshold``.
+
+    ``gate`` names the output compared (``output_cosine`` for the layer itself, ``block_output_cosine``
+    for the attention / MLP block around it, ``lm_head_output_cosine`` for logits).
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"the cosine threshold must be in (0, 1], got {threshold}.")
+    c = float(value)
+    return GateResult(gate, name, c, threshold, bool(c >= threshold),
+                      {**dict(evidence or {}), "note": "cosine of outputs with W vs W_hat on real calibration activations"})
 
 
 def shape_gate(expected: Mapping[str, tuple], actual: Mapping[str, tuple]) -> GateResult:

@@ -1,0 +1,525 @@
+"""What-if service: compress one real tensor with one setting and report ratio, error, cosine, gates.
+
+The What-if page and the CLI ``measure`` / ``sweep`` commands call these functions.
+
+Speed (why the in-process caches exist): a slider move must answer in well under a second, so the
+expensive parts are computed once per tensor and reused:
+
+* the float32 weight itself (``_WEIGHTS``, keyed by model fingerprint + tensor name);
+* its full thin SVD ``(U, S, Vh)`` (``FACTORS``, an LRU keyed by fingerprint + name + device): a new
+  rank or factor bit width only slices and quantizes the factors, it never re-runs the SVD;
+* calibration activations entering a linear layer (``_ACTIVATIONS``, per fingerprint + module).
+
+Finished measurements are stored in the DuckDB cache under ``(fingerprint, tensor, plan-form config,
+MEASURE_VERSION)``, so a repeated setting is a lookup, also across processes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from sahc_core.cache import Cache
+from sahc_core.device import resolve_device
+from sahc_core.errors import ModelError
+from sahc_core.gates import log_gates, tensor_gates
+from sahc_core.lowrank import SVDConfig, lowrank, svd_factors
+from sahc_core.methods import compress, config_to_dict, measure, projected_bytes
+from sahc_core.model_io import ModelSource
+from sahc_core.quant import QuantConfig
+from sahc_core.tt import TTConfig
+
+#: Bump when a measured number would change for the same inputs (invalidates cached rows).
+MEASURE_VERSION = 1
+_KIND_MEASURE = "whatif_measure"
+_KIND_OUTCOS = "whatif_output_cosine"
+
+
+class LRU:
+    """A small thread-safe least-recently-used map (the page may run callbacks in threads)."""
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be >= 1, got {maxsize}.")
+        self.maxsize = maxsize
+        self._d: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            if key not in self._d:
+                return None
+            self._d.move_to_end(key)
+            return self._d[key]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.maxsize:
+                self._d.popitem(last=False)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._d
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
+
+#: Thin SVD factors per (fingerprint, tensor, device). 4 entries: the embedding of a 135M model is
+#: 49152x576 (U: 113 MB in float32), so a handful fits comfortably in memory.
+FACTORS = LRU(4)
+_WEIGHTS = LRU(4)
+_ACTIVATIONS = LRU(8)
+_ROTATED = LRU(2)
+
+
+def clear_caches() -> None:
+    """Drop every in-process cache (weights, SVD factors, activations)."""
+    for c in (FACTORS, _WEIGHTS, _ACTIVATIONS, _ROTATED, _MODELS):
+        c.clear()
+
+
+def _weight(source: ModelSource, name: str) -> Tensor:
+    """The tensor as float32 on CPU, read once per (fingerprint, name)."""
+    key = (source.fingerprint, name)
+    W = _WEIGHTS.get(key)
+    if W is None:
+        W = source.read(name, device="cpu", dtype=torch.float32)
+        _WEIGHTS.put(key, W)
+    return W
+
+
+def _matrix(source: ModelSource, name: str) -> Tensor:
+    W = _weight(source, name)
+    if W.ndim != 2:
+        raise ModelError(f"tensor {name} has shape {tuple(W.shape)}; low-rank and TT need a 2-D weight matrix.")
+    return W
+
+
+def svd_of(source: ModelSource, name: str, device: str = "auto", factors_cache: LRU | None = FACTORS
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """Full thin SVD ``(U, S, Vh)`` of a 2-D tensor, computed once and kept in ``factors_cache``."""
+    dev = resolve_device(device)
+    key = (source.fingerprint, name, dev)
+    hit = factors_cache.get(key) if factors_cache is not None else None
+    if hit is not None:
+        return hit
+    factors = svd_factors(_matrix(source, name), device=dev)
+    if factors_cache is not None:
+        factors_cache.put(key, factors)
+    return factors
+
+
+def _compressed(source: ModelSource, name: str, cfg: Any, device: str, factors_cache: LRU | None
+                ) -> tuple[Tensor, Any, tuple[Tensor, Tensor, Tensor] | None]:
+    """``(W, compress(W, cfg), SVD factors or None)``; an SVD config reuses the cached factors."""
+    if isinstance(cfg, SVDConfig):
+        W = _matrix(source, name)
+        factors = svd_of(source, name, device, factors_cache)
+        return W, lowrank(W, cfg, factors=factors), factors
+    W = _weight(source, name)
+    return W, compress(W, cfg), None
+
+
+def _rotated(source: ModelSource, name: str, W: Tensor, factors: tuple[Tensor, Tensor, Tensor]) -> dict:
+    """Per-tensor constants of the fast SVD path (cached next to the factors).
+
+    ``WV = W Vhᵀ`` (m, n); ``w_row2`` squared row norms of W; ``w2 = ||W||²``; ``tail_col2[j] =
+    ||WV[:, j]||²`` and ``head_col2[j] = ||WV[:, j] - σ_j U[:, j]||²`` so that the measured truncation
+    error of any rank r is ``sum(head_col2[:r]) + sum(tail_col2[r:])`` without touching the matrix.
+    """
+    U, S, Vh = factors
+    key = (source.fingerprint, name, str(Vh.device), "rot")
+    hit = _ROTATED.get(key)
+    if hit is None:
+        Wd = W.to(Vh.device)
+        WV = Wd @ Vh.T
+        row2 = torch.linalg.vector_norm(Wd, dim=1).double().square()
+        hit = {"WV": WV, "w_row2": row2, "w2": float(row2.sum()),
+               "tail_col2": torch.linalg.vector_norm(WV, dim=0).double().square(),
+               "head_col2": torch.linalg.vector_norm(WV - U * S, dim=0).double().square()}
+        _ROTATED.put(key, hit)
+    return hit
+
+
+def _fast_svd_measure(W: Tensor, c: Any, factors: tuple[Tensor, Tensor, Tensor], rot: dict) -> dict:
+    """``methods.measure`` numbers of a low-rank ``c`` for m >= n, computed in the right-singular basis.
+
+    Hand-written for speed (a slider move must not redo two m×n products and six float64 passes over
+    the matrix): for m >= n, ``Vh`` is square orthogonal, so right-multiplying by ``Vhᵀ`` keeps every
+    Frobenius norm, row norm and row dot product. In that basis ``W_r = [U_r S_r, 0]`` and
+    ``Ŵ Vhᵀ = û (v̂ Vhᵀ)`` is the one m·r·n product per move; with ``E = WV - ŴV``:
+    total² = ||E||², quant² = ||W_r - Ŵ||² = ||E[:, :r]||² + ||ŴV[:, r:]||² (up to the float32
+    residual ``WV[:, :r] - U_r S_r`` of the SVD itself, ~1e-6 relative), trunc² from the cached
+    column norms, row cosine from ``<w, ŵ> = (|w|² + |ŵ|² - |w - ŵ|²) / 2`` in float64.
+    Agrees with ``methods.measure`` to float32 rounding (tested).
+    """
+    from sahc_core.methods import _method
+
+    U, S, Vh = factors
+    r, dev = c.rank, Vh.device
+    u_hat, v_hat = (f.reconstruct(torch.float32) if hasattr(f, "reconstruct") else f.float() for f in (c.u, c.v))
+    Wh = u_hat.to(dev).T @ (v_hat.to(dev) @ Vh.T)                     # (m, n) = Ŵ Vhᵀ
+    h_row2 = torch.linalg.vector_norm(Wh, dim=1).double().square()
+    sq = lambda x: float(torch.linalg.vector_norm(x).double().square()) if x.numel() else 0.0  # noqa: E731
+    quant_tail = sq(Wh[:, r:])
+    E = Wh.sub_(rot["WV"])                                           # in place: -(W - Ŵ) Vhᵀ
+    e_row2 = torch.linalg.vector_norm(E, dim=1).double().square()
+    quant2 = sq(E[:, :r]) + quant_tail
+    trunc2 = float(rot["head_col2"][:r].sum() + rot["tail_col2"][r:].sum())
+    w_row2 = rot["w_row2"]
+    dot = (w_row2 + h_row2 - e_row2) / 2
+    den = (w_row2 * h_row2).sqrt()
+    cos = torch.where(den > 0, dot / den.clamp_min(1e-300), ((w_row2 == 0) & (h_row2 == 0)).double())
+    s2 = S.double().square()
+    numel, norm = W.numel(), math.sqrt(rot["w2"])
+    rel = (lambda x2: math.sqrt(max(x2, 0.0)) / norm if norm > 0 else 1.0)  # noqa: E731
+    return {"method": _method(c.config).name, "bytes": int(c.nbytes), "ratio": 2 * numel / c.nbytes,
+            "bits_per_weight": 8 * c.nbytes / numel, "rel_error": rel(float(e_row2.sum())),
+            "weight_cosine": float(cos.mean()), "rank": r, "trunc_error": rel(trunc2),
+            "eym_error": math.sqrt(float(s2[r:].sum()) / float(s2.sum())) if float(s2.sum()) > 0 else 1.0,
+            "quant_error": rel(quant2)}
+
+
+def _key(name: str, cfg: Any) -> str:
+    return json.dumps({"tensor": name, "config": config_to_dict(cfg)}, sort_keys=True)
+
+
+def _int_prediction(W: Tensor, q: Any) -> dict:
+    """Uniform rounding-noise model of RTN quantization: E||e||² = Σ_g n_g Δ_g² / 12.
+
+    ``Δ_g`` is the stored scale (grid step) of group g; each error is uniform on [-Δ/2, Δ/2] when the
+    weights are spread over many steps (Widrow & Kollár, *Quantization Noise*, 2008).
+    """
+    norm = float(torch.linalg.vector_norm(W.double()))
+    steps = q.scales.double().reshape(-1)
+    per_group = math.prod(W.shape) // steps.numel()
+    pred = math.sqrt(per_group * float((steps**2).sum()) / 12.0) / norm if norm > 0 else 0.0
+    return {"predicted_error": pred, "prediction": "uniform rounding noise sqrt(sum_g n_g step_g^2 / 12) / ||W||"}
+
+
+def projected(shape: Sequence[int], cfg: Any) -> dict:
+    """Bytes, ratio (vs 16-bit) and bits per weight of ``cfg`` on ``shape`` from formulas alone (instant).
+
+    Returns
+    -------
+    dict
+        ``bytes``, ``original_bytes`` (2 per weight), ``ratio``, ``bits_per_weight``.
+    """
+    shape = tuple(int(s) for s in shape)
+    nbytes = projected_bytes(shape, cfg)
+    numel = math.prod(shape)
+    return {"bytes": nbytes, "original_bytes": 2 * numel, "ratio": 2 * numel / nbytes,
+            "bits_per_weight": 8 * nbytes / numel}
+
+
+def measure_tensor(source: ModelSource, name: str, cfg: Any, cache: Cache | None = None, device: str = "auto",
+                   factors_cache: LRU | None = FACTORS, log: bool = True) -> dict:
+    """Compress one tensor with ``cfg`` and measure it (the CLI ``measure`` contract).
+
+    Parameters
+    ----------
+    source : ModelSource
+    name : str
+        Tensor name.
+    cfg : config dataclass
+        ``QuantConfig``, ``SVDConfig``, ``TTConfig`` or ``KeepConfig``.
+    cache : Cache, optional
+        DuckDB cache: a stored result is returned without computing (``cached: True``); a new one is
+        stored and its gate decisions go to the audit log.
+    device : str
+        Where the SVD runs (``"auto"``: GPU when present).
+    factors_cache : LRU, optional
+        In-process SVD factor cache (default the module's ``FACTORS``; ``None`` disables it).
+    log : bool
+        Write the gate decisions of a fresh measurement to the audit log (needs ``cache``).
+
+    Returns
+    -------
+    dict
+        ``tensor``, ``shape``, ``config``, ``bytes``, ``ratio``, ``bits_per_weight``, ``rel_error``,
+        ``weight_cosine``, ``gates`` (list of dicts), ``seconds``, ``cached``, plus method keys
+        (int: ``quant_error``, ``predicted_error``; svd: ``rank``, ``trunc_error``, ``quant_error``,
+        ``eym_error``; tt: ``tt_shape``).
+    """
+    info = source.info(name)
+    key = _key(name, cfg)
+    if cache is not None:
+        hit = cache.get(_KIND_MEASURE, source.fingerprint, key, MEASURE_VERSION)
+        if hit is not None:
+            return {**hit, "cached": True}
+    t0 = time.perf_counter()
+    W, c, factors = _compressed(source, name, cfg, device, factors_cache)
+    if factors is not None and W.shape[0] >= W.shape[1]:
+        m = _fast_svd_measure(W, c, factors, _rotated(source, name, W, factors))
+    else:
+        m = measure(W, cfg, compressed=c)
+    if isinstance(cfg, QuantConfig):
+        m["quant_error"] = m["rel_error"]
+        m.update(_int_prediction(W, c))
+    gates = tensor_gates(name, m)
+    out = {"tensor": name, "shape": list(info.shape), "config": config_to_dict(cfg), **m,
+           "gates": [g.to_dict() for g in gates], "seconds": time.perf_counter() - t0, "cached": False}
+    if cache is not None:
+        cache.put(_KIND_MEASURE, source.fingerprint, key, MEASURE_VERSION, out)
+        if log:
+            log_gates(cache, source.fingerprint, gates)
+    return out
+
+
+# ------------------------------------------------------------------------------ output cosine
+_MODELS = LRU(1)  # (fingerprint, device) -> (model, tokenizer); one model at a time (memory)
+
+
+def _model(source: ModelSource, device: str) -> tuple[Any, Any]:
+    from sahc_core.evaluate import load_model
+
+    key = (source.fingerprint, resolve_device(device))
+    hit = _MODELS.get(key)
+    if hit is None:
+        hit = load_model(source.path, device=device)
+        _MODELS.put(key, hit)
+    return hit
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _inputs(source: ModelSource, model: Any, tokenizer: Any, text: str, module: str, n_tokens: int) -> Tensor:
+    """Activations entering ``module`` (cached per fingerprint, module, text, n_tokens)."""
+    from sahc_core.evaluate import capture_inputs
+
+    key = (source.fingerprint, module, _text_hash(text), n_tokens)
+    X = _ACTIVATIONS.get(key)
+    if X is None:
+        X = capture_inputs(model, tokenizer, text, module, n_tokens)
+        _ACTIVATIONS.put(key, X)
+    return X
+
+
+def _embedding_lookup_cosine(W: Tensor, W_hat: Tensor, tokenizer: Any, text: str, n_tokens: int) -> float:
+    """Mean over the calibration tokens of cos(E[t], Ê[t]): the embedding layer's real outputs."""
+    from sahc_core.evaluate import _row_cosine  # the same float64 row cosine as output_cosine
+
+    ids = torch.as_tensor(tokenizer(text[: 64 * n_tokens])["input_ids"][:n_tokens], dtype=torch.long)
+    return _row_cosine(W[ids], W_hat.to(W.device)[ids])
+
+
+def output_cosine_for(source: ModelSource, name: str, cfg: Any, model: tuple[Any, Any] | None = None,
+                      calib_text: str | None = None, n_tokens: int = 2048, cache: Cache | None = None,
+                      device: str = "auto", cos_threshold: float = 0.95) -> dict:
+    """Output cosine of one compressed tensor on real calibration activations (runs the model).
+
+    Linear layers: ``cos(W·x, Ŵ·x)`` per token (``evaluate.output_cosine``) plus the cosine of the
+    enclosing block's output (attention or MLP, ``evaluate.attention_output_cosine``). Embedding:
+    the cosine of the looked-up rows of the calibration tokens, and for a tied or separate LM head the
+    cosine of the logits.
+
+    Parameters
+    ----------
+    model : (model, tokenizer), optional
+        A loaded model (``evaluate.load_model``); loaded once and kept when omitted.
+    calib_text : str, optional
+        Default: ``corpus.default_corpus().calib_text``.
+    n_tokens : int
+        Calibration tokens.
+
+    Returns
+    -------
+    dict
+        ``tensor``, ``config``, ``n_tokens``, ``output_cosine``, then ``block_output_cosine`` and
+        ``block`` (for attention projections also ``attention_output_cosine``) or, for an embedding,
+        ``lm_head_output_cosine``; ``gates``, ``seconds``, ``cached``.
+    """
+    from sahc_core.components import Component, classify
+    from sahc_core.evaluate import attention_output_cosine, output_cosine
+    from sahc_core.gates import cosine_gate
+
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be at least 1, got {n_tokens}.")
+    if calib_text is None:
+        from sahc_core.corpus import default_corpus
+
+        calib_text = default_corpus().calib_text
+    key = json.dumps({"tensor": name, "config": config_to_dict(cfg), "n_tokens": n_tokens,
+                      "text": _text_hash(calib_text), "threshold": cos_threshold}, sort_keys=True)
+    if cache is not None:
+        hit = cache.get(_KIND_OUTCOS, source.fingerprint, key, MEASURE_VERSION)
+        if hit is not None:
+            return {**hit, "cached": True}
+    t0 = time.perf_counter()
+    role = classify(name, source.architecture)
+    net, tokenizer = model if model is not None else _model(source, device)
+    W, c, _ = _compressed(source, name, cfg, device, FACTORS)
+    W_hat = c.reconstruct(torch.float32).reshape(W.shape).to(W.device)
+    out: dict[str, Any] = {"tensor": name, "config": config_to_dict(cfg), "component": role.component.value}
+    values: dict[str, float] = {}
+    if role.component == Component.EMBEDDING and role.kind != "lm_head":
+        values["output_cosine"] = _embedding_lookup_cosine(W, W_hat, tokenizer, calib_text, n_tokens)
+        head = net.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() == net.get_input_embeddings().weight.data_ptr():
+            X = _inputs(source, net, tokenizer, calib_text, "lm_head", n_tokens)
+            values["lm_head_output_cosine"] = output_cosine(W, W_hat, X)
+        out["tied"] = head is not None and "lm_head_output_cosine" in values
+    else:
+        module = name.removesuffix(".weight")
+        X = _inputs(source, net, tokenizer, calib_text, module, n_tokens)
+        values["output_cosine"] = output_cosine(W, W_hat, X)
+        if "." in module:
+            values["block_output_cosine"] = attention_output_cosine(net, tokenizer, calib_text, name, W_hat, n_tokens)
+            out["block"] = module.rsplit(".", 1)[0]
+            if role.component in (Component.ATTENTION_FULL, Component.ATTENTION_LINEAR):
+                values["attention_output_cosine"] = values["block_output_cosine"]
+        out["n_tokens"] = int(X.shape[0])
+    out.setdefault("n_tokens", n_tokens)
+    gates = [cosine_gate(name, v, cos_threshold, gate=k, evidence={"config": out["config"]})
+             for k, v in values.items() if k != "attention_output_cosine"]
+    out.update(values)
+    out.update(gates=[g.to_dict() for g in gates], seconds=time.perf_counter() - t0, cached=False)
+    if cache is not None:
+        cache.put(_KIND_OUTCOS, source.fingerprint, key, MEASURE_VERSION, out)
+        log_gates(cache, source.fingerprint, gates)
+    return out
+
+
+# ------------------------------------------------------------------------------ Pareto and TT sweep
+#: The study's TT sweep (section 4), smallest to largest ranks.
+DEFAULT_TT_RANKS: tuple[tuple[int, ...], ...] = (
+    (1, 8, 8, 1), (1, 16, 16, 1), (1, 32, 32, 1), (1, 64, 64, 1), (1, 128, 128, 1), (1, 256, 256, 1))
+_PARETO_RANK_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1.0)
+_PARETO_GROUPS = (32, 64, 128, None)
+
+
+def _label(cfg_dict: dict) -> str:
+    d = cfg_dict
+    g = "row" if d.get("group_size") is None else f"g{d['group_size']}"
+    if d["method"] == "int":
+        return f"int{d['bits']}-{g}"
+    if d["method"] == "svd":
+        bits = "fp16" if d.get("bits") is None else f"int{d['bits']}-{g}"
+        return f"svd r{d.get('rank', d.get('rank_fraction'))} {bits}"
+    if d["method"] == "tt":
+        return f"tt {list(d['tt_ranks'])}" + ("" if d.get("bits") is None else f" int{d['bits']}")
+    return d["method"]
+
+
+def pareto_configs(shape: Sequence[int], component: str | None = None) -> list[Any]:
+    """The grid :func:`pareto` measures: int bits 2..8 × group sizes, SVD ranks × factor bits, TT ranks.
+
+    Group sizes that do not divide the dimension they group are skipped; TT only for ``component ==
+    "embedding"``; TT ranks above what the reshaping allows are skipped.
+    """
+    m, n = math.prod(shape[:-1]), int(shape[-1])
+    cfgs: list[Any] = [QuantConfig(b, g) for b in range(2, 9) for g in _PARETO_GROUPS if g is None or n % g == 0]
+    if len(shape) >= 2:
+        k = min(m, n)
+        ranks = sorted({max(1, round(f * k)) for f in _PARETO_RANK_FRACTIONS})
+        g_svd = next((g for g in (128, 64, 32) if m % g == 0 and n % g == 0), None)
+        cfgs += [SVDConfig(rank=r, bits=b, group_size=g_svd) for r in ranks for b in (4, 8, None)]
+        if component == "embedding":
+            cfgs += _valid_tt(shape, DEFAULT_TT_RANKS, None)
+    return cfgs
+
+
+def _valid_tt(shape: Sequence[int], ranks_list: Sequence[Sequence[int]], bits: int | None) -> list[TTConfig]:
+    """TT configs of ``ranks_list`` that the reshaping of ``shape`` can hold (the others are skipped)."""
+    out = []
+    for ranks in ranks_list:
+        cfg = TTConfig(ranks=tuple(int(r) for r in ranks), bits=bits)
+        try:
+            projected_bytes(tuple(shape), cfg)
+        except ValueError:
+            continue
+        out.append(cfg)
+    return out
+
+
+def _frontier(df: pd.DataFrame) -> pd.Series:
+    """True for points no other point beats on both bytes (<=) and relative error (<, or = with fewer bytes)."""
+    order = df.sort_values(["bytes", "rel_error"]).index
+    best, flags = math.inf, pd.Series(False, index=df.index)
+    for i in order:
+        if df.at[i, "rel_error"] < best:
+            flags[i], best = True, df.at[i, "rel_error"]
+    return flags
+
+
+def pareto(source: ModelSource, name: str, cache: Cache | None = None, device: str = "auto",
+           progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
+    """Relative error and weight cosine against bytes for every method over its parameter grid.
+
+    One row per setting (see :func:`pareto_configs`): ``method``, ``label``, ``config`` (plan JSON
+    string), ``bytes``, ``ratio``, ``bits_per_weight``, ``rel_error``, ``weight_cosine``, ``passed``
+    (all gates), ``frontier`` (on the error-vs-bytes Pareto front over all methods). Each point is a
+    cached :func:`measure_tensor`, so a second call is a lookup. ``progress(done, total)``.
+    """
+    from sahc_core.components import classify
+
+    info = source.info(name)
+    comp = classify(name, source.architecture).component.value
+    cfgs = pareto_configs(info.shape, comp)
+    rows = []
+    for i, cfg in enumerate(cfgs):
+        m = measure_tensor(source, name, cfg, cache=cache, device=device, log=False)
+        rows.append({"method": m["method"], "label": _label(m["config"]), "config": json.dumps(m["config"]),
+                     "bytes": m["bytes"], "ratio": m["ratio"], "bits_per_weight": m["bits_per_weight"],
+                     "rel_error": m["rel_error"], "weight_cosine": m["weight_cosine"],
+                     "passed": all(g["passed"] for g in m["gates"])})
+        if progress is not None:
+            progress(i + 1, len(cfgs))
+    df = pd.DataFrame(rows)
+    df["frontier"] = _frontier(df)
+    return df
+
+
+def tt_sweep(source: ModelSource, name: str, ranks_list: Sequence[Sequence[int]] = DEFAULT_TT_RANKS,
+             bits: int | None = None, cos_threshold: float = 0.95,
+             progress: Callable[[int, int], None] | None = None, cache: Cache | None = None,
+             device: str = "auto") -> pd.DataFrame:
+    """The study's Tensor-Train table for one (embedding-like) tensor.
+
+    Returns
+    -------
+    DataFrame
+        One row per TT rank tuple: ``tt_ranks``, ``tt_shape``, ``bytes``, ``ratio``,
+        ``bits_per_weight``, ``cosine`` (mean per-token row cosine), ``rel_error``, ``passed``
+        (``cosine >= cos_threshold``), ``seconds``, ``cached``. Given rank tuples the tensor's
+        reshaping cannot hold raise ``ValueError`` before anything is computed; from the default
+        list they are skipped.
+    """
+    if not 0 < cos_threshold <= 1:
+        raise ValueError(f"cos_threshold must be in (0, 1], got {cos_threshold}.")
+    shape = source.info(name).shape
+    if ranks_list is DEFAULT_TT_RANKS:  # the study's list, minus ranks this shape cannot hold
+        cfgs = _valid_tt(shape, ranks_list, bits)
+    else:
+        cfgs = [TTConfig(ranks=tuple(int(r) for r in ranks), bits=bits) for ranks in ranks_list]
+        for cfg in cfgs:
+            projected_bytes(shape, cfg)  # validate every rank tuple up front (one clear ValueError)
+    rows = []
+    for i, cfg in enumerate(cfgs):
+        m = measure_tensor(source, name, cfg, cache=cache, device=device)
+        rows.append({"tt_ranks": str(list(cfg.ranks)), "tt_shape": str(m.get("tt_shape", "")),
+                     "bytes": m["bytes"], "ratio": m["ratio"], "bits_per_weight": m["bits_per_weight"],
+                     "cosine": m["weight_cosine"], "rel_error": m["rel_error"],
+                     "passed": bool(m["weight_cosine"] >= cos_threshold), "seconds": m["seconds"],
+                     "cached": m["cached"]})
+        if progress is not None:
+            progress(i + 1, len(cfgs))
+    return pd.DataFrame(rows)
