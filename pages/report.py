@@ -45,6 +45,9 @@ def show_report(report, present: bool) -> None:
     st.caption(report.subtitle)
     for sec in report.sections:
         st.subheader(sec.title)
+        if sec.error:
+            st.error(sec.error)
+            continue
         st.markdown(f"**{sec.caption}**")
         for note in sec.notes:
             st.caption(note)

@@ -15,41 +15,17 @@ def label(component: str) -> str:
     return _LABELS.get(str(component), str(component))
 
 
-def rank_heatmap(per_tensor: pd.DataFrame, eps: float = 0.10) -> go.Figure:
-    """Heatmap layer x projection kind of the min rank for ``eps`` as % of full rank.
-
-    ``per_tensor`` is the first table of :func:`sahc_core.report.spectrum_verdict`; tensors without a
-    layer (embedding, LM head) are shown in a column "—".
-    """
-    df = per_tensor.assign(layer_s=per_tensor["layer"].map(lambda v: "—" if pd.isna(v) else int(v)),
-                           row=per_tensor["component"].map(label) + " · " + per_tensor["kind"].astype(str))
-    layers = sorted({v for v in df["layer_s"] if v != "—"}) + (["—"] if (df["layer_s"] == "—").any() else [])
-    rows = sorted(df["row"].unique())
-    z = [[None] * len(layers) for _ in rows]
-    text = [[""] * len(layers) for _ in rows]
-    for rec in df.itertuples():
-        i, j = rows.index(rec.row), layers.index(rec.layer_s)
-        z[i][j] = 100 * rec.rank_fraction
-        text[i][j] = f"{rec.name}<br>min rank {rec.min_rank} of {rec.full_rank} ({100 * rec.rank_fraction:.1f} %)" \
-                     f"<br>break-even {100 * rec.break_even:.0f} %"
-    fig = go.Figure(go.Heatmap(z=z, x=[str(v) for v in layers], y=rows, text=text, hoverinfo="text",
-                               colorscale="RdYlGn_r", zmin=0, zmax=100,
-                               colorbar=dict(title=f"% of full rank<br>for {eps:g} error", ticksuffix=" %")))
-    fig.update_layout(xaxis_title="layer", height=max(320, 34 * len(rows) + 140), margin=dict(t=20, b=40, l=10))
-    return fig
-
-
 def pareto_scatter(points: pd.DataFrame, tensor: str) -> go.Figure:
     """Ratio (log x) vs relative error per method; Pareto-optimal points are outlined and joined."""
     fig = go.Figure()
     for method, g in points.groupby("method", sort=False):
         fig.add_trace(go.Scatter(
-            x=g["ratio"], y=g["rel_error"], mode="markers+text", name=method.upper(), text=g["label"],
-            textposition="top center", marker=dict(size=11, color=METHOD_COLORS.get(method, "#333"),
-                                                   line=dict(width=[2 if p else 0 for p in g.get("pareto", [])],
+            x=g["ratio"], y=g["rel_error"], mode="markers+text", name=method.upper(),
+            text=g["label"].where(g["pareto"], ""), customdata=g["label"], textposition="top center", marker=dict(size=11, color=METHOD_COLORS.get(method, "#333"),
+                                                   line=dict(width=[2 if p else 0 for p in g["pareto"]],
                                                              color="black")),
-            hovertemplate="%{text}<br>ratio %{x:.2f}x<br>error %{y:.4f}<extra></extra>"))
-    front = points[points.get("pareto", False) == True].sort_values("ratio")  # noqa: E712
+            hovertemplate="%{customdata}<br>ratio %{x:.2f}x<br>error %{y:.4f}<extra></extra>"))
+    front = points[points["pareto"].astype(bool)].sort_values("ratio")
     if len(front) > 1:
         fig.add_trace(go.Scatter(x=front["ratio"], y=front["rel_error"], mode="lines", name="Pareto front",
                                  line=dict(color="black", dash="dot", width=1), hoverinfo="skip"))

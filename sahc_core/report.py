@@ -46,6 +46,7 @@ class ReportSection:
     figures: tuple[Any, ...] = ()      # plotly Figures, shown in order
     table: pd.DataFrame | None = None
     notes: tuple[str, ...] = ()
+    error: str | None = None           # one sentence when the section could not be computed
 
 
 @dataclass(frozen=True)
@@ -148,14 +149,14 @@ def component_sentence(row: pd.Series, eps: float = ERROR_TARGET) -> str:
 
 def caption_pareto(points: pd.DataFrame, tensor: str) -> str:
     """Which method gives the most ratio at the error of int4 on ``tensor``."""
-    ref = points[(points["method"] == "int") & (points["bits"] == 4)]
+    ref = points[(points["method"] == "int") & (points["bits"] == 4)].sort_values("ratio", ascending=False)
     if ref.empty:
         best = points.loc[points["ratio"].idxmax()]
         return f"On {tensor}, the highest ratio is {best['ratio']:.1f}x ({best['label']}, error {best['rel_error']:.3f})."
     r = ref.iloc[0]
     err = float(r["rel_error"])
     others = points[(points["method"] != "int") & (points["rel_error"] <= err * 1.0001)]
-    base = f"On {tensor}, int4 gives {r['ratio']:.2f}x at error {err:.3f}"
+    base = f"On {tensor}, {r['label']} gives {r['ratio']:.2f}x at error {err:.3f}"
     if others.empty:
         worse = points[points["method"] != "int"]
         if worse.empty:
@@ -164,7 +165,7 @@ def caption_pareto(points: pd.DataFrame, tensor: str) -> str:
         return (f"{base}; no SVD/TT setting reaches that error (best {closest['label']}: error "
                 f"{closest['rel_error']:.3f} at {closest['ratio']:.2f}x): int-k dominates.")
     best = others.loc[others["ratio"].idxmax()]
-    verdict = "beats" if best["ratio"] > r["ratio"] else "does not beat"
+    verdict = "beats" if best["ratio"] > r["ratio"] else "does not beat"  # at equal or lower error
     return (f"{base}; the best {best['method'].upper()} at that error or less ({best['label']}) gives "
             f"{best['ratio']:.2f}x, so it {verdict} int4.")
 
@@ -245,71 +246,22 @@ def embedding_tensor(table: pd.DataFrame) -> str | None:
     return None
 
 
-def _group(n: int) -> int | None:
-    return next((g for g in (128, 64, 32) if n % g == 0), None)
+def pareto_points(source, name: str, cache=None, device: str = "auto",
+                  progress: Progress | None = None) -> pd.DataFrame:
+    """``whatif.pareto`` on tensor ``name`` (cached measurements shared with the What-if page).
 
-
-def pareto_configs(shape: Sequence[int], with_tt: bool) -> list:
-    """int-k (2..8 bits), SVD (rank fractions 1/16..3/4, int4 factors) and TT settings for one tensor."""
-    from sahc_core.lowrank import SVDConfig
-    from sahc_core.quant import QuantConfig
-
-    m, n = matrix_dims(shape)
-    cfgs: list = [QuantConfig(bits=b, group_size=_group(n)) for b in (2, 3, 4, 6, 8)]
-    cfgs += [SVDConfig(rank_fraction=f, bits=4, group_size=None) for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4)]
-    if with_tt:
-        from sahc_core.tt import TTConfig
-
-        k = min(m, n)
-        cfgs += [TTConfig(ranks=(1, r, r, 1)) for r in (8, 16, 32, 64, 128) if r <= k]
-    return cfgs
-
-
-def _label(d: dict) -> str:
-    if d["method"] == "int":
-        return f"int{d['bits']}" + (f" g{d['group_size']}" if d.get("group_size") else " row")
-    if d["method"] == "svd":
-        r = d.get("rank") or f"{d['rank_fraction']:.3g}·k"
-        return f"SVD r={r} int{d['bits']}" if d.get("bits") else f"SVD r={r} fp16"
-    if d["method"] == "tt":
-        return f"TT {list(d.get('tt_ranks', []))}"
-    return d["method"]
-
-
-def pareto_points(source, name: str, cache=None, device: str = "auto", configs: Sequence | None = None,
-                  progress: Progress | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """Measure every config on tensor ``name``: one row per config, plus notes for skipped ones.
-
-    Columns: method, label, bits, ratio, bytes, rel_error, weight_cosine, bits_per_weight, pareto.
+    Adds ``bits`` (from the config) and ``pareto`` (= ``frontier``: no other setting has fewer or
+    equal bytes at a lower error).
     """
-    from sahc_core.whatif import measure_tensor
+    import json
 
-    info = source.info(name)
-    if configs is None:
-        import importlib.util
+    from sahc_core.whatif import pareto
 
-        configs = pareto_configs(info.shape, with_tt=importlib.util.find_spec("sahc_core.tt") is not None)
-    rows, notes = [], []
-    for i, cfg in enumerate(configs):
+    def prog(done, total, *_):
         if progress:
-            progress(i, len(configs), f"measuring {name}")
-        from sahc_core.methods import config_to_dict
-
-        d = config_to_dict(cfg)
-        try:
-            m = measure_tensor(source, name, cfg, cache=cache, device=device, log=False)
-        except ValueError as exc:
-            notes.append(f"{_label(d)} skipped: {exc}")
-            continue
-        rows.append({"method": d["method"], "label": _label(d), "bits": d.get("bits"), "ratio": m["ratio"],
-                     "bytes": m["bytes"], "rel_error": m["rel_error"], "weight_cosine": m["weight_cosine"],
-                     "bits_per_weight": m["bits_per_weight"]})
-    if progress:
-        progress(len(configs), len(configs), f"measured {name}")
-    df = pd.DataFrame(rows)
-    if len(df):
-        df["pareto"] = pareto_mask(df["ratio"].to_numpy(), df["rel_error"].to_numpy())
-    return df, notes
+            progress(done, total, f"Pareto grid of {name}")
+    df = pareto(source, name, cache=cache, device=device, progress=prog)
+    return df.assign(bits=df["config"].map(lambda c: json.loads(c).get("bits")), pareto=df["frontier"])
 
 
 def pareto_mask(ratio, error) -> list[bool]:

@@ -27,6 +27,7 @@ def _shares(source, table: pd.DataFrame) -> rp.ReportSection:
 
 
 def _spectrum(source, table, cache, device, progress) -> rp.ReportSection:
+    from sahc_core.figures_spectrum import layer_heatmap
     from sahc_core.spectrum import scan
 
     def prog(done, total, *_):
@@ -43,16 +44,20 @@ def _spectrum(source, table, cache, device, progress) -> rp.ReportSection:
     tbl = tbl.rename(columns={c: c.replace("rank_fraction", "min_rank_pct").replace("break_even", "break_even_pct")
                               for c in tbl.columns})
     return rp.ReportSection("spectrum", f"2. Spectrum verdict: min rank for {rp.ERROR_TARGET:g} error",
-                            sentences[0], (fr.rank_heatmap(per_tensor),), tbl, tuple(sentences[1:]))
+                            sentences[0], (layer_heatmap(
+                                per_tensor, "rank_fraction", f"min rank for {rp.ERROR_TARGET:g} error, % of full rank",
+                                percent=True),), tbl, tuple(sentences[1:]))
 
 
 def _pareto(source, name: str, cache, device, progress, idx: int) -> rp.ReportSection:
-    points, notes = rp.pareto_points(source, name, cache=cache, device=device, progress=progress)
+    points = rp.pareto_points(source, name, cache=cache, device=device, progress=progress)
+    notes = (f"{len(points)} settings measured on the real weights; {int(points['pareto'].sum())} on the Pareto "
+             "front (outlined).",)
     if points.empty:
         raise ValueError(f"no method could be measured on {name}.")
     return rp.ReportSection(f"pareto-{idx}", f"3.{idx} Per-tensor Pareto: int-k vs SVD vs TT ({name})",
                             rp.caption_pareto(points, name), (fr.pareto_scatter(points, name),),
-                            points.round(5), tuple(notes))
+                            points.drop(columns=["config"]).round(5), notes)
 
 
 def _budget(source, cache, runs, target_ratio) -> rp.ReportSection:
@@ -82,7 +87,7 @@ def _runs(runs: pd.DataFrame) -> rp.ReportSection:
 
 
 def _failed(key: str, title: str, exc: Exception) -> rp.ReportSection:
-    return rp.ReportSection(key, title, f"Not available: {exc}")
+    return rp.ReportSection(key, title, f"Not available: {exc}", error=str(exc))
 
 
 def build_sections(source, cache, device: str, target_ratio: float, pareto_tensors: Sequence[str] | None,
