@@ -82,7 +82,10 @@ class KeptTensor:
 
 
 def _keep(W: Tensor, cfg: KeepConfig) -> KeptTensor:
-    return KeptTensor(tuple(W.shape), cfg, W.detach().to(_KEEP_DTYPES[cfg.dtype]).contiguous())
+    w = W.detach().to(_KEEP_DTYPES[cfg.dtype]).contiguous()
+    if cfg.dtype == "float16" and torch.isinf(w).any() and not torch.isinf(W).any():
+        raise ValueError("the tensor overflows float16 (values beyond about 6.5e4); keep it as bfloat16.")
+    return KeptTensor(tuple(W.shape), cfg, w)
 
 
 def _keep_bytes(shape: tuple[int, ...], cfg: KeepConfig) -> int:

@@ -30,9 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import tensorly as tl
 import torch
-from tensorly.tt_matrix import tt_matrix_to_tensor
 from torch import Tensor
 
 from sahc_core.quant import QuantConfig, QuantizedTensor, _as_int, quant_bytes, quantize
@@ -294,6 +292,9 @@ class TTMatrix:
 
     def reconstruct(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The full ``V × d`` matrix (tensorly's ``tt_matrix_to_tensor``, padding cut off)."""
+        import tensorly as tl  # imported here: keeps ``import sahc_core.methods`` cheap
+        from tensorly.tt_matrix import tt_matrix_to_tensor
+
         with tl.backend_context("pytorch", local_threadsafe=True):
             full = tt_matrix_to_tensor(self.float_cores())
         P, Q = math.prod(self.tt_shape["row_factors"]), math.prod(self.tt_shape["col_factors"])

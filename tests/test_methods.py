@@ -139,3 +139,10 @@ def test_measure_numbers(cfg) -> None:
     assert m["rel_error"] == pytest.approx(_np_rel(W.numpy().astype(np.float64), W_hat.astype(np.float64)), rel=1e-6)
     assert m["weight_cosine"] == pytest.approx(_np_rowcos(W.numpy().astype(np.float64), W_hat.astype(np.float64)), rel=1e-6)
     assert 0 < m["rel_error"] < 0.2 and m["weight_cosine"] > 0.98
+
+
+def test_keep_float16_overflow_is_refused() -> None:
+    W = torch.tensor([[1e5, 1.0]])
+    with pytest.raises(ValueError, match="overflows float16"):
+        compress(W, KeepConfig("float16"))
+    assert torch.equal(compress(W, KeepConfig()).reconstruct(), W.to(torch.bfloat16).float())
