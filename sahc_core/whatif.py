@@ -437,6 +437,18 @@ def pareto_configs(shape: Sequence[int], component: str | None = None) -> list[A
     return cfgs
 
 
+def tt_rank_options(shape: Sequence[int], r1: int | None = None, cap: int = 1024) -> list[int]:
+    """Powers of two the 3-core TT layout of ``shape`` allows: for ``r1`` (``r1=None``) or for ``r2``."""
+    out = []
+    for p in (2**i for i in range(cap.bit_length())):
+        try:
+            projected_bytes(tuple(shape), TTConfig(ranks=(1, p, 1, 1) if r1 is None else (1, r1, p, 1)))
+        except ValueError:
+            break
+        out.append(p)
+    return out
+
+
 def _valid_tt(shape: Sequence[int], ranks_list: Sequence[Sequence[int]], bits: int | None) -> list[TTConfig]:
     """TT configs of ``ranks_list`` that the reshaping of ``shape`` can hold (the others are skipped)."""
     out = []

@@ -229,3 +229,14 @@ def test_pareto_offers_tt_for_embedding_only(source):
     cfgs = whatif.pareto_configs((256, 64), "embedding")
     assert any(isinstance(c, TTConfig) for c in cfgs)
     assert not any(isinstance(c, TTConfig) for c in whatif.pareto_configs((256, 64), "ffn"))
+
+
+def test_tt_rank_options_follow_the_unfoldings():
+    from sahc_core.tt import suggest_factors
+
+    # 49152 x 576 with 3 cores: modes (i_k j_k) bound r1 <= m1 and r2 <= min(r1 m2, m3)
+    modes = [i * j for i, j in zip(suggest_factors(49152, 3), suggest_factors(576, 3))]
+    r1s = whatif.tt_rank_options((49152, 576))
+    assert r1s[-1] == 2 ** int(math.log2(modes[0]))
+    r2s = whatif.tt_rank_options((49152, 576), r1=4)
+    assert r2s[-1] == 2 ** int(math.log2(min(4 * modes[1], modes[2])))
