@@ -35,6 +35,9 @@ from sahc_core.errors import CorpusError, ModelError
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_WINDOW = 2048
+#: Cap on the logits of one batch (batch x window x vocab x bytes): a 248k-vocab model gets smaller
+#: batches than SmolLM2's 49k. Only the grouping changes, never the numbers.
+LOGITS_BUDGET_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class PplResult:
     seconds: float
     windows: int = 0
     text_tokens: int = 0
+    batch_size: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,6 +158,11 @@ def _max_positions(model: nn.Module) -> int | None:
     return getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device when one of them names no index."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -193,6 +202,12 @@ def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progre
     progress : callable, optional
         ``progress(tokens_done, tokens_total)`` after each batch (predicted tokens).
 
+    Notes
+    -----
+    The model runs on the device and in the dtype it was loaded with (:func:`load_model` takes
+    ``cfg.device``/``cfg.dtype``); the result reports those. ``cfg.device`` other than ``"auto"`` must
+    name the model's device.
+
     Returns
     -------
     PplResult
@@ -205,7 +220,7 @@ def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progre
     if stride > window:
         raise ValueError(f"stride {stride} is longer than the window {window}.")
     device = _model_device(model)
-    if cfg.device != "auto" and torch.device(resolve_device(cfg.device)) != device:
+    if cfg.device != "auto" and not _same_device(torch.device(resolve_device(cfg.device)), device):
         raise ValueError(f"the model is on {device} but the config asks for {cfg.device}; load it there first.")
     ids = _tokenize(tokenizer, text)
     if cfg.max_tokens is not None:
@@ -214,11 +229,14 @@ def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progre
         raise CorpusError("the text has fewer than 2 tokens; give a longer corpus.")
     spans = _windows(ids.numel(), window, stride)
     total = sum(end - first for _, end, first in spans)
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
+    itemsize = next(model.parameters()).element_size()
+    batch_size = max(1, min(cfg.batch_size, LOGITS_BUDGET_BYTES // (window * vocab * itemsize)))
     # Batches of equal-length windows; a window of another length (only ever the last one) runs alone.
     batches: list[list[tuple[int, int, int]]] = []
     for span in spans:
         last = batches[-1] if batches else None
-        if last and len(last) < cfg.batch_size and last[0][1] - last[0][0] == span[1] - span[0]:
+        if last and len(last) < batch_size and last[0][1] - last[0][0] == span[1] - span[0]:
             last.append(span)
         else:
             batches.append([span])
@@ -243,7 +261,7 @@ def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progre
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return PplResult(
         ppl=math.exp(nll_sum / total), nll_sum=nll_sum, tokens=total, window=window, stride=stride, dtype=dtype,
-        device=str(device), seconds=seconds, windows=len(spans), text_tokens=int(ids.numel()),
+        device=str(device), seconds=seconds, windows=len(spans), text_tokens=int(ids.numel()), batch_size=batch_size,
     )
 
 

@@ -143,6 +143,27 @@ def test_batching_and_max_tokens_are_exact(loaded) -> None:
     assert many.nll_sum == pytest.approx(one.nll_sum, rel=1e-6)
     nll, count = _reference_nll(model, _ids(tok)[:205], 40, 40)
     assert count == one.tokens and one.nll_sum == pytest.approx(nll, rel=1e-6)
+    assert (one.batch_size, many.batch_size) == (1, 4)
+
+
+def test_logits_budget_shrinks_batches_not_numbers(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sahc_core.evaluate as ev
+
+    model, tok = loaded
+    full = perplexity(model, tok, TEXT, PplConfig(window=40, batch_size=4))
+    monkeypatch.setattr(ev, "LOGITS_BUDGET_BYTES", 2 * 40 * model.config.vocab_size * 4)  # two windows' logits
+    capped = perplexity(model, tok, TEXT, PplConfig(window=40, batch_size=4))
+    assert capped.batch_size == 2 and capped.tokens == full.tokens
+    assert capped.nll_sum == pytest.approx(full.nll_sum, rel=1e-6)
+    assert set(capped.to_dict()) >= {"ppl", "nll_sum", "tokens", "window", "stride", "dtype", "device", "seconds"}
+
+
+def test_device_check() -> None:
+    from sahc_core.evaluate import _same_device
+
+    assert _same_device(torch.device("cuda"), torch.device("cuda:0"))
+    assert not _same_device(torch.device("cuda:1"), torch.device("cuda:0"))
+    assert not _same_device(torch.device("cpu"), torch.device("cuda:0"))
 
 
 def test_default_window_and_progress(loaded) -> None:
