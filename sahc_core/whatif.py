@@ -5,9 +5,10 @@ The What-if page and the CLI ``measure`` / ``sweep`` commands call these functio
 Speed (why the in-process caches exist): a slider move must answer in well under a second, so the
 expensive parts are computed once per tensor and reused:
 
-* the float32 weight itself (``_WEIGHTS``, keyed by model fingerprint + tensor name);
+* the float32 weight and its row norms (``_WEIGHTS``, keyed by model fingerprint + tensor name);
 * its full thin SVD ``(U, S, Vh)`` (``FACTORS``, an LRU keyed by fingerprint + name + device): a new
-  rank or factor bit width only slices and quantizes the factors, it never re-runs the SVD;
+  rank or factor bit width only slices and quantizes the factors, it never re-runs the SVD; with
+  ``W Vhᵀ`` (``_ROTATED``) a move then costs one m·r·n product (see ``_fast_svd_measure``);
 * calibration activations entering a linear layer (``_ACTIVATIONS``, per fingerprint + module).
 
 Finished measurements are stored in the DuckDB cache under ``(fingerprint, tensor, plan-form config,
@@ -45,21 +46,18 @@ _KIND_OUTCOS = "whatif_output_cosine"
 
 
 class LRU:
-    """A small thread-safe least-recently-used map (the page may run callbacks in threads)."""
+    """A small thread-safe least-recently-used map (Streamlit reruns may overlap)."""
 
     def __init__(self, maxsize: int) -> None:
         if maxsize < 1:
             raise ValueError(f"maxsize must be >= 1, got {maxsize}.")
-        self.maxsize = maxsize
-        self._d: OrderedDict[Hashable, Any] = OrderedDict()
-        self._lock = threading.Lock()
+        self.maxsize, self._d, self._lock = maxsize, OrderedDict(), threading.Lock()
 
     def get(self, key: Hashable) -> Any | None:
         with self._lock:
-            if key not in self._d:
-                return None
-            self._d.move_to_end(key)
-            return self._d[key]
+            if key in self._d:
+                self._d.move_to_end(key)
+            return self._d.get(key)
 
     def put(self, key: Hashable, value: Any) -> None:
         with self._lock:
@@ -68,44 +66,37 @@ class LRU:
             while len(self._d) > self.maxsize:
                 self._d.popitem(last=False)
 
-    def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._d
-
-    def __len__(self) -> int:
-        return len(self._d)
-
     def clear(self) -> None:
         with self._lock:
             self._d.clear()
 
 
-#: Thin SVD factors per (fingerprint, tensor, device). 4 entries: the embedding of a 135M model is
-#: 49152x576 (U: 113 MB in float32), so a handful fits comfortably in memory.
+#: Thin SVD factors per (fingerprint, tensor, device); the embedding of a 135M model is 49152x576
+#: (U: 113 MB in float32), so a handful fit in memory.
 FACTORS = LRU(4)
-_WEIGHTS = LRU(4)
-_ACTIVATIONS = LRU(8)
-_ROTATED = LRU(2)
+_WEIGHTS, _ROTATED, _ACTIVATIONS, _MODELS = LRU(4), LRU(2), LRU(8), LRU(1)
 
 
 def clear_caches() -> None:
-    """Drop every in-process cache (weights, SVD factors, activations)."""
-    for c in (FACTORS, _WEIGHTS, _ACTIVATIONS, _ROTATED, _MODELS):
+    """Drop every in-process cache (weights, SVD factors, activations, the loaded model)."""
+    for c in (FACTORS, _WEIGHTS, _ROTATED, _ACTIVATIONS, _MODELS):
         c.clear()
 
 
-def _weight(source: ModelSource, name: str) -> Tensor:
-    """The tensor as float32 on CPU, read once per (fingerprint, name)."""
+def _weight(source: ModelSource, name: str) -> tuple[Tensor, Tensor]:
+    """``(W, squared row norms in float64)``: the tensor as float32 on CPU, read once per tensor."""
     key = (source.fingerprint, name)
-    W = _WEIGHTS.get(key)
-    if W is None:
+    hit = _WEIGHTS.get(key)
+    if hit is None:
         W = source.read(name, device="cpu", dtype=torch.float32)
-        _WEIGHTS.put(key, W)
-    return W
+        rows = W.reshape(-1, W.shape[-1]) if W.ndim else W.reshape(1, 1)
+        hit = (W, torch.linalg.vector_norm(rows, dim=1).double().square())
+        _WEIGHTS.put(key, hit)
+    return hit
 
 
 def _matrix(source: ModelSource, name: str) -> Tensor:
-    W = _weight(source, name)
+    W = _weight(source, name)[0]
     if W.ndim != 2:
         raise ModelError(f"tensor {name} has shape {tuple(W.shape)}; low-rank and TT need a 2-D weight matrix.")
     return W
@@ -132,14 +123,14 @@ def _compressed(source: ModelSource, name: str, cfg: Any, device: str, factors_c
         W = _matrix(source, name)
         factors = svd_of(source, name, device, factors_cache)
         return W, lowrank(W, cfg, factors=factors), factors
-    W = _weight(source, name)
+    W = _weight(source, name)[0]
     return W, compress(W, cfg), None
 
 
-def _rotated(source: ModelSource, name: str, W: Tensor, factors: tuple[Tensor, Tensor, Tensor]) -> dict:
+def _rotated(source: ModelSource, name: str, factors: tuple[Tensor, Tensor, Tensor]) -> dict:
     """Per-tensor constants of the fast SVD path (cached next to the factors).
 
-    ``WV = W Vhᵀ`` (m, n); ``w_row2`` squared row norms of W; ``w2 = ||W||²``; ``tail_col2[j] =
+    ``WV = W Vhᵀ`` (m, n); ``tail_col2[j] =
     ||WV[:, j]||²`` and ``head_col2[j] = ||WV[:, j] - σ_j U[:, j]||²`` so that the measured truncation
     error of any rank r is ``sum(head_col2[:r]) + sum(tail_col2[r:])`` without touching the matrix.
     """
@@ -147,66 +138,82 @@ def _rotated(source: ModelSource, name: str, W: Tensor, factors: tuple[Tensor, T
     key = (source.fingerprint, name, str(Vh.device), "rot")
     hit = _ROTATED.get(key)
     if hit is None:
-        Wd = W.to(Vh.device)
-        WV = Wd @ Vh.T
-        row2 = torch.linalg.vector_norm(Wd, dim=1).double().square()
-        hit = {"WV": WV, "w_row2": row2, "w2": float(row2.sum()),
-               "tail_col2": torch.linalg.vector_norm(WV, dim=0).double().square(),
+        WV = _matrix(source, name).to(Vh.device) @ Vh.T
+        hit = {"WV": WV, "tail_col2": torch.linalg.vector_norm(WV, dim=0).double().square(),
                "head_col2": torch.linalg.vector_norm(WV - U * S, dim=0).double().square()}
         _ROTATED.put(key, hit)
     return hit
 
 
-def _fast_svd_measure(W: Tensor, c: Any, factors: tuple[Tensor, Tensor, Tensor], rot: dict) -> dict:
+def _from_rows(W: Tensor, c: Any, w_row2: Tensor, h_row2: Tensor, e_row2: Tensor) -> dict:
+    """The ``methods.measure`` base keys from squared row norms of W, Ŵ and W - Ŵ (float64).
+
+    Row cosine from ``<w, ŵ> = (|w|² + |ŵ|² - |w - ŵ|²) / 2``; a zero row counts 1 if both are zero.
+    """
+    dot = (w_row2 + h_row2 - e_row2) / 2
+    den = (w_row2 * h_row2).sqrt()
+    cos = torch.where(den > 0, dot / den.clamp_min(1e-300), ((w_row2 == 0) & (h_row2 == 0)).double())
+    w2, numel = float(w_row2.sum()), W.numel()
+    return {"method": c.meta()["method"], "bytes": int(c.nbytes), "ratio": 2 * numel / c.nbytes,
+            "bits_per_weight": 8 * c.nbytes / numel, "weight_cosine": float(cos.mean()),
+            "rel_error": math.sqrt(float(e_row2.sum()) / w2) if w2 > 0 else 1.0}
+
+
+def _norm2(x: Tensor, dim: int | None = None) -> Tensor:
+    """Squared 2-norm (over ``dim`` or all) of a float32 tensor, summed per row in float32, then float64."""
+    return torch.linalg.vector_norm(x, dim=dim).double().square()
+
+
+def _fast_measure(W: Tensor, c: Any, w_row2: Tensor) -> dict:
+    """``methods.measure`` for int / TT / keep: float32 passes with float64 sums.
+
+    Hand-written for speed: ``methods.measure`` casts both matrices to float64 several times (about
+    3 s per move on the 49152x576 embedding of a busy 2-core CPU). Agrees to float32 rounding (tested).
+    """
+    W_hat = c.reconstruct(torch.float32).reshape(W.shape)
+    rows = (lambda x: x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1))  # noqa: E731
+    out = _from_rows(W, c, w_row2, _norm2(rows(W_hat), 1), _norm2(rows(W - W_hat), 1))
+    if hasattr(c, "tt_shape"):
+        out.update(tt_shape=c.tt_shape, padded_rows=c.padded_rows, padded_cols=c.padded_cols)
+    return out
+
+
+def _fast_svd_measure(W: Tensor, c: Any, factors: tuple[Tensor, Tensor, Tensor], rot: dict, w_row2: Tensor) -> dict:
     """``methods.measure`` numbers of a low-rank ``c`` for m >= n, computed in the right-singular basis.
 
-    Hand-written for speed (a slider move must not redo two m×n products and six float64 passes over
-    the matrix): for m >= n, ``Vh`` is square orthogonal, so right-multiplying by ``Vhᵀ`` keeps every
-    Frobenius norm, row norm and row dot product. In that basis ``W_r = [U_r S_r, 0]`` and
-    ``Ŵ Vhᵀ = û (v̂ Vhᵀ)`` is the one m·r·n product per move; with ``E = WV - ŴV``:
-    total² = ||E||², quant² = ||W_r - Ŵ||² = ||E[:, :r]||² + ||ŴV[:, r:]||² (up to the float32
-    residual ``WV[:, :r] - U_r S_r`` of the SVD itself, ~1e-6 relative), trunc² from the cached
-    column norms, row cosine from ``<w, ŵ> = (|w|² + |ŵ|² - |w - ŵ|²) / 2`` in float64.
-    Agrees with ``methods.measure`` to float32 rounding (tested).
+    Hand-written for speed (a slider move must not redo two m×n products and six float64 passes):
+    for m >= n, ``Vh`` is square orthogonal, so right-multiplying by ``Vhᵀ`` keeps every Frobenius
+    norm, row norm and row dot product. In that basis ``W_r = [U_r S_r, 0]`` and ``Ŵ Vhᵀ = û (v̂ Vhᵀ)``
+    is the one m·r·n product per move; with ``E = WV - ŴV``: total² = ||E||², quant² = ||W_r - Ŵ||² =
+    ||E[:, :r]||² + ||ŴV[:, r:]||² (up to the float32 residual ``WV[:, :r] - U_r S_r`` of the SVD,
+    ~1e-6 relative), trunc² from cached column norms. Agrees with ``methods.measure`` (tested).
     """
-    from sahc_core.methods import _method
-
     U, S, Vh = factors
     r, dev = c.rank, Vh.device
     u_hat, v_hat = (f.reconstruct(torch.float32) if hasattr(f, "reconstruct") else f.float() for f in (c.u, c.v))
     Wh = u_hat.to(dev).T @ (v_hat.to(dev) @ Vh.T)                     # (m, n) = Ŵ Vhᵀ
-    h_row2 = torch.linalg.vector_norm(Wh, dim=1).double().square()
-    sq = lambda x: float(torch.linalg.vector_norm(x).double().square()) if x.numel() else 0.0  # noqa: E731
-    quant_tail = sq(Wh[:, r:])
+    h_row2 = _norm2(Wh, 1)
+    quant_tail = float(_norm2(Wh[:, r:])) if r < Wh.shape[1] else 0.0
     E = Wh.sub_(rot["WV"])                                           # in place: -(W - Ŵ) Vhᵀ
-    e_row2 = torch.linalg.vector_norm(E, dim=1).double().square()
-    quant2 = sq(E[:, :r]) + quant_tail
-    trunc2 = float(rot["head_col2"][:r].sum() + rot["tail_col2"][r:].sum())
-    w_row2 = rot["w_row2"]
-    dot = (w_row2 + h_row2 - e_row2) / 2
-    den = (w_row2 * h_row2).sqrt()
-    cos = torch.where(den > 0, dot / den.clamp_min(1e-300), ((w_row2 == 0) & (h_row2 == 0)).double())
-    s2 = S.double().square()
-    numel, norm = W.numel(), math.sqrt(rot["w2"])
-    rel = (lambda x2: math.sqrt(max(x2, 0.0)) / norm if norm > 0 else 1.0)  # noqa: E731
-    return {"method": _method(c.config).name, "bytes": int(c.nbytes), "ratio": 2 * numel / c.nbytes,
-            "bits_per_weight": 8 * c.nbytes / numel, "rel_error": rel(float(e_row2.sum())),
-            "weight_cosine": float(cos.mean()), "rank": r, "trunc_error": rel(trunc2),
+    out = _from_rows(W, c, w_row2.to(dev), h_row2, _norm2(E, 1))
+    w2, s2 = float(w_row2.sum()), S.double().square()
+    rel = (lambda x2: math.sqrt(max(x2, 0.0) / w2) if w2 > 0 else 1.0)  # noqa: E731
+    return {**out, "rank": r, "trunc_error": rel(float(rot["head_col2"][:r].sum() + rot["tail_col2"][r:].sum())),
             "eym_error": math.sqrt(float(s2[r:].sum()) / float(s2.sum())) if float(s2.sum()) > 0 else 1.0,
-            "quant_error": rel(quant2)}
+            "quant_error": rel(float(_norm2(E[:, :r])) + quant_tail)}
 
 
 def _key(name: str, cfg: Any) -> str:
     return json.dumps({"tensor": name, "config": config_to_dict(cfg)}, sort_keys=True)
 
 
-def _int_prediction(W: Tensor, q: Any) -> dict:
+def _int_prediction(W: Tensor, q: Any, w2: float) -> dict:
     """Uniform rounding-noise model of RTN quantization: E||e||² = Σ_g n_g Δ_g² / 12.
 
     ``Δ_g`` is the stored scale (grid step) of group g; each error is uniform on [-Δ/2, Δ/2] when the
     weights are spread over many steps (Widrow & Kollár, *Quantization Noise*, 2008).
     """
-    norm = float(torch.linalg.vector_norm(W.double()))
+    norm = math.sqrt(w2)
     steps = q.scales.double().reshape(-1)
     per_group = math.prod(W.shape) // steps.numel()
     pred = math.sqrt(per_group * float((steps**2).sum()) / 12.0) / norm if norm > 0 else 0.0
@@ -265,13 +272,16 @@ def measure_tensor(source: ModelSource, name: str, cfg: Any, cache: Cache | None
             return {**hit, "cached": True}
     t0 = time.perf_counter()
     W, c, factors = _compressed(source, name, cfg, device, factors_cache)
+    w_row2 = _weight(source, name)[1]
     if factors is not None and W.shape[0] >= W.shape[1]:
-        m = _fast_svd_measure(W, c, factors, _rotated(source, name, W, factors))
-    else:
+        m = _fast_svd_measure(W, c, factors, _rotated(source, name, factors), w_row2)
+    elif factors is not None:  # m < n: the registry's measure (splits the error; such tensors are small)
         m = measure(W, cfg, compressed=c)
+    else:
+        m = _fast_measure(W, c, w_row2)
     if isinstance(cfg, QuantConfig):
         m["quant_error"] = m["rel_error"]
-        m.update(_int_prediction(W, c))
+        m.update(_int_prediction(W, c, float(w_row2.sum())))
     gates = tensor_gates(name, m)
     out = {"tensor": name, "shape": list(info.shape), "config": config_to_dict(cfg), **m,
            "gates": [g.to_dict() for g in gates], "seconds": time.perf_counter() - t0, "cached": False}
@@ -283,9 +293,6 @@ def measure_tensor(source: ModelSource, name: str, cfg: Any, cache: Cache | None
 
 
 # ------------------------------------------------------------------------------ output cosine
-_MODELS = LRU(1)  # (fingerprint, device) -> (model, tokenizer); one model at a time (memory)
-
-
 def _model(source: ModelSource, device: str) -> tuple[Any, Any]:
     from sahc_core.evaluate import load_model
 
@@ -315,10 +322,10 @@ def _inputs(source: ModelSource, model: Any, tokenizer: Any, text: str, module: 
 
 def _embedding_lookup_cosine(W: Tensor, W_hat: Tensor, tokenizer: Any, text: str, n_tokens: int) -> float:
     """Mean over the calibration tokens of cos(E[t], Ê[t]): the embedding layer's real outputs."""
-    from sahc_core.evaluate import _row_cosine  # the same float64 row cosine as output_cosine
+    from sahc_core.methods import row_cosine
 
     ids = torch.as_tensor(tokenizer(text[: 64 * n_tokens])["input_ids"][:n_tokens], dtype=torch.long)
-    return _row_cosine(W[ids], W_hat.to(W.device)[ids])
+    return row_cosine(W[ids], W_hat.to(W.device)[ids])
 
 
 def output_cosine_for(source: ModelSource, name: str, cfg: Any, model: tuple[Any, Any] | None = None,

@@ -240,3 +240,14 @@ def test_tt_rank_options_follow_the_unfoldings():
     assert r1s[-1] == 2 ** int(math.log2(modes[0]))
     r2s = whatif.tt_rank_options((49152, 576), r1=4)
     assert r2s[-1] == 2 ** int(math.log2(min(4 * modes[1], modes[2])))
+
+
+@pytest.mark.parametrize("name,cfg", [("model.norm.weight", QuantConfig(8, None)),
+                                      (EMB, TTConfig(ranks=(1, 4, 4, 1))), (Q, QuantConfig(2, 16, "sym"))])
+def test_fast_measure_matches_methods_measure(source, name, cfg):
+    W = source.read(name, dtype=torch.float32)
+    m = whatif.measure_tensor(source, name, cfg)
+    ref = measure(W, cfg)
+    for key in ("rel_error", "weight_cosine", "bytes", "ratio", "bits_per_weight"):
+        assert m[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-7), key
+    assert m.get("tt_shape") == ref.get("tt_shape")
