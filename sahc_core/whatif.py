@@ -74,12 +74,12 @@ class LRU:
 #: Thin SVD factors per (fingerprint, tensor, device); the embedding of a 135M model is 49152x576
 #: (U: 113 MB in float32), so a handful fit in memory.
 FACTORS = LRU(4)
-_WEIGHTS, _ROTATED, _ACTIVATIONS, _MODELS = LRU(4), LRU(2), LRU(8), LRU(1)
+_WEIGHTS, _ROTATED, _ACTIVATIONS, _MODELS, _COMPRESSED = LRU(4), LRU(2), LRU(8), LRU(1), LRU(2)
 
 
 def clear_caches() -> None:
     """Drop every in-process cache (weights, SVD factors, activations, the loaded model)."""
-    for c in (FACTORS, _WEIGHTS, _ROTATED, _ACTIVATIONS, _MODELS):
+    for c in (FACTORS, _WEIGHTS, _ROTATED, _ACTIVATIONS, _MODELS, _COMPRESSED):
         c.clear()
 
 
@@ -118,13 +118,22 @@ def svd_of(source: ModelSource, name: str, device: str = "auto", factors_cache: 
 
 def _compressed(source: ModelSource, name: str, cfg: Any, device: str, factors_cache: LRU | None
                 ) -> tuple[Tensor, Any, tuple[Tensor, Tensor, Tensor] | None]:
-    """``(W, compress(W, cfg), SVD factors or None)``; an SVD config reuses the cached factors."""
+    """``(W, compress(W, cfg), SVD factors or None)``; an SVD config reuses the cached factors.
+
+    The last few compressed tensors are kept (``_COMPRESSED``) so that measuring a setting and then
+    its output cosine compresses once (a TT decomposition of an embedding takes seconds).
+    """
+    key = (source.fingerprint, name, _key(name, cfg), resolve_device(device))
+    hit = _COMPRESSED.get(key)
     if isinstance(cfg, SVDConfig):
         W = _matrix(source, name)
         factors = svd_of(source, name, device, factors_cache)
-        return W, lowrank(W, cfg, factors=factors), factors
-    W = _weight(source, name)[0]
-    return W, compress(W, cfg), None
+        c = hit if hit is not None else lowrank(W, cfg, factors=factors)
+    else:
+        W, factors = _weight(source, name)[0], None
+        c = hit if hit is not None else compress(W, cfg)
+    _COMPRESSED.put(key, c)
+    return W, c, factors
 
 
 def _rotated(source: ModelSource, name: str, factors: tuple[Tensor, Tensor, Tensor]) -> dict:

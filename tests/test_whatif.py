@@ -177,7 +177,7 @@ def test_output_cosine_attention_and_embedding(source, net, cache):
     W_hat = compress(W, QuantConfig(4, 32)).reconstruct()
     ids = list(TEXT.encode())[:100]
     assert emb["output_cosine"] == pytest.approx(_np_rowcos(W[ids].double().numpy(), W_hat[ids].double().numpy()),
-                                                 rel=1e-9)
+                                                 rel=1e-7)
     assert emb["tied"] and 0.9 < emb["lm_head_output_cosine"] <= 1
 
 
