@@ -543,7 +543,7 @@ def tt_sweep(source: ModelSource, name: str, ranks_list: Sequence[Sequence[int]]
     rows = []
     for i, cfg in enumerate(cfgs):
         m = measure_tensor(source, name, cfg, cache=cache, device=device)
-        rows.append({"tt_ranks": str(list(cfg.ranks)), "tt_shape": str(m.get("tt_shape", "")),
+        rows.append({"tt_ranks": str(list(cfg.ranks)), "tt_shape": json.dumps(m.get("tt_shape")),
                      "bytes": m["bytes"], "ratio": m["ratio"], "bits_per_weight": m["bits_per_weight"],
                      "cosine": m["weight_cosine"], "rel_error": m["rel_error"],
                      "passed": bool(m["weight_cosine"] >= cos_threshold), "seconds": m["seconds"],
