@@ -225,3 +225,9 @@ def test_tensor_spectrum_errors(tiny_llama_dir):
         sp.tensor_spectrum(source, "model.norm.weight")
     with pytest.raises(ModelError, match="no tensor"):
         sp.tensor_spectrum(source, "nope.weight")
+
+
+def test_serial_eigvalsh_restores_the_thread_count():
+    before = torch.get_num_threads()
+    sp.singular_values(torch.randn(30, 20), "cpu")
+    assert torch.get_num_threads() == before
