@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from sahc_core.components import tensor_table
-from sahc_core.spectrum import CACHE_KIND, SPECTRUM_VERSION, SpectrumResult, _from_stored, tensor_spectrum
+from sahc_core.spectrum import CACHE_KIND, SPECTRUM_VERSION, SpectrumResult, tensor_spectrum
 
 if TYPE_CHECKING:
     from sahc_core.cache import Cache
@@ -101,7 +101,7 @@ def scan(source: ModelSource, component: str | None = None, cache: Cache | None 
     for i, meta in enumerate(table.to_dict(orient="records")):
         t0 = time.perf_counter()
         if meta["name"] in stored:
-            result = _from_stored(meta["name"], stored[meta["name"]], True, time.perf_counter() - t0)
+            result = SpectrumResult.from_value(meta["name"], stored[meta["name"]], True, time.perf_counter() - t0)
         else:
             result = tensor_spectrum(source, meta["name"], cache=cache, device=device)
         rows.append(result_row(meta, result))
@@ -118,7 +118,7 @@ def cached_scan(source: ModelSource, cache: Cache, component: str | None = None)
     """The rows of :func:`scan` already in the cache, computing nothing (may be partial or empty)."""
     table = matrix_table(source, component)
     stored = _stored(cache, source.fingerprint)
-    rows = [result_row(meta, _from_stored(meta["name"], stored[meta["name"]], True, 0.0))
+    rows = [result_row(meta, SpectrumResult.from_value(meta["name"], stored[meta["name"]], True, 0.0))
             for meta in table.to_dict(orient="records") if meta["name"] in stored]
     return _frame(rows)
 

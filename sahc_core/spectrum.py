@@ -291,6 +291,15 @@ class SpectrumResult:
     method: str = "auto"
     compute_seconds: float = 0.0
     dtype: str = ""
+    tensor_shape: tuple[int, ...] = ()
+
+    @classmethod
+    def from_value(cls, name: str, value: dict, cached: bool, seconds: float) -> SpectrumResult:
+        """Rebuild a result from its stored cache value (the dict :func:`tensor_spectrum` puts)."""
+        return cls(tensor=name, shape=tuple(value["shape"]), note=value["note"], device=value["device"],
+                   seconds=seconds, cached=cached, singular_values=np.asarray(value["singular_values"], dtype=np.float64),
+                   stats=dict(value["stats"]), method=value["method"], compute_seconds=float(value["compute_seconds"]),
+                   dtype=value.get("dtype", ""), tensor_shape=tuple(value.get("tensor_shape", value["shape"])))
 
     def rank_error(self) -> np.ndarray:
         """EYM relative error e[r], r = 0..len(σ)."""
@@ -309,6 +318,7 @@ class SpectrumResult:
             "mp": {"variance": st["mp_variance"], "lo": st["mp_lo"], "hi": st["mp_hi"],
                    "n_above": st["n_above_mp"], "n_outside": st["n_outside_mp"]},
             "method": self.method, "compute_seconds": self.compute_seconds, "dtype": self.dtype,
+            "tensor_shape": list(self.tensor_shape),
         }
 
 
@@ -338,7 +348,7 @@ def tensor_spectrum(source: ModelSource, name: str, cache: Cache | None = None, 
     key = cache_key(name, method)
     hit = cache.get(CACHE_KIND, source.fingerprint, key, SPECTRUM_VERSION) if cache is not None else None
     if hit is not None:
-        return _from_stored(name, hit, cached=True, seconds=time.perf_counter() - t0)
+        return SpectrumResult.from_value(name, hit, cached=True, seconds=time.perf_counter() - t0)
     dev = resolve_device(device)
     W = source.read(name, device=dev)
     M, note = as_matrix(W)
@@ -347,25 +357,17 @@ def tensor_spectrum(source: ModelSource, name: str, cache: Cache | None = None, 
     del W, M
     value = {"shape": [int(d) for d in _matrix_shape(info.shape)], "note": note, "device": dev, "method": used,
              "compute_seconds": time.perf_counter() - t0, "dtype": info.dtype,
+             "tensor_shape": [int(d) for d in info.shape],
              "singular_values": s.tolist(), "stats": spectrum_stats(s, _matrix_shape(info.shape), mean)}
     value["stats"]["method"] = used
     if cache is not None:
         cache.put(CACHE_KIND, source.fingerprint, key, SPECTRUM_VERSION, value)
-    return _from_stored(name, value, cached=False, seconds=time.perf_counter() - t0)
+    return SpectrumResult.from_value(name, value, cached=False, seconds=time.perf_counter() - t0)
 
 
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """The (rows, cols) that :func:`as_matrix` gives an N-D shape."""
     return int(shape[0]), int(np.prod(shape[1:]))
-
-
-def _from_stored(name: str, value: dict, cached: bool, seconds: float) -> SpectrumResult:
-    return SpectrumResult(
-        tensor=name, shape=tuple(value["shape"]), note=value["note"], device=value["device"], seconds=seconds,
-        cached=cached, singular_values=np.asarray(value["singular_values"], dtype=np.float64),
-        stats=dict(value["stats"]), method=value["method"], compute_seconds=float(value["compute_seconds"]),
-        dtype=value.get("dtype", ""),
-    )
 
 
 def scan(source: ModelSource, component: str | None = None, cache: Cache | None = None, device: str = "auto",

@@ -231,3 +231,14 @@ def test_serial_eigvalsh_restores_the_thread_count():
     before = torch.get_num_threads()
     sp.singular_values(torch.randn(30, 20), "cpu")
     assert torch.get_num_threads() == before
+
+
+def test_conv1d_weight_of_qwen35_is_reshaped_and_says_so(tiny_qwen35_dir):
+    source = ModelSource.open(tiny_qwen35_dir)
+    name = next(t.name for t in source.tensors() if t.name.endswith("conv1d.weight"))
+    C, one, K = source.info(name).shape
+    res = sp.tensor_spectrum(source, name, device="cpu")
+    assert one == 1 and res.shape == (C, K) and res.tensor_shape == (C, 1, K) and "conv1d" in res.note
+    ref = _ref(source.read(name).reshape(C, K).double().numpy())
+    assert np.max(np.abs(res.singular_values - ref)) / ref[0] < TOL
+    assert res.to_json()["note"] == res.note
