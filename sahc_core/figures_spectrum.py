@@ -44,10 +44,15 @@ def sigma_figure(results: Sequence[SpectrumResult], normalized: bool = False) ->
         scale = s[0] if normalized and s.size and s[0] > 0 else 1.0
         color = _PALETTE[k % len(_PALETTE)]
         lo, hi = r.stats["mp_lo"] / scale, r.stats["mp_hi"] / scale
-        fig.add_hrect(y0=max(lo, 1e-30), y1=hi, fillcolor=color, opacity=0.08, line_width=0,
-                      annotation_text="MP bulk" if len(results) == 1 else None, annotation_position="top right")
+        positive = s[s > 0] / scale
+        if lo <= 0 and positive.size:  # square: the bulk reaches 0, which a log axis cannot show
+            lo = float(positive.min())
+        # the bulk as a filled band (a legend entry; shapes with annotations distort a log autorange)
+        fig.add_trace(go.Scatter(x=[1, s.size, s.size, 1, 1], y=[lo, lo, hi, hi, lo], fill="toself", mode="none",
+                                 fillcolor=color, opacity=0.12, name=f"MP bulk {_label(r.tensor)}",
+                                 hoverinfo="skip", legendgroup=r.tensor))
         fig.add_trace(go.Scatter(x=_ranks(s.size), y=s / scale, mode="lines", name=_label(r.tensor),
-                                 line=dict(color=color)))
+                                 line=dict(color=color), legendgroup=r.tensor))
     fig.update_yaxes(type="log", exponentformat="power")
     return _layout(fig, "σ / σ₁ (normalised)" if normalized else "Singular values (MP bulk shaded)",
                    "rank i", "σ_i / σ_1" if normalized else "σ_i")
