@@ -52,7 +52,8 @@ def show_report(report, present: bool) -> None:
         for note in sec.notes:
             st.caption(note)
         for i, fig in enumerate(sec.figures):
-            st.plotly_chart(_big(fig) if present else fig, width="stretch", key=f"report-{sec.key}-{i}")
+            st.plotly_chart(_big(fig) if present else fig, width="stretch", key=f"report-{sec.key}-{i}",
+                            theme=None if present else "streamlit")
         if sec.table is not None and len(sec.table) and not present:
             with st.expander("Table"):
                 st.dataframe(sec.table, hide_index=True, width="stretch")

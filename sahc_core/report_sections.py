@@ -50,13 +50,15 @@ def _spectrum(source, table, cache, device, progress) -> rp.ReportSection:
 
 
 def _pareto(source, name: str, cache, device, progress, idx: int) -> rp.ReportSection:
+    from sahc_core.figures_whatif import pareto_figure
+
     points = rp.pareto_points(source, name, cache=cache, device=device, progress=progress)
     notes = (f"{len(points)} settings measured on the real weights; {int(points['pareto'].sum())} on the Pareto "
              "front (outlined).",)
     if points.empty:
         raise ValueError(f"no method could be measured on {name}.")
     return rp.ReportSection(f"pareto-{idx}", f"3.{idx} Per-tensor Pareto: int-k vs SVD vs TT ({name})",
-                            rp.caption_pareto(points, name), (fr.pareto_scatter(points, name),),
+                            rp.caption_pareto(points, name), (pareto_figure(points),),
                             points.drop(columns=["config"]).round(5), notes)
 
 

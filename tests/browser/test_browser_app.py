@@ -173,3 +173,22 @@ def test_default_model_run_launches_and_shows_progress(page, server, shots):
     while time.monotonic() < deadline and list_runs(Cache(server.cache))["status"].isin(["queued", "running"]).any():
         time.sleep(1)
     assert list_runs(Cache(server.cache))["status"].tolist() == ["cancelled"]
+
+
+def test_report_build_and_presentation_mode(page, server, tiny_model, shots):
+    open_app(page, server.url, str(tiny_model))
+    goto(page, "Report", str(tiny_model))
+    page.get_by_role("button", name="Build the report").click()
+    page.get_by_text("5. Runs: ratio vs perplexity against the baseline").wait_for(timeout=300_000)
+    wait_idle(page)
+    no_exception(page)
+    assert page.get_by_text(re.compile(r"FFN needs \d+ % of full rank")).count() >= 1
+    assert page.locator(".js-plotly-plot").count() >= 5
+    page.screenshot(path=str(shots / "tiny-report-built.png"), full_page=True)
+    page.get_by_role("button", name="Presentation mode").click()
+    page.get_by_role("button", name="Exit presentation mode").wait_for()
+    wait_idle(page)
+    no_exception(page)
+    assert not page.locator('[data-testid="stSidebar"]').is_visible()
+    assert page.get_by_role("button", name="Build the report").count() == 0
+    page.screenshot(path=str(shots / "tiny-report-presentation.png"), full_page=False)
