@@ -143,7 +143,8 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
     from sahc_core.whatif import tt_sweep
 
     source = _source(args)
-    kwargs: dict[str, Any] = {"bits": args.tt_bits, "cos_threshold": args.cos_threshold}
+    kwargs: dict[str, Any] = {"bits": args.tt_bits, "cos_threshold": args.cos_threshold,
+                              "cache": _cache(args), "device": args.device}
     if args.ranks:
         kwargs["ranks_list"] = tuple(tuple(int(x) for x in r.split(",")) for r in args.ranks)
     update, close = _tqdm_progress("tt sweep", "config")
