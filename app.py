@@ -7,6 +7,11 @@ st.set_page_config(page_title="SAHC Explorer", page_icon="📉", layout="wide")
 
 import app_state  # noqa: E402  (after set_page_config)
 
+# Re-assigning a widget's key keeps its value when the widget is not drawn on a run (a page switch
+# that interrupts a rerun would otherwise drop the typed model path).
+if "model_path" in st.session_state:
+    st.session_state["model_path"] = st.session_state["model_path"]
+
 with st.sidebar:
     st.markdown("### Model")
     st.text_input(

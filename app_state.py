@@ -65,8 +65,10 @@ def _cache(path: str | None):
 
 def current_cache():
     """The DuckDB cache, or ``None`` after a clear ``st.error`` (corrupt or read-only file)."""
+    from sahc_core.cache import default_cache_path
+
     try:
-        return _cache(None)
+        return _cache(str(default_cache_path()))
     except SahcError as exc:
         st.error(str(exc))
         return None

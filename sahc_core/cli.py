@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--plan", required=True)
     sp.add_argument("--tensors", action="store_true", help="include the per-tensor table")
     add("runs", cmd_runs, "list all runs in the cache")
+    from sahc_core.report_cli import add_report_parser
+
+    add_report_parser(sub, common)
     return p
 
 

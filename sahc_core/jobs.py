@@ -240,6 +240,10 @@ def start_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: str | Path
     plan_d = _plan_dict(plan)
     model_dir = Path(model_dir).expanduser().resolve()
     source = ModelSource.open(model_dir)
+    if corpus is not None:  # fail now, with the reason, rather than in a worker that was reported as started
+        from sahc_core.corpus import load_corpus
+
+        load_corpus(corpus)
     run_id = new_run_id()
     jdir = jobs_dir(cache)
     try:
