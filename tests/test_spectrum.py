@@ -242,3 +242,15 @@ def test_conv1d_weight_of_qwen35_is_reshaped_and_says_so(tiny_qwen35_dir):
     ref = _ref(source.read(name).reshape(C, K).double().numpy())
     assert np.max(np.abs(res.singular_values - ref)) / ref[0] < TOL
     assert res.to_json()["note"] == res.note
+
+
+@pytest.mark.parametrize("shape", [(70, 30), (30, 70)])
+def test_both_gram_paths_equal_numpy(shape, monkeypatch):
+    monkeypatch.setattr(sp, "_GRAM_CHUNK", 16)  # several chunks
+    W = torch.from_numpy(_matrix("random", *shape, seed=9).astype(np.float32))
+    A = W.double().numpy()
+    ref = A.T @ A if shape[0] >= shape[1] else A @ A.T
+    cpu = sp._gram64(W).numpy()
+    np.testing.assert_allclose(np.triu(cpu), np.triu(ref), rtol=0, atol=1e-14 * np.abs(ref).max())
+    G = sp._gram64_torch(W if shape[0] >= shape[1] else W.T)  # the GPU path, run on CPU
+    np.testing.assert_allclose(G.numpy(), ref, rtol=0, atol=1e-14 * np.abs(ref).max())
