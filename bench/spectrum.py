@@ -12,7 +12,7 @@ and reports for each the max |σ - σ_ref| / σ_max against the float64 referenc
 values). Then it scans every 2-D weight of the default model into a temporary cache, cold and warm.
 Prints ONE JSON object on stdout (progress on stderr).
 
-    .venv/bin/python bench/spectrum.py            # everything (~5 min on 2 busy CPU cores)
+    .venv/bin/python bench/spectrum.py            # everything (3 min on 2 idle CPU cores, 10+ min when they are busy)
     .venv/bin/python bench/spectrum.py --quick    # only the 4096×4096 matrices + the model
 """
 from __future__ import annotations
@@ -33,6 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sahc_core.cache import Cache  # noqa: E402
+from sahc_core.scan import scan  # noqa: E402
 from sahc_core.spectrum import _singular_values  # noqa: E402
 
 
@@ -95,9 +97,6 @@ def model_part(device: str, skip_scan: bool) -> dict:
     out: dict = {"model": str(source.path), "largest_tensor": {"name": big.name, **compare(source.read(big.name), device)}}
     if skip_scan:
         return out
-    from sahc_core.cache import Cache
-    from sahc_core.scan import scan
-
     with tempfile.TemporaryDirectory() as tmp:
         cache = Cache(Path(tmp) / "bench.duckdb")
         t0 = time.perf_counter()
