@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from sahc_core.device import resolve_device
-from sahc_core.quant import QuantConfig, QuantizedTensor, _as_int, quant_bytes, quantize
+from sahc_core.quant import (QuantConfig, QuantizedTensor, _as_int, optional_quant_config, quant_bytes,
+                             quantize)
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,7 @@ class SVDConfig:
     @property
     def quant_config(self) -> QuantConfig | None:
         """The factor quantizer, or ``None`` for fp16 factors."""
-        if self.bits is None:
-            if self.scheme not in ("sym", "asym"):
-                raise ValueError(f"scheme must be 'sym' or 'asym', got {self.scheme!r}.")
-            return None
-        return QuantConfig(self.bits, self.group_size, self.scheme)
+        return optional_quant_config(self.bits, self.group_size, self.scheme)
 
     def to_dict(self) -> dict:
         """Plan JSON form, e.g. ``{"method": "svd", "rank": 256, "bits": 4, "group_size": 128, ...}``."""

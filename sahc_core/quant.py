@@ -79,6 +79,18 @@ class QuantConfig:
         return {"method": "int", "bits": self.bits, "group_size": self.group_size, "scheme": self.scheme}
 
 
+def optional_quant_config(bits: int | None, group_size: int | None, scheme: str) -> QuantConfig | None:
+    """The int-k quantizer of stored factors/cores, or ``None`` for fp16 storage (``bits=None``).
+
+    Validates the fields either way, so an SVD or TT config with a bad scheme fails when created.
+    """
+    if bits is None:
+        if scheme not in ("sym", "asym"):
+            raise ValueError(f"scheme must be 'sym' or 'asym', got {scheme!r}.")
+        return None
+    return QuantConfig(bits, group_size, scheme)
+
+
 def _as_int(value: object, name: str) -> int:
     """``operator.index`` with a one-sentence error (accepts numpy ints, rejects floats and bools)."""
     if isinstance(value, bool):

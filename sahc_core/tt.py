@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sahc_core.quant import QuantConfig, QuantizedTensor, _as_int, quant_bytes, quantize
+from sahc_core.quant import (QuantConfig, QuantizedTensor, _as_int, optional_quant_config, quant_bytes,
+                             quantize)
 
 
 def _int_tuple(values: object, name: str) -> tuple[int, ...]:
@@ -87,11 +88,7 @@ class TTConfig:
     @property
     def quant_config(self) -> QuantConfig | None:
         """The core quantizer, or ``None`` for fp16 cores."""
-        if self.bits is None:
-            if self.scheme not in ("sym", "asym"):
-                raise ValueError(f"scheme must be 'sym' or 'asym', got {self.scheme!r}.")
-            return None
-        return QuantConfig(self.bits, self.group_size, self.scheme)
+        return optional_quant_config(self.bits, self.group_size, self.scheme)
 
     def to_dict(self) -> dict:
         """Plan JSON form, e.g. ``{"method": "tt", "tt_ranks": [1, 64, 64, 1], "bits": 8, ...}``."""
