@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-st.set_page_config(page_title="SAHC Explorer", page_icon="📉", layout="wide")
+st.set_page_config(page_title="SAHC Explorer", page_icon=":material/ssid_chart:", layout="wide")
 
 import app_state  # noqa: E402  (after set_page_config)
 
@@ -33,16 +33,16 @@ with st.sidebar:
 
 pages = {
     "Explore": [
-        st.Page("pages/model.py", title="Model", icon="🧭", default=True),
-        st.Page("pages/spectrum.py", title="Spectrum", icon="📈"),
+        st.Page("pages/model.py", title="Model", icon=":material/account_tree:", default=True),
+        st.Page("pages/spectrum.py", title="Spectrum", icon=":material/show_chart:"),
     ],
     "Budget": [
-        st.Page("pages/whatif.py", title="What-if", icon="🎚️"),
-        st.Page("pages/budget.py", title="Budget", icon="💰"),
+        st.Page("pages/whatif.py", title="What-if", icon=":material/tune:"),
+        st.Page("pages/budget.py", title="Budget", icon=":material/savings:"),
     ],
     "Present": [
-        st.Page("pages/runs.py", title="Runs", icon="🏃"),
-        st.Page("pages/report.py", title="Report", icon="📊"),
+        st.Page("pages/runs.py", title="Runs", icon=":material/play_circle:"),
+        st.Page("pages/report.py", title="Report", icon=":material/summarize:"),
     ],
 }
 st.navigation(pages).run()
