@@ -189,13 +189,12 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
     cache = Cache(args.cache)
     plan = CompressionPlan.from_json(args.plan)
-    reporter = None
-    if args.run_id:
-        from sahc_core.jobs import JobReporter
+    from sahc_core.jobs import JobReporter, new_run_id
 
-        reporter = JobReporter(cache, args.run_id)
+    run_id = args.run_id or new_run_id()
+    reporter = JobReporter(cache, run_id, echo=sys.stderr)  # progress lines on stderr, JSON on stdout
     return execute_run(cache, plan, _model_dir(args), corpus=args.corpus, window=args.window,
-                       max_tokens=args.max_tokens, run_id=args.run_id, reporter=reporter, device=args.device)
+                       max_tokens=args.max_tokens, run_id=run_id, reporter=reporter, device=args.device)
 
 
 def cmd_runs(args: argparse.Namespace) -> dict:

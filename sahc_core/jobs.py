@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pandas as pd
 
@@ -92,6 +92,17 @@ def _alive(pid: int | None, start: str | None) -> bool:
     return True
 
 
+def _progress_line(p: dict[str, Any]) -> str:
+    """``stage 'assemble': tensors 12/272, eta 31 s`` from a progress dict."""
+    parts = [f"stage {p.get('stage')!r}"]
+    for unit in ("tensors", "tokens"):
+        if p.get(f"{unit}_total"):
+            parts.append(f"{unit} {p.get(f'{unit}_done', 0)}/{p[f'{unit}_total']}")
+    if p.get("eta_s") is not None:
+        parts.append(f"eta {p['eta_s']:.0f} s")
+    return ", ".join(parts)
+
+
 # -- reporter (used inside the worker) -------------------------------------------------------------
 class JobReporter:
     """What a running job writes into its ``runs`` row.
@@ -100,12 +111,14 @@ class JobReporter:
     ----------
     cache : Cache
     run_id : str
+    echo : text stream, optional
+        Also print each progress write as one line here (the CLI passes ``sys.stderr``).
     """
 
-    def __init__(self, cache: Cache, run_id: str) -> None:
+    def __init__(self, cache: Cache, run_id: str, echo: TextIO | None = None) -> None:
         if not run_id:
             raise ValueError("run_id must be a non-empty string.")
-        self.cache, self.run_id = cache, run_id
+        self.cache, self.run_id, self.echo = cache, run_id, echo
         self._progress: dict[str, Any] = {}
         self._last_write = 0.0
         self._last_cancel_check = 0.0
@@ -167,6 +180,8 @@ class JobReporter:
         if not force and now - self._last_write < PROGRESS_INTERVAL_S:
             return
         self._last_write = now
+        if self.echo is not None:
+            print(f"[{self.run_id}] {_progress_line(self._progress)}", file=self.echo, flush=True)
         self.cache.execute("UPDATE runs SET stage = ?, progress = ?, updated_at = ? WHERE run_id = ?",
                            [self._progress.get("stage"), to_json(self._progress), utcnow(), self.run_id])
 

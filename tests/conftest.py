@@ -25,3 +25,11 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_qwen35_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Qwen3.5 (1 linear + 1 full attention, vision tower, ``mtp.*`` shard) checkpoint."""
     return build_tiny_qwen35(tmp_path_factory.mktemp("tiny_qwen35"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tok_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny llama plus a word-level tokenizer trained on ``tiny_models.TINY_TEXT`` (read-only use)."""
+    from tiny_models import with_word_tokenizer
+
+    return with_word_tokenizer(tiny_llama_dir, tmp_path_factory.mktemp("llama_tok") / "m")

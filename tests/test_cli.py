@@ -112,3 +112,23 @@ def test_module_entry_point(tiny_llama_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "sahc_core", "inspect", "--model", str(tmp_path / "nope")],
                          cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_run_prints_progress_on_stderr_and_json_last(capsys, tiny_llama_tok_dir, cache_path, tmp_path):
+    """`run` end to end on a tiny model with a tiny corpus: progress lines on stderr, JSON on stdout."""
+    from tiny_models import TINY_TEXT
+
+    model = tiny_llama_tok_dir
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TINY_TEXT)
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps({"name": "int8", "default": {"method": "int", "bits": 8, "group_size": None}}))
+    code = main(["run", "--model", str(model), "--plan", str(plan), "--corpus", str(corpus), "--window", "32",
+                 "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    d = json.loads(out.strip().splitlines()[-1])
+    assert {"run_id", "ratio_projected", "ratio_actual", "ppl", "baseline_ppl", "gates"} <= set(d)
+    # payload is exactly the projection; on disk only the safetensors headers come on top
+    assert d["bytes_payload"] == d["bytes_projected"] < d["bytes_actual"]
+    assert "stage 'assemble'" in err and "stage 'ppl'" in err and d["run_id"] in err

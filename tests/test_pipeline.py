@@ -14,28 +14,19 @@ from sahc_core.errors import CorpusError
 from sahc_core.gates import audit_log
 from sahc_core.jobs import JobCancelled, JobReporter, list_runs, run_status, start_run
 from sahc_core.pipeline import BASELINE_KIND, execute_run
+from tiny_models import TINY_TEXT
 
 WINDOW = 32
-TEXT = ("to be or not to be that is the question whether tis nobler in the mind to suffer the slings and "
-        "arrows of outrageous fortune or to take arms against a sea of troubles and by opposing end them\n") * 6
+TEXT = TINY_TEXT
 INT4 = {"name": "int4-g32", "default": {"method": "int", "bits": 4, "group_size": 32, "scheme": "asym"},
         "overrides": [{"pattern": "*norm*", "method": "keep"}]}
 KEEP = {"name": "keep-bf16", "default": {"method": "keep"}}
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir(tiny_llama_tok_dir: Path) -> Path:
     """The tiny llama plus a word-level tokenizer (vocab <= 256) trained in memory on TEXT."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("llama_tok") / "m"
-    shutil.copytree(tiny_llama_dir, out)
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([TEXT], trainers.WordLevelTrainer(vocab_size=256, special_tokens=["[UNK]"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(out)
-    return out
+    return tiny_llama_tok_dir
 
 
 @pytest.fixture()

@@ -187,3 +187,24 @@ def build_tiny_qwen35(directory: str | Path, shards: int = 3) -> Path:
         meta["total_parameters"] = int(meta["total_parameters"]) + sum(t.numel() for t in mtp.values())
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
     return out
+
+
+#: Text the tiny word-level tokenizer is trained on (and a corpus the tiny models can be scored on).
+TINY_TEXT = ("to be or not to be that is the question whether tis nobler in the mind to suffer the slings and "
+             "arrows of outrageous fortune or to take arms against a sea of troubles and by opposing end them\n") * 6
+
+
+def with_word_tokenizer(model_dir: str | Path, out: str | Path, text: str = TINY_TEXT) -> Path:
+    """Copy ``model_dir`` to ``out`` and add a word-level tokenizer (vocab <= 256) trained in memory on ``text``."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out)
+    shutil.copytree(model_dir, out)
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=256, special_tokens=["[UNK]"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(out)
+    return out
