@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sahc_core import whatif  # noqa: E402
+from sahc_core import sweeps, whatif  # noqa: E402
 from sahc_core.corpus import default_corpus  # noqa: E402
 from sahc_core.defaults import default_model_dir  # noqa: E402
 from sahc_core.evaluate import load_model  # noqa: E402
@@ -60,7 +60,7 @@ def svd_at_bytes(shape: tuple[int, int], budget: int, bits: int | None) -> SVDCo
 def tt_at_bytes(shape: tuple[int, int], budget: int, bits: int | None) -> list[TTConfig]:
     """For r1 in the allowed powers of two, the largest r2 within ``budget`` (fp16 or int-k cores)."""
     out = []
-    for r1 in whatif.tt_rank_options(shape):
+    for r1 in sweeps.tt_rank_options(shape):
         if r1 < 64:
             continue
         best = None

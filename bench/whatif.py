@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sahc_core import whatif  # noqa: E402
+from sahc_core import sweeps, whatif  # noqa: E402
 from sahc_core.defaults import default_model_dir  # noqa: E402
 from sahc_core.device import resolve_device  # noqa: E402
 from sahc_core.lowrank import SVDConfig  # noqa: E402
@@ -129,7 +129,7 @@ def main() -> None:
         whatif.clear_caches()
         log("TT sweep of the embedding (the study's rank tuples)")
         t0 = time.perf_counter()
-        df = whatif.tt_sweep(source, EMB, progress=lambda i, n: log(f"  tt {i}/{n}"), device=device)
+        df = sweeps.tt_sweep(source, EMB, progress=lambda i, n: log(f"  tt {i}/{n}"), device=device)
         out["tt_sweep"] = {"tensor": EMB, "seconds": time.perf_counter() - t0,
                            "rows": df.drop(columns=["tt_shape"]).to_dict(orient="records")}
     targets = {"default_model_p95_s": 0.3, "random_12288x4096_p95_s": 2.0, "tt_sweep_s": 60.0}

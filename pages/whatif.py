@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 import app_state
-from sahc_core import whatif
+from sahc_core import sweeps, whatif
 from sahc_core.components import tensor_table
 from sahc_core.errors import SahcError
 from sahc_core.figures_whatif import pareto_figure, tt_sweep_figure
@@ -65,9 +65,9 @@ def method_ui(shape: tuple[int, int], comp: str):
         g = c3.select_slider("Factor group size", opts, value=max((x for x in opts[:-1] if x <= 128), default="per row"),
                              key=f"wi_fgroup_{math.gcd(m, n)}")
         return SVDConfig(rank=rank, bits=None if fbits == "fp16" else fbits, group_size=None if g == "per row" else g)
-    opts1 = whatif.tt_rank_options(shape)
+    opts1 = sweeps.tt_rank_options(shape)
     r1 = c1.select_slider("TT rank r1", opts1, value=min(64, opts1[-1]), key=f"wi_r1_{m}_{n}")
-    opts2 = whatif.tt_rank_options(shape, r1)
+    opts2 = sweeps.tt_rank_options(shape, r1)
     r2 = c2.select_slider("TT rank r2", opts2, value=min(r1, opts2[-1]), key=f"wi_r2_{m}_{n}_{r1}")
     tbits = c3.select_slider("Core bits", [4, 6, 8, "fp16"], value="fp16", key="wi_tbits")
     return TTConfig(ranks=(1, r1, r2, 1), bits=None if tbits == "fp16" else tbits)
@@ -125,7 +125,7 @@ pkey = f"wi_pareto::{source.fingerprint}::{name}"
 if st.button("Compute Pareto chart for this tensor", key="wi_pareto_btn"):
     bar = st.progress(0.0, text="Measuring the grid…")
     try:
-        st.session_state[pkey] = whatif.pareto(source, name, cache=cache,
+        st.session_state[pkey] = sweeps.pareto(source, name, cache=cache,
                                                progress=lambda i, n: bar.progress(i / n, text=f"{i}/{n} settings"))
     except (SahcError, ValueError) as exc:
         app_state.show_error(exc)
@@ -143,7 +143,7 @@ if comp == "embedding":
     if st.button("Run TT sweep", key="wi_tt_btn"):
         bar = st.progress(0.0, text="TT sweep…")
         try:
-            st.session_state[tkey] = whatif.tt_sweep(source, name, cos_threshold=thr, cache=cache,
+            st.session_state[tkey] = sweeps.tt_sweep(source, name, cos_threshold=thr, cache=cache,
                                                      progress=lambda i, n: bar.progress(i / n, text=f"{i}/{n} configs"))
         except (SahcError, ValueError) as exc:
             app_state.show_error(exc)

@@ -140,7 +140,7 @@ def cmd_measure(args: argparse.Namespace) -> dict:
 
 
 def cmd_sweep(args: argparse.Namespace) -> dict:
-    from sahc_core.whatif import tt_sweep
+    from sahc_core.sweeps import tt_sweep
 
     source = _source(args)
     kwargs: dict[str, Any] = {"bits": args.tt_bits, "cos_threshold": args.cos_threshold,

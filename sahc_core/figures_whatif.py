@@ -14,7 +14,7 @@ def pareto_figure(df: pd.DataFrame, current: dict | None = None, metric: str = "
     Parameters
     ----------
     df : DataFrame
-        ``whatif.pareto`` output (``method``, ``label``, ``bytes``, ``ratio``, ``bits_per_weight``,
+        ``sweeps.pareto`` output (``method``, ``label``, ``bytes``, ``ratio``, ``bits_per_weight``,
         ``rel_error``, ``weight_cosine``, ``frontier``).
     current : dict, optional
         The setting on the sliders (``bytes`` and ``metric`` keys): drawn as a star.
@@ -48,7 +48,7 @@ def pareto_figure(df: pd.DataFrame, current: dict | None = None, metric: str = "
 
 
 def tt_sweep_figure(df: pd.DataFrame, cos_threshold: float = 0.95) -> go.Figure:
-    """Cosine against compression ratio for each TT rank tuple (``whatif.tt_sweep``), with the gate."""
+    """Cosine against compression ratio for each TT rank tuple (``sweeps.tt_sweep``), with the gate."""
     colors = ["#54A24B" if p else "#E45756" for p in df["passed"]]
     fig = go.Figure(go.Scatter(
         x=df["ratio"], y=df["cosine"], mode="markers+lines+text", text=df["tt_ranks"], textposition="top center",

@@ -31,7 +31,6 @@ Model-level gates: :func:`shape_gate` (every tensor shape matches, matched/total
 """
 from __future__ import annotations
 
-import json
 import math
 import uuid
 from dataclasses import asdict, dataclass, field

@@ -248,14 +248,14 @@ def embedding_tensor(table: pd.DataFrame) -> str | None:
 
 def pareto_points(source, name: str, cache=None, device: str = "auto",
                   progress: Progress | None = None) -> pd.DataFrame:
-    """``whatif.pareto`` on tensor ``name`` (cached measurements shared with the What-if page).
+    """``sweeps.pareto`` on tensor ``name`` (cached measurements shared with the What-if page).
 
     Adds ``bits`` (from the config) and ``pareto`` (= ``frontier``: no other setting has fewer or
     equal bytes at a lower error).
     """
     import json
 
-    from sahc_core.whatif import pareto
+    from sahc_core.sweeps import pareto
 
     def prog(done, total, *_):
         if progress:

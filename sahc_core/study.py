@@ -16,7 +16,7 @@ Tables, in the study's order and form:
    model in the cache, or "no run yet".
 
 Everything goes through the cached library calls (``spectrum.tensor_spectrum``,
-``whatif.measure_tensor``, ``whatif.tt_sweep``), so a second call reads the cache; missing values are
+``whatif.measure_tensor``, ``sweeps.tt_sweep``), so a second call reads the cache; missing values are
 computed with ``progress(done, total, what)`` updates.
 """
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _svd_rows(source, table, cache, device, progress) -> pd.DataFrame:
 
 
 def tt_table(sweep: pd.DataFrame, threshold: float = COS_THRESHOLD) -> pd.DataFrame:
-    """The study's TT table from a ``whatif.tt_sweep`` frame (needs tt_ranks, ratio, weight cosine)."""
+    """The study's TT table from a ``sweeps.tt_sweep`` frame (needs tt_ranks, ratio, weight cosine)."""
     ranks = sweep["tt_ranks"] if "tt_ranks" in sweep else sweep["ranks"]
     cos = sweep["weight_cosine"] if "weight_cosine" in sweep else sweep["cosine"]
     return pd.DataFrame({"TT Config": ranks.map(lambda r: str(list(r))),
@@ -214,7 +214,7 @@ def reproduce_study(source, cache=None, device: str = "auto", progress: Progress
 
     emb = embedding_tensor(table)
     if with_tt and emb is not None:
-        from sahc_core.whatif import tt_sweep
+        from sahc_core.sweeps import tt_sweep
 
         def prog(done, total, *_):
             if progress:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from sahc_core import report as rp
 from sahc_core.export import ExportUnavailable, browser_path, figure_images, report_html, write_report

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sahc_core import whatif
+from sahc_core import sweeps, whatif
 from sahc_core.cache import Cache
 from sahc_core.gates import audit_log
 from sahc_core.lowrank import SVDConfig, lowrank, svd_factors
@@ -183,7 +183,7 @@ def test_output_cosine_attention_and_embedding(source, net, cache):
 
 def test_pareto_grid_and_frontier(source):
     done = []
-    df = whatif.pareto(source, Q, progress=lambda i, n: done.append((i, n)))
+    df = sweeps.pareto(source, Q, progress=lambda i, n: done.append((i, n)))
     assert done[-1] == (len(df), len(df))
     assert set(df.method) == {"int", "svd"}  # TT only for the embedding
     assert len(df[df.method == "int"]) == 7 * 3  # bits 2..8 x groups 32, 64, per row (128 does not divide 64)
@@ -192,7 +192,7 @@ def test_pareto_grid_and_frontier(source):
         assert not ((df.bytes <= p.bytes) & (df.rel_error < p.rel_error)).any()
     assert df.loc[df.rel_error.idxmin(), "frontier"] and df.loc[df.bytes.idxmin(), "frontier"]
     assert df.ratio.tolist() == pytest.approx((2 * 64 * 64 / df.bytes).tolist())
-    again = whatif.pareto(source, Q)
+    again = sweeps.pareto(source, Q)
     assert again.drop(columns="frontier").equals(df.drop(columns="frontier"))
 
 
@@ -205,7 +205,7 @@ def test_matrix_only_methods_refuse_1d(source):
 
 def test_tt_sweep_table(source, cache):
     ranks = ((1, 2, 2, 1), (1, 8, 8, 1))
-    df = whatif.tt_sweep(source, EMB, ranks_list=ranks, cos_threshold=0.5, cache=cache)
+    df = sweeps.tt_sweep(source, EMB, ranks_list=ranks, cos_threshold=0.5, cache=cache)
     assert df.tt_ranks.tolist() == ["[1, 2, 2, 1]", "[1, 8, 8, 1]"]
     W = source.read(EMB, dtype=torch.float32)
     for (_, row), r in zip(df.iterrows(), ranks):
@@ -218,17 +218,17 @@ def test_tt_sweep_table(source, cache):
         assert row.cosine == pytest.approx(_np_rowcos(W.double().numpy(), W_hat), rel=1e-6)
         assert row.passed == (row.cosine >= 0.5)
     assert df.cosine.iloc[1] > df.cosine.iloc[0] and df.ratio.iloc[1] < df.ratio.iloc[0]
-    assert whatif.tt_sweep(source, EMB, ranks_list=ranks, cos_threshold=0.5, cache=cache).cached.all()
+    assert sweeps.tt_sweep(source, EMB, ranks_list=ranks, cos_threshold=0.5, cache=cache).cached.all()
     with pytest.raises(ValueError):
-        whatif.tt_sweep(source, EMB, ranks_list=((1, 100000, 8, 1),))
-    default = whatif.tt_sweep(source, EMB, cache=cache)  # the study's list minus what 256x64 cannot hold
-    assert 1 <= len(default) <= len(whatif.DEFAULT_TT_RANKS)
+        sweeps.tt_sweep(source, EMB, ranks_list=((1, 100000, 8, 1),))
+    default = sweeps.tt_sweep(source, EMB, cache=cache)  # the study's list minus what 256x64 cannot hold
+    assert 1 <= len(default) <= len(sweeps.DEFAULT_TT_RANKS)
 
 
 def test_pareto_offers_tt_for_embedding_only(source):
-    cfgs = whatif.pareto_configs((256, 64), "embedding")
+    cfgs = sweeps.pareto_configs((256, 64), "embedding")
     assert any(isinstance(c, TTConfig) for c in cfgs)
-    assert not any(isinstance(c, TTConfig) for c in whatif.pareto_configs((256, 64), "ffn"))
+    assert not any(isinstance(c, TTConfig) for c in sweeps.pareto_configs((256, 64), "ffn"))
 
 
 def test_tt_rank_options_follow_the_unfoldings():
@@ -236,9 +236,9 @@ def test_tt_rank_options_follow_the_unfoldings():
 
     # 49152 x 576 with 3 cores: modes (i_k j_k) bound r1 <= m1 and r2 <= min(r1 m2, m3)
     modes = [i * j for i, j in zip(suggest_factors(49152, 3), suggest_factors(576, 3))]
-    r1s = whatif.tt_rank_options((49152, 576))
+    r1s = sweeps.tt_rank_options((49152, 576))
     assert r1s[-1] == 2 ** int(math.log2(modes[0]))
-    r2s = whatif.tt_rank_options((49152, 576), r1=4)
+    r2s = sweeps.tt_rank_options((49152, 576), r1=4)
     assert r2s[-1] == 2 ** int(math.log2(min(4 * modes[1], modes[2])))
 
 
