@@ -2,7 +2,8 @@
 
 Stages (written to the run's progress): ``project`` -> ``assemble`` (tensors) -> ``gates`` (tensors:
 every stored tensor of the written checkpoint is measured against the source through
-``methods.measure`` and ``gates.tensor_gates``, plus the model-level shape, coverage gates) ->
+``methods.measure`` and ``gates.tensor_gates``, plus the model-level shape, coverage gates, and the
+forward smoke test: each layer's output cosine with W vs Ŵ on calibration text, ``sahc_core.smoke``) ->
 ``baseline`` (tokens; skipped when cached) -> ``ppl`` (tokens) -> done. The baseline perplexity runs
 through exactly the same ``evaluate.perplexity`` call as the compressed model and is cached in
 ``results`` (kind ``ppl_baseline``, key = corpus text hash + protocol), so a second run of the same
@@ -25,6 +26,8 @@ from sahc_core.cache import Cache
 
 PPL_VERSION = 1
 BASELINE_KIND = "ppl_baseline"
+#: Calibration tokens of the forward smoke test (one forward pass of the original model).
+SMOKE_TOKENS = 512
 
 
 def _as_plan(plan: Any):
@@ -110,6 +113,24 @@ def _components(projected: dict, assembled: dict, rows: list[dict]) -> list[dict
                     "max_rel_error": max((r["rel_error"] for r in errs), default=None),
                     "min_weight_cosine": min((r["weight_cosine"] for r in errs), default=None)})
     return out
+
+
+def _smoke_gates(model_dir: Path, corpus, cfg, device: str, state: dict, reporter) -> list:
+    """The study's forward smoke test: every layer's output cosine (W vs Ŵ) on calibration text ≥ 0.95."""
+    from sahc_core.evaluate import load_model
+    from sahc_core.gates import cosine_gate
+    from sahc_core.smoke import layer_output_cosines
+
+    model, tokenizer = load_model(model_dir, device=device, dtype=cfg.dtype)
+    try:
+        cos = layer_output_cosines(model, tokenizer, corpus.calib_text, state, n_tokens=SMOKE_TOKENS,
+                                   progress=lambda d, t: reporter.progress(windows_done=d, windows_total=t))
+    finally:
+        del model
+        gc.collect()
+    return [cosine_gate(name, c["cosine"], evidence={"weight": c["weight"], "tokens": c["tokens"],
+                                                     "text": f"{corpus.name} calibration split"})
+            for name, c in cos.items()]
 
 
 def _ppl(model_dir: Path, corpus, cfg, device: str, state_dict, reporter) -> Any:
@@ -211,6 +232,7 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
     infos = source.tensors()
     gates.append(shape_gate({i.name: tuple(i.shape) for i in infos}, {n: tuple(t.shape) for n, t in state.items()}))
     gates.append(coverage_gate([i.name for i in infos], [t["name"] for t in assembled["tensors"]]))
+    gates += _smoke_gates(model_dir, corpus, cfg, device, state, reporter)
     log_gates(cache, fp, gates, run_id=run_id)
     seconds["gates"] = time.perf_counter() - t0
 

@@ -131,4 +131,6 @@ def test_run_prints_progress_on_stderr_and_json_last(capsys, tiny_llama_tok_dir,
     assert {"run_id", "ratio_projected", "ratio_actual", "ppl", "baseline_ppl", "gates"} <= set(d)
     # payload is exactly the projection; on disk only the safetensors headers come on top
     assert d["bytes_payload"] == d["bytes_projected"] < d["bytes_actual"]
+    smoke = [g for g in d["gates"] if g["gate"] == "output_cosine"]
+    assert len(smoke) == 2 * 7 + 2  # 7 linear layers per block, the embedding, the tied lm_head
     assert "stage 'assemble'" in err and "stage 'ppl'" in err and d["run_id"] in err
