@@ -9,9 +9,11 @@ are CLI-only; the pages show the same ``str(exc)`` through ``app_state.show_erro
 """
 from __future__ import annotations
 
+
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -115,7 +117,8 @@ MODEL_FAULTS = {
 def cli_error(capsys, argv: list[str]) -> str:
     code = main(argv)
     out, err = capsys.readouterr()
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    # `run` reports progress on stderr as "[run-id] stage ..." lines; the error itself is one line
+    lines = [ln for ln in err.splitlines() if ln.strip() and not re.match(r"\[[\w-]+\] stage ", ln)]
     assert code != 0, out
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
