@@ -9,7 +9,6 @@ are CLI-only; the pages show the same ``str(exc)`` through ``app_state.show_erro
 """
 from __future__ import annotations
 
-
 import errno
 import json
 import os
