@@ -138,8 +138,8 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "device": args.device, "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-        "note": ("timings on a CPU shared with other jobs (see loadavg): absolute seconds are inflated and noisy; "
-                 "all methods ran on the same matrices in one run. Reference = scipy float64 gesdd."),
+        "note": ("all methods ran on the same matrices in one run; a loadavg above the core count means other "
+                 "jobs shared the CPU and absolute seconds are inflated. Reference = scipy float64 gesdd."),
         "accuracy_target": "max |Δσ| / σ_max < 1e-5 vs float64",
         "matrices": matrices,
         "default_model": model,

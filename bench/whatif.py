@@ -114,7 +114,7 @@ def main() -> None:
     device = resolve_device(args.device)
     out: dict = {"bench": "whatif", "device": device, "torch_threads": torch.get_num_threads(),
                  "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), "platform": platform.platform(),
-                 "note": "2-core machine shared with other engineers while this ran: figures are under load"}
+                 "note": "a load_avg_start above cpu_count means other jobs shared the CPU (seconds inflated)"}
     source = ModelSource.open(default_model_dir())
     out["model"] = str(source.path)
     log("svd moves, default model")
