@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384, help="first N tokens of the test text")
     parser.add_argument("--whole", action="store_true", help="use the whole test text (ignores --max-tokens)")
     parser.add_argument("--window", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the library's (1 on CPU, 8 on GPU)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternate ours / HF loop this many times; best of each")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-reference", action="store_true", help="run only our perplexity")
     args = parser.parse_args()
@@ -77,22 +78,31 @@ def main() -> None:
                     batch_size=args.batch_size, device=args.device)
     with torch.inference_mode():  # warm-up (allocator, kernels) so neither timed loop pays it
         model(tokenizer(text[:2000], return_tensors="pt").input_ids[:, :256].to(next(model.parameters()).device))
-    cpu_start = time.process_time()
-    ours = perplexity(model, tokenizer, text, cfg)
-    ours_cpu = time.process_time() - cpu_start
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids
+    if not args.whole:
+        ids = ids[:, : args.max_tokens]
+    # Alternate the two loops and keep the best of each: one slow pass (another process, a cold cache)
+    # must not decide the comparison.
+    ours, ours_cpu, ref = None, math.inf, None
+    for _ in range(max(1, args.repeats)):
+        cpu_start = time.process_time()
+        res = perplexity(model, tokenizer, text, cfg)
+        cpu = time.process_time() - cpu_start
+        if ours is None or res.seconds < ours.seconds:
+            ours, ours_cpu = res, cpu
+        if not args.skip_reference:
+            r = hf_guide_ppl(model, ids, res.window, res.stride)
+            ref = r if ref is None or r[2] < ref[2] else ref
     out = {
         "model": model_dir.name, "corpus": "shakespeare test (macbeth + tempest)",
         "device": ours.device, "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-        "default_model_dir_seconds": round(convert_s, 3),
+        "default_model_dir_seconds": round(convert_s, 3), "repeats": args.repeats, "timing": "best of repeats",
         "text_tokens": ours.text_tokens, "window": ours.window, "stride": ours.stride, "windows": ours.windows,
-        "batch_size": cfg.batch_size, "ours": {"ppl": ours.ppl, "tokens": ours.tokens, "seconds": round(ours.seconds, 3),
-                                                "cpu_seconds": round(ours_cpu, 3), "tokens_per_s": round(ours.tokens / ours.seconds, 1)},
+        "batch_size": ours.batch_size, "ours": {"ppl": ours.ppl, "tokens": ours.tokens, "seconds": round(ours.seconds, 3),
+                                                 "cpu_seconds": round(ours_cpu, 3), "tokens_per_s": round(ours.tokens / ours.seconds, 1)},
     }
-    if not args.skip_reference:
-        ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids
-        if not args.whole:
-            ids = ids[:, : args.max_tokens]
-        ref_ppl, ref_tokens, ref_s, ref_cpu = hf_guide_ppl(model, ids, ours.window, ours.stride)
+    if ref is not None:
+        ref_ppl, ref_tokens, ref_s, ref_cpu = ref
         out["hf_guide"] = {"ppl": ref_ppl, "tokens": ref_tokens, "seconds": round(ref_s, 3),
                            "cpu_seconds": round(ref_cpu, 3), "tokens_per_s": round(ref_tokens / ref_s, 1)}
         out["ppl_rel_diff"] = abs(ours.ppl - ref_ppl) / ref_ppl

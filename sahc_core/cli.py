@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
         if name == "ppl":
             sp.add_argument("--stride", type=int)
-            sp.add_argument("--batch-size", type=int, default=4)
+            sp.add_argument("--batch-size", type=int, help="windows per forward pass (default 1 on CPU, 8 on GPU)")
             sp.add_argument("--dtype", default="float32")
         else:
             sp.add_argument("--plan", required=True, help="plan JSON file")

@@ -47,7 +47,7 @@ class PplConfig:
     window: int | None = None  # None -> min(2048, model max positions)
     stride: int | None = None  # None -> window (non-overlapping)
     max_tokens: int | None = None  # use only the first max_tokens tokens of the text
-    batch_size: int = 4
+    batch_size: int | None = None  # None -> 1 on CPU (batching only adds memory traffic there), 8 on GPU
     dtype: str = "float32"  # what load_model should load; perplexity reports the model's actual dtype
     device: str = "auto"
 
@@ -58,7 +58,7 @@ class PplConfig:
             raise ValueError(f"stride must be between 1 and the window length, got {self.stride}.")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise ValueError(f"max_tokens must be at least 2, got {self.max_tokens}.")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
@@ -231,7 +231,8 @@ def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progre
     total = sum(end - first for _, end, first in spans)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
     itemsize = next(model.parameters()).element_size()
-    batch_size = max(1, min(cfg.batch_size, LOGITS_BUDGET_BYTES // (window * vocab * itemsize)))
+    wanted = cfg.batch_size or (1 if device.type == "cpu" else 8)
+    batch_size = max(1, min(wanted, LOGITS_BUDGET_BYTES // (window * vocab * itemsize)))
     # Batches of equal-length windows; a window of another length (only ever the last one) runs alone.
     batches: list[list[tuple[int, int, int]]] = []
     for span in spans:

@@ -147,7 +147,7 @@ def _ppl(model_dir: Path, corpus, cfg, device: str, state_dict, reporter) -> Any
 
 def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = None, window: int | None = None,
                 max_tokens: int | None = None, run_id: str | None = None, reporter=None,
-                out_dir: str | Path | None = None, device: str = "auto", batch_size: int = 4) -> dict:
+                out_dir: str | Path | None = None, device: str = "auto", batch_size: int | None = None) -> dict:
     """Run a plan end to end and store the result in the run's row (see the module docstring).
 
     Parameters
