@@ -180,17 +180,26 @@ def caption_budget(project: dict, wall: dict) -> str:
 
 
 def caption_runs(runs: pd.DataFrame) -> str:
-    """Best finished run (highest actual ratio with a finite perplexity) against the baseline."""
+    """Best finished run that passed every gate (highest actual ratio, finite perplexity) vs the baseline.
+
+    A run with a failed gate is never "best", however high its ratio; the caption counts those runs.
+    """
     done = runs[runs["status"] == "done"] if "status" in runs else runs
     done = done[pd.to_numeric(done["ppl"], errors="coerce").map(math.isfinite)]
     if done.empty:
         return "No finished run with a finite perplexity yet: launch one on the Runs page."
-    best = done.loc[done["ratio"].idxmax()]
-    text = f"Best run {best['plan_name']!r}: {best['ratio']:.2f}x at perplexity {best['ppl']:.2f}"
+    failed = pd.to_numeric(done["gates_failed"], errors="coerce").fillna(0) > 0 if "gates_failed" in done \
+        else pd.Series(False, index=done.index)
+    tail = f"; {len(done)} finished run(s) in total, {int(failed.sum())} with failed gates."
+    ok = done[~failed]
+    if ok.empty:
+        return "Every finished run failed a quality gate" + tail
+    best = ok.loc[ok["ratio"].idxmax()]
+    text = f"Best run passing every gate {best['plan_name']!r}: {best['ratio']:.2f}x at perplexity {best['ppl']:.2f}"
     base = float(best["baseline_ppl"]) if pd.notna(best["baseline_ppl"]) else math.nan
     if math.isfinite(base) and base > 0:
         text += f" (baseline {base:.2f}, {100 * (best['ppl'] / base - 1):+.0f} %)"
-    return text + f"; {len(done)} finished run(s) in total."
+    return text + tail
 
 
 # -- data gathering (library calls; cached underneath) ----------------------------------------------
@@ -203,7 +212,7 @@ def runs_table(cache, model_fp: str | None = None) -> pd.DataFrame:
         df = df[df["model_fp"] == model_fp]
     ratio = df["ratio_actual"].where(df["ratio_actual"].notna(), df["ratio_projected"])
     out = df.assign(ratio=ratio)[["run_id", "plan_name", "status", "ratio", "ratio_projected", "ratio_actual", "ppl",
-                                  "baseline_ppl", "started_at"]]
+                                  "baseline_ppl", "gates_passed", "gates_failed", "started_at"]]
     return out.reset_index(drop=True)
 
 

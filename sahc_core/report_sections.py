@@ -111,7 +111,8 @@ def build_sections(source, cache, device: str, target_ratio: float, pareto_tenso
         except (SahcError, ValueError) as exc:
             sections.append(_failed(f"pareto-{i}", f"3.{i} Per-tensor Pareto ({name})", exc))
     runs = rp.runs_table(cache, source.fingerprint) if cache is not None else pd.DataFrame(
-        columns=["run_id", "plan_name", "status", "ratio", "ppl", "baseline_ppl", "started_at"])
+        columns=["run_id", "plan_name", "status", "ratio", "ppl", "baseline_ppl", "gates_passed", "gates_failed",
+                 "started_at"])
     try:
         sections.append(_budget(source, cache, runs, target_ratio))
     except (SahcError, ValueError) as exc:

@@ -89,11 +89,18 @@ def test_caption_shares_and_runs():
                                          "a share int-k alone must carry.")
     empty = pd.DataFrame(columns=["status", "ppl", "ratio", "plan_name", "baseline_ppl"])
     assert rp.caption_runs(empty).startswith("No finished run")
-    runs = pd.DataFrame([{"status": "done", "ppl": 12.0, "ratio": 3.9, "plan_name": "int4", "baseline_ppl": 8.0},
-                         {"status": "done", "ppl": float("inf"), "ratio": 9.0, "plan_name": "svd", "baseline_ppl": 8.0},
-                         {"status": "failed", "ppl": None, "ratio": 5.0, "plan_name": "x", "baseline_ppl": None}])
-    assert rp.caption_runs(runs) == "Best run 'int4': 3.90x at perplexity 12.00 (baseline 8.00, +50 %); " \
-                                    "1 finished run(s) in total."
+    runs = pd.DataFrame([{"status": "done", "ppl": 12.0, "ratio": 3.9, "plan_name": "int4", "baseline_ppl": 8.0,
+                          "gates_failed": 0},
+                         {"status": "done", "ppl": 40.0, "ratio": 4.4, "plan_name": "svd", "baseline_ppl": 8.0,
+                          "gates_failed": 3},
+                         {"status": "done", "ppl": float("inf"), "ratio": 9.0, "plan_name": "tt", "baseline_ppl": 8.0,
+                          "gates_failed": 1},
+                         {"status": "failed", "ppl": None, "ratio": 5.0, "plan_name": "x", "baseline_ppl": None,
+                          "gates_failed": None}])
+    # the higher-ratio 'svd' run failed a gate, so it is not the best
+    assert rp.caption_runs(runs) == ("Best run passing every gate 'int4': 3.90x at perplexity 12.00 (baseline 8.00, "
+                                     "+50 %); 2 finished run(s) in total, 1 with failed gates.")
+    assert rp.caption_runs(runs[runs["plan_name"] == "svd"]).startswith("Every finished run failed a quality gate")
 
 
 # -- the report on a tiny model ----------------------------------------------------------------------
