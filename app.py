@@ -31,18 +31,20 @@ with st.sidebar:
 
     st.caption(f"Cache: `{default_cache_path()}`")
 
+# The page files live in app_pages/, not pages/: Streamlit serves a pages/ folder as a legacy
+# multipage app when a page URL (e.g. /runs) is opened directly, bypassing this router.
 pages = {
     "Explore": [
-        st.Page("pages/model.py", title="Model", icon=":material/account_tree:", default=True),
-        st.Page("pages/spectrum.py", title="Spectrum", icon=":material/show_chart:"),
+        st.Page("app_pages/model.py", title="Model", icon=":material/account_tree:", default=True),
+        st.Page("app_pages/spectrum.py", title="Spectrum", icon=":material/show_chart:"),
     ],
     "Budget": [
-        st.Page("pages/whatif.py", title="What-if", icon=":material/tune:"),
-        st.Page("pages/budget.py", title="Budget", icon=":material/savings:"),
+        st.Page("app_pages/whatif.py", title="What-if", icon=":material/tune:"),
+        st.Page("app_pages/budget.py", title="Budget", icon=":material/savings:"),
     ],
     "Present": [
-        st.Page("pages/runs.py", title="Runs", icon=":material/play_circle:"),
-        st.Page("pages/report.py", title="Report", icon=":material/summarize:"),
+        st.Page("app_pages/runs.py", title="Runs", icon=":material/play_circle:"),
+        st.Page("app_pages/report.py", title="Report", icon=":material/summarize:"),
     ],
 }
 st.navigation(pages).run()

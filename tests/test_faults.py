@@ -306,7 +306,7 @@ def _app(model: str | None, page: str | None = None) -> AppTest:
 
 
 @pytest.mark.parametrize("kind", list(MODEL_FAULTS))
-@pytest.mark.parametrize("page", ["pages/model.py", "pages/report.py"])
+@pytest.mark.parametrize("page", ["app_pages/model.py", "app_pages/report.py"])
 def test_ui_bad_model_directory(kind, page, tiny_llama_dir, tmp_path, store):
     make, expect = MODEL_FAULTS[kind]
     at = _app(str(make(tmp_path, tiny_llama_dir)), page)
@@ -329,7 +329,7 @@ def test_ui_budget_bad_parameters(widgets, expect, tiny_llama_dir, store):
     for k, v in widgets.items():
         at.session_state[k] = v
     at.run()
-    at.switch_page("pages/budget.py").run()
+    at.switch_page("app_pages/budget.py").run()
     assert not at.exception
     assert at.error and expect in at.error[0].value.lower()
     assert sentinel_kept(store)
@@ -339,7 +339,7 @@ def test_ui_corrupt_cache(tiny_llama_dir, tmp_path, monkeypatch):
     bad = tmp_path / "corrupt.duckdb"
     bad.write_bytes(b"garbage" * 500)
     monkeypatch.setenv("SAHC_CACHE", str(bad))
-    at = _app(str(tiny_llama_dir), "pages/runs.py")
+    at = _app(str(tiny_llama_dir), "app_pages/runs.py")
     assert not at.exception
     assert at.error and "not a duckdb database" in at.error[0].value.lower()
     assert bad.read_bytes() == b"garbage" * 500
@@ -347,7 +347,7 @@ def test_ui_corrupt_cache(tiny_llama_dir, tmp_path, monkeypatch):
 
 def test_ui_read_only_cache_report(tiny_llama_dir, read_only_cache, monkeypatch):
     monkeypatch.setenv("SAHC_CACHE", str(read_only_cache))
-    at = _app(str(tiny_llama_dir), "pages/report.py")
+    at = _app(str(tiny_llama_dir), "app_pages/report.py")
     at.button(key="report_build").click().run()
     assert not at.exception
     assert at.error and ("read-only" in at.error[0].value or "not writable" in at.error[0].value)
@@ -363,7 +363,7 @@ def test_ui_bad_corpus_on_runs_page(tiny_llama_dir, tmp_path, store):
     save_plan(Cache(store), CompressionPlan.from_dict(_int8_plan()))
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    at = _app(str(tiny_llama_dir), "pages/runs.py")
+    at = _app(str(tiny_llama_dir), "app_pages/runs.py")
     at.text_input(key="runs_corpus").input(str(empty)).run()
     at.button(key="runs_start").click().run()
     assert not at.exception

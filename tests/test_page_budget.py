@@ -13,7 +13,7 @@ from sahc_core.model_io import ModelSource
 from sahc_core.plan import CompressionPlan, embedding_wall, project
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = str(ROOT / "pages" / "budget.py")
+PAGE = str(ROOT / "app_pages" / "budget.py")
 
 
 def _page(model_dir, monkeypatch, tmp_path) -> AppTest:

@@ -14,7 +14,7 @@ from sahc_core.gates import GateResult, log_gates
 from sahc_core.jobs import process_start_time, run_status
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = str(ROOT / "pages" / "runs.py")
+PAGE = str(ROOT / "app_pages" / "runs.py")
 
 
 def _result(run_id: str, plan: str, ratio: float, ppl: float, failed: int) -> dict:

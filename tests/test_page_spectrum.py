@@ -5,7 +5,7 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "spectrum.py")
+PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "spectrum.py")
 
 
 def _page(model_path: str, monkeypatch, tmp_path) -> AppTest:
@@ -51,6 +51,6 @@ def test_spectrum_page_through_the_router(tiny_llama_dir, monkeypatch, tmp_path)
     at = AppTest.from_file(str(Path(PAGE).parents[1] / "app.py"), default_timeout=120)
     at.session_state["model_path"] = str(tiny_llama_dir)
     at.run()
-    at.switch_page("pages/spectrum.py").run()
+    at.switch_page("app_pages/spectrum.py").run()
     assert not at.exception and not at.error
     assert at.title[0].value == "Spectrum" and "sp_fig_err" in _charts(at)

@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 from sahc_core.figures_whatif import pareto_figure, tt_sweep_figure
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = str(ROOT / "pages" / "whatif.py")
+PAGE = str(ROOT / "app_pages" / "whatif.py")
 Q = "model.layers.0.self_attn.q_proj.weight"   # (64, 64)
 EMB = "model.embed_tokens.weight"               # (256, 64)
 

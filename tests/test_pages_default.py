@@ -25,7 +25,7 @@ def app(monkeypatch, tmp_path) -> AppTest:
 @pytest.mark.parametrize("page", PAGES)
 def test_every_page_on_the_default_model(app: AppTest, page: str):
     assert not app.exception
-    app.switch_page(f"pages/{page}.py").run()
+    app.switch_page(f"app_pages/{page}.py").run()
     assert not app.exception, app.exception
     assert not app.error, [e.value for e in app.error]
     assert app.title[0].value.lower().replace("-", "") == page
@@ -40,7 +40,7 @@ def test_model_page_facts_of_the_default_model(app: AppTest):
 
 
 def test_spectrum_of_a_default_ffn_tensor(app: AppTest):
-    app.switch_page("pages/spectrum.py").run()
+    app.switch_page("app_pages/spectrum.py").run()
     app.selectbox(key="sp_component").select("ffn").run()
     app.selectbox(key="sp_layer").select(15).run()
     app.selectbox(key="sp_tensor").select("model.layers.15.mlp.gate_proj.weight").run()

@@ -238,7 +238,7 @@ def test_report_page_build_present_and_exit(tiny_llama_dir, monkeypatch, tmp_pat
     at = AppTest.from_file(APP, default_timeout=180)
     at.session_state["model_path"] = str(tiny_llama_dir)
     at.run()
-    at.switch_page("pages/report.py").run()
+    at.switch_page("app_pages/report.py").run()
     assert not at.exception and at.title[0].value == "Report"
     at.button(key="report_build").click().run()
     assert not at.exception and not at.error
