@@ -192,3 +192,12 @@ def test_report_build_and_presentation_mode(page, server, tiny_model, shots):
     assert not page.locator('[data-testid="stSidebar"]').is_visible()
     assert page.get_by_role("button", name="Build the report").count() == 0
     page.screenshot(path=str(shots / "tiny-report-presentation.png"), full_page=False)
+
+
+@pytest.mark.parametrize("path", ["runs", "spectrum"])
+def test_a_page_url_opened_directly_goes_through_the_router(page, server, path):
+    """/runs opened directly must show the router's sidebar (model picker), not a bare page file."""
+    open_app(page, f"{server.url.rstrip('/')}/{path}", None)
+    no_exception(page)
+    assert page.locator('[data-testid="stSidebarNav"] a', has_text="What-if").count() == 1
+    assert page.get_by_label(MODEL_INPUT, exact=True).count() == 1
