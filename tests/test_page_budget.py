@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from apptest_helpers import run_page
 from streamlit.testing.v1 import AppTest
 
 from sahc_core.figures_budget import (breakdown_frame, bytes_breakdown_figure, choice_to_config, config_to_choice,
@@ -12,16 +12,10 @@ from sahc_core.figures_budget import (breakdown_frame, bytes_breakdown_figure, c
 from sahc_core.model_io import ModelSource
 from sahc_core.plan import CompressionPlan, embedding_wall, project
 
-ROOT = Path(__file__).resolve().parents[1]
-PAGE = str(ROOT / "app_pages" / "budget.py")
 
 
 def _page(model_dir, monkeypatch, tmp_path) -> AppTest:
-    monkeypatch.setenv("SAHC_CACHE", str(tmp_path / "c.duckdb"))
-    monkeypatch.syspath_prepend(str(ROOT))  # the page imports app_state from the repo root
-    at = AppTest.from_file(PAGE, default_timeout=120)
-    at.session_state["model_path"] = str(model_dir)
-    return at.run()
+    return run_page("budget", model_dir, monkeypatch, tmp_path)
 
 
 def _ratio(at: AppTest) -> float:

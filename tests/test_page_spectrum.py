@@ -3,16 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from apptest_helpers import run_page
 from streamlit.testing.v1 import AppTest
 
 PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "spectrum.py")
 
 
-def _page(model_path: str, monkeypatch, tmp_path) -> AppTest:
-    monkeypatch.setenv("SAHC_CACHE", str(tmp_path / "c.duckdb"))
-    at = AppTest.from_file(PAGE, default_timeout=120)
-    at.session_state["model_path"] = model_path
-    return at.run()
+def _page(model_dir, monkeypatch, tmp_path) -> AppTest:
+    return run_page("spectrum", model_dir, monkeypatch, tmp_path)
 
 
 def _charts(at: AppTest) -> set[str]:

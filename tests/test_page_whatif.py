@@ -2,26 +2,20 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from apptest_helpers import run_page
 from streamlit.testing.v1 import AppTest
 
 from sahc_core.figures_whatif import pareto_figure, tt_sweep_figure
 
-ROOT = Path(__file__).resolve().parents[1]
-PAGE = str(ROOT / "app_pages" / "whatif.py")
 Q = "model.layers.0.self_attn.q_proj.weight"   # (64, 64)
 EMB = "model.embed_tokens.weight"               # (256, 64)
 
 
 def _page(model_dir, monkeypatch, tmp_path) -> AppTest:
-    monkeypatch.setenv("SAHC_CACHE", str(tmp_path / "c.duckdb"))
-    monkeypatch.syspath_prepend(str(ROOT))  # the page imports app_state from the repo root
-    at = AppTest.from_file(PAGE, default_timeout=120)
-    at.session_state["model_path"] = str(model_dir)
-    return at.run()
+    return run_page("whatif", model_dir, monkeypatch, tmp_path)
 
 
 def _metric(at: AppTest, label: str) -> str:
