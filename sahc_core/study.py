@@ -128,7 +128,8 @@ def tt_table(sweep: pd.DataFrame, threshold: float = COS_THRESHOLD) -> pd.DataFr
     """The study's TT table from a ``sweeps.tt_sweep`` frame (needs tt_ranks, ratio, weight cosine)."""
     ranks = sweep["tt_ranks"] if "tt_ranks" in sweep else sweep["ranks"]
     cos = sweep["weight_cosine"] if "weight_cosine" in sweep else sweep["cosine"]
-    return pd.DataFrame({"TT Config": ranks.map(lambda r: str(list(r))),
+    # tt_sweep gives "[1, 8, 8, 1]" strings; tuples/lists come from other callers
+    return pd.DataFrame({"TT Config": ranks.map(lambda r: r if isinstance(r, str) else str([int(x) for x in r])),
                          "Comp. Ratio": sweep["ratio"].astype(float).round(2), "Cosine": cos.astype(float).round(3),
                          f"Quality Gate (cos ≥ {threshold:g})": cos.map(lambda c: "✅ PASS" if c >= threshold else "❌ FAIL")})
 
@@ -158,7 +159,9 @@ def final_table(source, cache, table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     note = f"Perplexity: {float(ppl):.2f}" if ppl is not None else "Perplexity: not measured"
     if ppl is not None and base is not None and float(base) > 0:
         note += f" (baseline {float(base):.2f}, {100 * (float(ppl) / float(base) - 1):+.0f}%)"
-    return pd.DataFrame(rows), note + f"; plan {last['plan_name']!r}, run {last['run_id']}."
+    failed = last.get("gates_failed")
+    gates = f", {int(failed)} quality gate(s) failed" if failed is not None and pd.notna(failed) and failed else ""
+    return pd.DataFrame(rows), note + f"; plan {last['plan_name']!r}, run {last['run_id']}{gates}."
 
 
 def architecture_share_rows(table: pd.DataFrame) -> list[dict]:

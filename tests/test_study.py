@@ -45,6 +45,9 @@ def test_tt_table_gate():
     sweep = pd.DataFrame({"tt_ranks": ["[1, 8, 8, 1]", "[1, 64, 64, 1]"], "ratio": [100.0, 3.9],
                           "cosine": [0.8, 0.96]})
     t = sd.tt_table(sweep)
+    assert t["TT Config"].tolist() == ["[1, 8, 8, 1]", "[1, 64, 64, 1]"]
+    assert sd.tt_table(sweep.assign(tt_ranks=[(1, 8, 8, 1), [1, 64, 64, 1]]))["TT Config"].tolist() == \
+        ["[1, 8, 8, 1]", "[1, 64, 64, 1]"]
     assert t.iloc[:, -1].tolist() == ["❌ FAIL", "✅ PASS"]
     assert t.columns[-1] == "Quality Gate (cos ≥ 0.95)"
 
