@@ -8,7 +8,7 @@ from sahc_core.errors import SahcError
 from sahc_core.figures_report import runs_scatter
 from sahc_core.jobs import cancel_run, list_runs, run_status, start_run
 from sahc_core.pipeline import compare_runs
-from sahc_core.plan import CompressionPlan, load_plans
+from sahc_core.plan import CompressionPlan, example_plans, load_plans
 
 st.title("Runs")
 st.caption("A run assembles the compressed checkpoint of a plan, checks every quality gate and measures perplexity "
@@ -19,17 +19,18 @@ if cache is None:
 
 
 def plan_ui() -> CompressionPlan | None:
-    """A saved plan from the cache, or an uploaded plan JSON file."""
-    saved = load_plans(cache)
-    kind = st.radio("Plan", ["saved plan", "upload JSON"], horizontal=True, key="runs_plan_kind",
+    """A plan saved in the cache, one of the shipped examples (plans/), or an uploaded plan JSON file."""
+    saved, examples = load_plans(cache), example_plans()
+    kind = st.radio("Plan", ["saved plan", "example plan", "upload JSON"], horizontal=True, key="runs_plan_kind",
                     index=0 if saved else 1)
-    if kind == "saved plan":
-        if not saved:
-            st.info("No saved plan yet: build one on the Budget page, or upload a plan JSON file.")
-            return None
-        return saved[st.selectbox("Saved plan", list(saved), key="runs_plan_pick")]
-    upload = st.file_uploader("Plan JSON", type=["json"], key="runs_plan_upload")
-    return CompressionPlan.from_json_text(upload.getvalue()) if upload is not None else None
+    if kind == "upload JSON":
+        upload = st.file_uploader("Plan JSON", type=["json"], key="runs_plan_upload")
+        return CompressionPlan.from_json_text(upload.getvalue()) if upload is not None else None
+    plans = saved if kind == "saved plan" else examples
+    if not plans:
+        st.info("No saved plan yet: build one on the Budget page, pick an example, or upload a plan JSON file.")
+        return None
+    return plans[st.selectbox("Plan name", list(plans), key="runs_plan_pick")]
 
 
 def protocol_ui() -> dict:

@@ -402,6 +402,15 @@ def save_plan(cache, plan: CompressionPlan) -> None:
     cache.save_plan(plan.name, plan.to_dict())
 
 
+#: The example plans shipped with the project (``plans/*.json``): int8, int4-g128, int4 + SVD, TT.
+EXAMPLE_PLANS_DIR = Path(__file__).resolve().parents[1] / "plans"
+
+
+def example_plans(directory: Path = EXAMPLE_PLANS_DIR) -> dict[str, CompressionPlan]:
+    """The shipped example plans, name -> plan (empty when the folder is absent)."""
+    return {p.name: p for p in (CompressionPlan.from_json(f) for f in sorted(directory.glob("*.json")))}
+
+
 def load_plans(cache) -> dict[str, CompressionPlan]:
     """Every plan saved in the cache, name -> plan, newest first."""
     return {name: CompressionPlan.from_dict(d) for name, d in cache.plans().items()}

@@ -86,7 +86,9 @@ def test_cancel_button_signals_the_worker(filled) -> None:
 
 def test_launch_needs_a_plan_and_reports_bad_uploads(filled) -> None:
     at = AppTest.from_file(PAGE, default_timeout=60).run()
-    assert at.radio(key="runs_plan_kind").value == "upload JSON"  # no saved plan yet
+    assert at.radio(key="runs_plan_kind").value == "example plan"  # no saved plan yet: the shipped examples
+    assert set(at.selectbox(key="runs_plan_pick").options) == {"int8", "int4-g128", "int4-svd-ffn", "tt-embedding"}
+    at.radio(key="runs_plan_kind").set_value("upload JSON").run()
     assert at.button(key="runs_start").disabled
     cache, _ = filled
     cache.save_plan("int4", {"name": "int4", "default": {"method": "int", "bits": 4, "group_size": 32}})
