@@ -6,7 +6,7 @@ import streamlit as st
 import app_state
 from sahc_core.errors import SahcError
 from sahc_core.figures_report import runs_scatter
-from sahc_core.jobs import cancel_run, list_runs, run_status, start_run
+from sahc_core.jobs import cancel_run, list_runs, progress_parts, run_status, start_run
 from sahc_core.pipeline import compare_runs
 from sahc_core.plan import CompressionPlan, example_plans, load_plans
 
@@ -54,17 +54,6 @@ with st.expander("Launch a run", expanded=True):
         app_state.show_error(exc)
 
 
-def _progress_line(p: dict) -> str:
-    parts = []
-    if p.get("tensors_total"):
-        parts.append(f"tensors {p.get('tensors_done', 0)}/{p['tensors_total']}")
-    if p.get("tokens_total"):
-        parts.append(f"tokens {p.get('tokens_done', 0):,}/{p['tokens_total']:,}")
-    if p.get("eta_s") is not None:
-        parts.append(f"ETA of this stage {p['eta_s']:.0f} s")
-    return " · ".join(parts)
-
-
 @st.fragment(run_every=2)
 def live_runs() -> None:
     """Polls the cache every 2 s: one progress bar and a cancel button per active run."""
@@ -87,7 +76,7 @@ def live_runs() -> None:
         c = st.columns([4, 1])
         c[0].progress(float(prog.get("fraction") or 0.0),
                       text=f"**{status['plan_name']}** ({rid}) · {status['status']} · stage "
-                           f"{status.get('stage') or 'queued'} · {_progress_line(prog)}")
+                           f"{status.get('stage') or 'queued'} · {' · '.join(progress_parts(prog))}")
         if status.get("cancel_requested"):
             c[1].caption("cancelling…")
         elif c[1].button("Cancel", key=f"runs_cancel_{rid}"):

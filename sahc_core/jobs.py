@@ -92,15 +92,19 @@ def _alive(pid: int | None, start: str | None) -> bool:
     return True
 
 
-def _progress_line(p: dict[str, Any]) -> str:
-    """``stage 'assemble': tensors 12/272, eta 31 s`` from a progress dict."""
-    parts = [f"stage {p.get('stage')!r}"]
-    for unit in ("tensors", "tokens"):
-        if p.get(f"{unit}_total"):
-            parts.append(f"{unit} {p.get(f'{unit}_done', 0)}/{p[f'{unit}_total']}")
+def progress_parts(p: dict[str, Any]) -> list[str]:
+    """``["tensors 12/272", "tokens 4,096/63,989", "ETA of this stage 31 s"]`` from a progress dict.
+
+    One wording for the CLI's stderr lines and the Runs page's progress bars.
+    """
+    parts = []
+    if p.get("tensors_total"):
+        parts.append(f"tensors {p.get('tensors_done', 0)}/{p['tensors_total']}")
+    if p.get("tokens_total"):
+        parts.append(f"tokens {p.get('tokens_done', 0):,}/{p['tokens_total']:,}")
     if p.get("eta_s") is not None:
-        parts.append(f"eta {p['eta_s']:.0f} s")
-    return ", ".join(parts)
+        parts.append(f"ETA of this stage {p['eta_s']:.0f} s")
+    return parts
 
 
 # -- reporter (used inside the worker) -------------------------------------------------------------
@@ -181,7 +185,8 @@ class JobReporter:
             return
         self._last_write = now
         if self.echo is not None:
-            print(f"[{self.run_id}] {_progress_line(self._progress)}", file=self.echo, flush=True)
+            line = ", ".join([f"stage {self._progress.get('stage')!r}", *progress_parts(self._progress)])
+            print(f"[{self.run_id}] {line}", file=self.echo, flush=True)
         self.cache.execute("UPDATE runs SET stage = ?, progress = ?, updated_at = ? WHERE run_id = ?",
                            [self._progress.get("stage"), to_json(self._progress), utcnow(), self.run_id])
 
