@@ -321,14 +321,18 @@ def capture_inputs(model, tokenizer, text: str, module_name: str, n_tokens: int 
     return torch.cat(captured)
 
 
-def _row_cosine(Y: Tensor, Y_hat: Tensor) -> float:
-    """Mean over rows of cos(y_n, ŷ_n) in float64; two zero rows count 1, one zero row counts 0."""
+def row_cosines(Y: Tensor, Y_hat: Tensor) -> Tensor:
+    """cos(y_n, ŷ_n) of every row in float64; two zero rows count 1, one zero row counts 0."""
     Y, Y_hat = Y.double(), Y_hat.double()
     dot = (Y * Y_hat).sum(-1)
     norms = Y.norm(dim=-1) * Y_hat.norm(dim=-1)
     both_zero = (Y.norm(dim=-1) == 0) & (Y_hat.norm(dim=-1) == 0)
-    cos = torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(torch.float64).tiny), both_zero.double())
-    return float(cos.mean())
+    return torch.where(norms > 0, dot / norms.clamp_min(torch.finfo(torch.float64).tiny), both_zero.double())
+
+
+def _row_cosine(Y: Tensor, Y_hat: Tensor) -> float:
+    """Mean over rows of :func:`row_cosines`."""
+    return float(row_cosines(Y, Y_hat).mean())
 
 
 def output_cosine(W: Tensor, W_hat: Tensor, X: Tensor) -> float:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sahc_core.evaluate import _capture_windows, _model_device
+from sahc_core.evaluate import _capture_windows, _model_device, row_cosines
 
 
 def layer_output_cosines(model: nn.Module, tokenizer, text: str, weights: Mapping[str, Tensor],
@@ -55,10 +55,7 @@ def layer_output_cosines(model: nn.Module, tokenizer, text: str, weights: Mappin
                 y_hat = F.embedding(x, w_hat, module.padding_idx)
             else:
                 y_hat = F.linear(x, w_hat, module.bias)
-            y, y_hat = out.reshape(-1, out.shape[-1]).double(), y_hat.reshape(-1, out.shape[-1]).double()
-            den = y.norm(dim=1) * y_hat.norm(dim=1)
-            both_zero = (y.norm(dim=1) == 0) & (y_hat.norm(dim=1) == 0)
-            cos = torch.where(den > 0, (y * y_hat).sum(1) / den.clamp_min(1e-300), both_zero.double())
+            cos = row_cosines(out.reshape(-1, out.shape[-1]), y_hat.reshape(-1, out.shape[-1]))
             acc = sums.setdefault(mod_name, [0.0, 0, w_name])
             acc[0] += float(cos.sum())
             acc[1] += int(cos.numel())
