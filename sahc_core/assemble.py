@@ -32,6 +32,7 @@ from sahc_core import methods
 from sahc_core.device import resolve_device
 from sahc_core.errors import JobError, ModelError, SahcError
 from sahc_core.plan import TIED, CompressionPlan, resolve
+from sahc_core.quant import state_nbytes
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -197,7 +198,7 @@ def _write_tensors(source, df, root: Path, progress, check_cancel, shard_bytes: 
             state = c.state()
             keyed = {f"{row.name}{SEP}{k}": t for k, t in state.items()}
             entry.update(meta=c.meta(), state_keys={k: f"{row.name}{SEP}{k}" for k in state},
-                         bytes=int(sum(t.numel() * t.element_size() for t in state.values())))
+                         bytes=state_nbytes(state))
             entry["file"] = writer.add(keyed)
             del c, state, keyed
         entries[row.name] = entry

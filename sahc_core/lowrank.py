@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from sahc_core.device import resolve_device
-from sahc_core.quant import (QuantConfig, QuantizedTensor, _as_int, optional_quant_config, quant_bytes,
-                             quantize)
+from sahc_core.quant import (QuantConfig, QuantizedTensor, _as_int, load_part, optional_quant_config, part_state,
+                             quant_bytes, quantize, state_nbytes)
 
 
 @dataclass(frozen=True)
@@ -162,20 +162,14 @@ class LowRankTensor:
         return (self._factor(self.u).T @ self._factor(self.v)).reshape(self.shape).to(dtype)
 
     def state(self) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for key, f in (("u", self.u), ("v", self.v)):
-            if isinstance(f, QuantizedTensor):
-                out.update({f"{key}.{k}": t for k, t in f.state().items()})
-            else:
-                out[key] = f
-        return out
+        return {**part_state("u", self.u), **part_state("v", self.v)}
 
     def meta(self) -> dict:
         return {"method": "svd", "config": self.config.to_dict(), "shape": list(self.shape), "rank": self.rank}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state().values())
+        return state_nbytes(self.state())
 
 
 def lowrank(W: Tensor, cfg: SVDConfig, factors: tuple[Tensor, Tensor, Tensor] | None = None) -> LowRankTensor:
@@ -214,20 +208,11 @@ def _load(state: dict[str, Tensor], meta: dict, cfg: SVDConfig) -> LowRankTensor
     m, n = _dims(shape)
     r = resolve_rank(shape, cfg)
     q = cfg.quant_config
-    parts = []
-    for key, dim in (("u", m), ("v", n)):
-        sub = {k[len(key) + 1:]: t for k, t in state.items() if k.startswith(key + ".")}
-        if q is None:
-            t = state.get(key)
-            if t is None or t.dtype != torch.float16 or tuple(t.shape) != (r, dim):
-                raise ValueError(f"low-rank state needs a float16 '{key}' of shape {(r, dim)}.")
-            parts.append(t)
-        else:
-            parts.append(QuantizedTensor.from_state(sub, (r, dim), q))
-    want = {"u", "v"} if q is None else {f"{p}.{k}" for p, f in zip("uv", parts) for k in f.state()}
-    if set(state) != want:
-        raise ValueError(f"low-rank state must hold exactly {sorted(want)}, got {sorted(state)}.")
-    return LowRankTensor(shape, cfg, r, parts[0], parts[1])
+    out = LowRankTensor(shape, cfg, r, load_part(state, "u", (r, m), q, "low-rank"),
+                        load_part(state, "v", (r, n), q, "low-rank"))
+    if set(state) != set(out.state()):
+        raise ValueError(f"low-rank state must hold exactly {sorted(out.state())}, got {sorted(state)}.")
+    return out
 
 
 def _measure_extras(W: Tensor, c: LowRankTensor, W_hat: Tensor) -> dict:

@@ -31,6 +31,8 @@ References: gpt-fast ``group_quantize_tensor`` (the asym min-max RTN this mirror
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import math
 import operator
 from dataclasses import dataclass
@@ -215,7 +217,7 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         """Exact bytes of :meth:`state` tensors."""
-        return sum(t.numel() * t.element_size() for t in self.state().values())
+        return state_nbytes(self.state())
 
     @property
     def bits_per_weight(self) -> float:
@@ -238,6 +240,31 @@ class QuantizedTensor:
         if state["codes"].dtype != torch.uint8 or state["codes"].numel() != (n * cfg.bits + 7) // 8:
             raise ValueError(f"quantized codes must be {(n * cfg.bits + 7) // 8} uint8 bytes for shape {tuple(shape)}.")
         return cls(tuple(int(s) for s in shape), cfg, state["codes"].reshape(-1), state["scales"], state.get("zeros"))
+
+
+def state_nbytes(state: Mapping[str, Tensor]) -> int:
+    """Exact bytes of stored tensors (what a ``Compressed.nbytes`` counts)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def part_state(prefix: str, part: Tensor | QuantizedTensor) -> dict[str, Tensor]:
+    """Stored tensors of one SVD factor / TT core: the fp16 tensor as ``prefix``, or a quantized
+    part's codes/scales/zeros as ``prefix.codes`` etc."""
+    if isinstance(part, QuantizedTensor):
+        return {f"{prefix}.{k}": t for k, t in part.state().items()}
+    return {prefix: part}
+
+
+def load_part(state: Mapping[str, Tensor], prefix: str, shape: tuple[int, int], q: QuantConfig | None,
+              what: str) -> Tensor | QuantizedTensor:
+    """Inverse of :func:`part_state` for one part of ``shape`` (``q`` None: a float16 tensor)."""
+    if q is None:
+        t = state.get(prefix)
+        if t is None or t.dtype != torch.float16 or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{what} state needs a float16 '{prefix}' of shape {tuple(shape)}.")
+        return t
+    sub = {k[len(prefix) + 1:]: t for k, t in state.items() if k.startswith(prefix + ".")}
+    return QuantizedTensor.from_state(sub, shape, q)
 
 
 def _check_fp16(t: Tensor, what: str) -> None:

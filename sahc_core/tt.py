@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sahc_core.quant import (QuantConfig, QuantizedTensor, _as_int, optional_quant_config, quant_bytes,
-                             quantize)
+from sahc_core.quant import (QuantConfig, QuantizedTensor, _as_int, load_part, optional_quant_config, part_state,
+                             quant_bytes, quantize, state_nbytes)
 
 
 def _int_tuple(values: object, name: str) -> tuple[int, ...]:
@@ -317,20 +317,14 @@ class TTMatrix:
         return out.reshape(B, cols)[:, : self.shape[1]]
 
     def state(self) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for k, c in enumerate(self.cores):
-            if isinstance(c, QuantizedTensor):
-                out.update({f"core{k}.{name}": t for name, t in c.state().items()})
-            else:
-                out[f"core{k}"] = c
-        return out
+        return {key: t for k, c in enumerate(self.cores) for key, t in part_state(f"core{k}", c).items()}
 
     def meta(self) -> dict:
         return {"method": "tt", "config": self.config.to_dict(), "shape": list(self.shape), "tt_shape": self.tt_shape}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state().values())
+        return state_nbytes(self.state())
 
 
 def _store(core: Tensor, q: QuantConfig | None) -> Tensor | QuantizedTensor:
@@ -363,18 +357,9 @@ def _load(state: dict[str, Tensor], meta: dict, cfg: TTConfig) -> TTMatrix:
                      tuple(stored.get("col_factors") or ()) or cfg.col_factors, cfg.group_size, cfg.scheme)
     lay = _layout(shape, cfg_f)
     q = _core_quant(lay, cfg_f)
-    cores: list[Tensor | QuantizedTensor] = []
-    for k, n in enumerate(lay.modes):
-        grid = (lay.ranks[k], n * lay.ranks[k + 1])
-        if q is None:
-            t = state.get(f"core{k}")
-            if t is None or t.dtype != torch.float16 or tuple(t.shape) != grid:
-                raise ValueError(f"TT state needs a float16 'core{k}' of shape {grid}.")
-            cores.append(t)
-        else:
-            sub = {key[len(f"core{k}."):]: t for key, t in state.items() if key.startswith(f"core{k}.")}
-            cores.append(QuantizedTensor.from_state(sub, grid, q))
-    out = TTMatrix(shape, cfg, lay.tt_shape(), tuple(cores))
+    cores = tuple(load_part(state, f"core{k}", (lay.ranks[k], n * lay.ranks[k + 1]), q, "TT")
+                  for k, n in enumerate(lay.modes))
+    out = TTMatrix(shape, cfg, lay.tt_shape(), cores)
     if set(state) != set(out.state()):
         raise ValueError(f"TT state must hold exactly {sorted(out.state())}, got {sorted(state)}.")
     return out
