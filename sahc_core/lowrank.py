@@ -99,7 +99,7 @@ def resolve_rank(shape: tuple[int, ...], cfg: SVDConfig) -> int:
     return r
 
 
-def _factor_quant(m: int, n: int, cfg: SVDConfig) -> QuantConfig | None:
+def factor_quant(m: int, n: int, cfg: SVDConfig) -> QuantConfig | None:
     """The factor quantizer after checking that its group size divides both m and n."""
     q = cfg.quant_config
     if q is not None and q.group_size is not None and (m % q.group_size or n % q.group_size):
@@ -111,7 +111,7 @@ def lowrank_bytes(shape: tuple[int, ...], cfg: SVDConfig) -> int:
     """Exact stored bytes of ``lowrank(W, cfg)`` for a tensor of ``shape``."""
     m, n = _dims(shape)
     r = resolve_rank(shape, cfg)
-    q = _factor_quant(m, n, cfg)
+    q = factor_quant(m, n, cfg)
     if q is None:
         return 2 * r * (m + n)
     return quant_bytes((r, m), q) + quant_bytes((r, n), q)
@@ -134,6 +134,15 @@ def svd_factors(W: Tensor, device: str = "auto") -> tuple[Tensor, Tensor, Tensor
     except torch.linalg.LinAlgError:
         U, S, Vh = (t.to(torch.float32) for t in torch.linalg.svd(M.double(), full_matrices=False))
     return U, S, Vh
+
+
+def split_factors(factors: tuple[Tensor, Tensor, Tensor], r: int) -> tuple[Tensor, Tensor]:
+    """The unquantized stored factors ``u = (U_r sqrt(S_r))ᵀ`` ``(r, m)`` and ``v = sqrt(S_r) V_rᵀ`` ``(r, n)``."""
+    U, S, Vh = factors
+    sq = S[:r].to(torch.float32).clamp_min(0).sqrt()
+    u = (U[:, :r].to(torch.float32) * sq).T.contiguous()      # (r, m)
+    v = (sq[:, None] * Vh[:r].to(torch.float32)).contiguous()  # (r, n)
+    return u, v
 
 
 @dataclass(frozen=True, eq=False)
@@ -187,14 +196,12 @@ def lowrank(W: Tensor, cfg: SVDConfig, factors: tuple[Tensor, Tensor, Tensor] | 
     shape = tuple(W.shape)
     m, n = _dims(shape)
     r = resolve_rank(shape, cfg)
-    q = _factor_quant(m, n, cfg)
+    q = factor_quant(m, n, cfg)
     U, S, Vh = factors if factors is not None else svd_factors(W)
     k = min(m, n)
     if tuple(U.shape) != (m, k) or tuple(S.shape) != (k,) or tuple(Vh.shape) != (k, n):
         raise ValueError(f"factors of shapes {tuple(U.shape)}, {tuple(S.shape)}, {tuple(Vh.shape)} do not belong to a {m}x{n} matrix.")
-    sq = S[:r].to(torch.float32).clamp_min(0).sqrt()
-    u = (U[:, :r].to(torch.float32) * sq).T.contiguous()      # (r, m)
-    v = (sq[:, None] * Vh[:r].to(torch.float32)).contiguous()  # (r, n)
+    u, v = split_factors((U, S, Vh), r)
     if q is None:
         su, sv = u.to(torch.float16), v.to(torch.float16)
     else:

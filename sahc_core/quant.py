@@ -31,7 +31,7 @@ References: gpt-fast ``group_quantize_tensor`` (the asym min-max RTN this mirror
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import math
 import operator
@@ -42,6 +42,10 @@ from torch import Tensor
 
 _SCHEMES = ("sym", "asym")
 _PACK_CHUNK = 1 << 20  # 8-code blocks packed per step for k in {3,5,6,7} (bounds int64 temporaries)
+#: Weights per block of :func:`fake_quant_chunks`: 2 MiB of float32, so a block stays in the CPU cache
+#: through the few elementwise passes of a measurement (measured: 128-2048 rows of 576 all ~0.08 s
+#: for the 49152x576 embedding against 0.16 s unblocked).
+_FAKE_CHUNK_ELEMS = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,42 @@ def _check_fp16(t: Tensor, what: str) -> None:
         raise ValueError(f"the {what} overflow float16 (weights beyond about 6.5e4); rescale the tensor first.")
 
 
+def _grid(x: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Round-to-nearest of ``x`` (float32, ``(rows, groups, g)``) on the grid of ``cfg``.
+
+    Returns ``(q, scales, zeros)``: the integer grid values as float32 (``sym``: in ``[-Q, Q]``;
+    ``asym``: in ``[0, 2^k - 1]``), the fp16 scales and (``asym``) the fp16 zeros, both ``(rows, groups)``.
+    Shared by :func:`quantize` (which packs ``q``) and :func:`fake_quantize` (which decodes it at once).
+    """
+    # NaN and ±Inf propagate through amin/amax, so checking the per-group extremes checks every element
+    # (a full isfinite pass costs more than the whole quantization on a 28M-element embedding).
+    lo, hi = torch.aminmax(x, dim=-1)
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError("the tensor contains NaN or Inf values and cannot be quantized.")
+    if cfg.scheme == "sym":
+        qmax = 2 ** (cfg.bits - 1) - 1
+        scales = (torch.maximum(lo.abs(), hi.abs()) / qmax).to(torch.float16)
+        _check_fp16(scales, "scales")
+        s = scales.float()
+        s_safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
+        return torch.round(x / s_safe).clamp_(-qmax, qmax), scales, None
+    qmax = 2 ** cfg.bits - 1
+    zeros = lo.to(torch.float16)
+    _check_fp16(zeros, "zero points")
+    z = zeros.float()
+    scales = ((hi - z) / qmax).to(torch.float16)  # range from the stored zero
+    _check_fp16(scales, "scales")
+    s = scales.float()
+    s_safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
+    return torch.round((x - z[..., None]) / s_safe).clamp_(0, qmax), scales, zeros
+
+
+def _decode(q: Tensor, scales: Tensor, zeros: Tensor | None) -> Tensor:
+    """``ŵ = q * s (+ z)`` in float32, in place on ``q`` (``(rows, groups, g)`` float32 grid values)."""
+    w = q.mul_(scales.float()[..., None])
+    return w if zeros is None else w.add_(zeros.float()[..., None])
+
+
 def quantize(W: Tensor, cfg: QuantConfig) -> QuantizedTensor:
     """Round-to-nearest int-k quantization of ``W`` along its last dimension (see module docstring).
 
@@ -288,29 +328,9 @@ def quantize(W: Tensor, cfg: QuantConfig) -> QuantizedTensor:
     shape = tuple(W.shape)
     rows, cols, g = _layout(shape, cfg)
     x = W.detach().to(torch.float32).reshape(rows, cols // g, g)  # (rows, groups, g)
-    # NaN and ±Inf propagate through amin/amax, so checking the per-group extremes checks every element
-    # (a full isfinite pass costs more than the whole quantization on a 28M-element embedding).
-    lo, hi = x.amin(-1), x.amax(-1)
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-        raise ValueError("the tensor contains NaN or Inf values and cannot be quantized.")
+    q, scales, zeros = _grid(x, cfg)
     if cfg.scheme == "sym":
-        qmax = 2 ** (cfg.bits - 1) - 1
-        scales = (torch.maximum(lo.abs(), hi.abs()) / qmax).to(torch.float16)
-        _check_fp16(scales, "scales")
-        s = scales.float()
-        s_safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
-        q = torch.round(x / s_safe).clamp_(-qmax, qmax) + qmax  # stored code in [0, 2Q]
-        zeros = None
-    else:
-        qmax = 2 ** cfg.bits - 1
-        zeros = lo.to(torch.float16)
-        _check_fp16(zeros, "zero points")
-        z = zeros.float()
-        scales = ((hi - z) / qmax).to(torch.float16)  # range from the stored zero
-        _check_fp16(scales, "scales")
-        s = scales.float()
-        s_safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
-        q = torch.round((x - z[..., None]) / s_safe).clamp_(0, qmax)
+        q += 2 ** (cfg.bits - 1) - 1  # stored code in [0, 2Q]
     codes = pack_codes(q.to(torch.uint8), cfg.bits)
     return QuantizedTensor(shape, cfg, codes, scales, zeros)
 
@@ -319,10 +339,46 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor
     """Reconstruct ``ŵ`` from a :class:`QuantizedTensor` (float32 arithmetic, then cast to ``dtype``)."""
     rows, cols, g = _layout(q.shape, q.config)
     codes = unpack_codes(q.codes, q.config.bits, rows * cols).to(torch.float32).reshape(rows, cols // g, g)
-    s = q.scales.float()[..., None]
     if q.config.scheme == "sym":
-        w = (codes - (2 ** (q.config.bits - 1) - 1)) * s
+        codes -= 2 ** (q.config.bits - 1) - 1
     else:
         assert q.zeros is not None, "asym QuantizedTensor without zeros"
-        w = codes * s + q.zeros.float()[..., None]
-    return w.reshape(q.shape).to(dtype)
+    return _decode(codes, q.scales, q.zeros).reshape(q.shape).to(dtype)
+
+
+@dataclass(frozen=True)
+class FakeQuantChunk:
+    """One block of rows from :func:`fake_quant_chunks`: ``W[rows]`` (2-D view), ``ŵ`` and the scales."""
+
+    rows: slice
+    w: Tensor       # (r, cols) float32, the original rows
+    w_hat: Tensor   # (r, cols) float32, dequantize(quantize(W))[rows], a fresh tensor the caller may reuse
+    scales: Tensor  # (r, groups) float16
+
+
+def fake_quant_chunks(W: Tensor, cfg: QuantConfig, chunk_elems: int | None = None) -> Iterator[FakeQuantChunk]:
+    """``dequantize(quantize(W, cfg))`` block of rows by block of rows, without the packed bitstream.
+
+    Bit-identical to the real round trip (same :func:`_grid` and :func:`_decode`; tested), but it
+    skips packing and unpacking the codes and works on cache-sized blocks of ``chunk_elems`` weights (default ``_FAKE_CHUNK_ELEMS``),
+    so a what-if measurement can take its row norms while the block is hot: about 7x faster than
+    ``dequantize(quantize(W))`` on the 49152x576 embedding. Groups never cross rows, so blocking by
+    rows is exact.
+    """
+    rows, cols, g = _layout(tuple(W.shape), cfg)
+    x = W.detach().to(torch.float32).reshape(rows, cols)
+    step = max(1, (chunk_elems or _FAKE_CHUNK_ELEMS) // cols)
+    for start in range(0, rows, step):
+        block = x[start:start + step]
+        q, scales, zeros = _grid(block.reshape(-1, cols // g, g), cfg)
+        yield FakeQuantChunk(slice(start, start + block.shape[0]), block, _decode(q, scales, zeros).reshape(-1, cols),
+                             scales)
+
+
+def fake_quantize(W: Tensor, cfg: QuantConfig) -> Tensor:
+    """``dequantize(quantize(W, cfg))`` (float32, W's shape) without building the packed codes."""
+    rows, cols, _ = _layout(tuple(W.shape), cfg)
+    out = torch.empty(rows, cols, dtype=torch.float32, device=W.device)
+    for c in fake_quant_chunks(W, cfg):
+        out[c.rows] = c.w_hat
+    return out.reshape(W.shape)

@@ -8,7 +8,7 @@ expensive parts are computed once per tensor and reused:
 * the float32 weight and its row norms (``_WEIGHTS``, keyed by model fingerprint + tensor name);
 * its full thin SVD ``(U, S, Vh)`` (``FACTORS``, an LRU keyed by fingerprint + name + device): a new
   rank or factor bit width only slices and quantizes the factors, it never re-runs the SVD; with
-  ``W Vhᵀ`` (``_ROTATED``) a move then costs one m·r·n product (see ``_fast_svd_measure``);
+  ``W Vhᵀ`` (``_ROTATED``) a move then costs one m·r·n product (see ``_svd_measure``);
 * calibration activations entering a linear layer (``_ACTIVATIONS``, per fingerprint + module).
 
 Finished measurements are stored in the DuckDB cache under ``(fingerprint, tensor, plan-form config,
@@ -32,15 +32,18 @@ from sahc_core.cache import Cache
 from sahc_core.device import resolve_device
 from sahc_core.errors import ModelError
 from sahc_core.gates import log_gates, tensor_gates
-from sahc_core.lowrank import SVDConfig, lowrank, svd_factors
+from sahc_core.lowrank import SVDConfig, factor_quant, lowrank, lowrank_bytes, resolve_rank, split_factors, svd_factors
 from sahc_core.methods import compress, config_to_dict, measure, projected_bytes
 from sahc_core.model_io import ModelSource
-from sahc_core.quant import QuantConfig
+from sahc_core.quant import QuantConfig, fake_quant_chunks, fake_quantize, quant_bytes
 
 #: Bump when a measured number would change for the same inputs (invalidates cached rows).
 MEASURE_VERSION = 1
 _KIND_MEASURE = "whatif_measure"
 _KIND_OUTCOS = "whatif_output_cosine"
+#: Elements of Ŵ formed per block by :func:`_svd_measure` (4 MiB of float32: the block's norms are
+#: taken while it is in cache, and no m×n temporary is allocated).
+_BLOCK_ELEMS = 1 << 20
 
 
 class LRU:
@@ -152,7 +155,7 @@ def _rotated(source: ModelSource, name: str, factors: tuple[Tensor, Tensor, Tens
     return hit
 
 
-def _from_rows(W: Tensor, c: Any, w_row2: Tensor, h_row2: Tensor, e_row2: Tensor) -> dict:
+def _from_rows(W: Tensor, method: str, nbytes: int, w_row2: Tensor, h_row2: Tensor, e_row2: Tensor) -> dict:
     """The ``methods.measure`` base keys from squared row norms of W, Ŵ and W - Ŵ (float64).
 
     Row cosine from ``<w, ŵ> = (|w|² + |ŵ|² - |w - ŵ|²) / 2``; a zero row counts 1 if both are zero.
@@ -161,8 +164,8 @@ def _from_rows(W: Tensor, c: Any, w_row2: Tensor, h_row2: Tensor, e_row2: Tensor
     den = (w_row2 * h_row2).sqrt()
     cos = torch.where(den > 0, dot / den.clamp_min(1e-300), ((w_row2 == 0) & (h_row2 == 0)).double())
     w2, numel = float(w_row2.sum()), W.numel()
-    return {"method": c.meta()["method"], "bytes": int(c.nbytes), "ratio": 2 * numel / c.nbytes,
-            "bits_per_weight": 8 * c.nbytes / numel, "weight_cosine": float(cos.mean()),
+    return {"method": method, "bytes": int(nbytes), "ratio": 2 * numel / nbytes,
+            "bits_per_weight": 8 * nbytes / numel, "weight_cosine": float(cos.mean()),
             "rel_error": math.sqrt(float(e_row2.sum()) / w2) if w2 > 0 else 1.0}
 
 
@@ -171,59 +174,100 @@ def _norm2(x: Tensor, dim: int | None = None) -> Tensor:
     return torch.linalg.vector_norm(x, dim=dim).double().square()
 
 
+def _rows(x: Tensor) -> Tensor:
+    """The ``(rows, last dim)`` view that row norms and quantization groups refer to."""
+    return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+
+
 def _fast_measure(W: Tensor, c: Any, w_row2: Tensor) -> dict:
-    """``methods.measure`` for int / TT / keep: float32 passes with float64 sums.
+    """``methods.measure`` for TT / keep: float32 passes with float64 sums.
 
     Hand-written for speed: ``methods.measure`` casts both matrices to float64 several times (about
     3 s per move on the 49152x576 embedding of a busy 2-core CPU). Agrees to float32 rounding (tested).
     """
     W_hat = c.reconstruct(torch.float32).reshape(W.shape)
-    rows = (lambda x: x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1))  # noqa: E731
-    out = _from_rows(W, c, w_row2, _norm2(rows(W_hat), 1), _norm2(rows(W - W_hat), 1))
+    out = _from_rows(W, c.meta()["method"], c.nbytes, w_row2, _norm2(_rows(W_hat), 1), _norm2(_rows(W - W_hat), 1))
     if hasattr(c, "tt_shape"):
         out.update(tt_shape=c.tt_shape, padded_rows=c.padded_rows, padded_cols=c.padded_cols)
     return out
 
 
-def _fast_svd_measure(W: Tensor, c: Any, factors: tuple[Tensor, Tensor, Tensor], rot: dict, w_row2: Tensor) -> dict:
-    """``methods.measure`` numbers of a low-rank ``c`` for m >= n, computed in the right-singular basis.
+def _int_measure(W: Tensor, cfg: QuantConfig, w_row2: Tensor) -> dict:
+    """``methods.measure`` numbers of int-k quantization, plus the rounding-noise prediction.
+
+    Hand-written for speed (an int slider move): the dequantized weights come block by block from
+    :func:`quant.fake_quant_chunks` (bit-identical to ``dequantize(quantize(W))``, without packing the
+    codes) and their row norms are taken while each block is in cache; bytes from the exact formula.
+    """
+    x = _rows(W)
+    h_row2 = torch.empty(x.shape[0], dtype=torch.float64, device=W.device)
+    e_row2, step2, n_groups = torch.empty_like(h_row2), 0.0, 0
+    for c in fake_quant_chunks(x, cfg):
+        h_row2[c.rows] = _norm2(c.w_hat, 1)
+        e_row2[c.rows] = _norm2(c.w_hat.sub_(c.w), 1)
+        step2 += float(c.scales.double().square().sum())
+        n_groups += c.scales.numel()
+    out = _from_rows(W, "int", quant_bytes(tuple(W.shape), cfg), w_row2, h_row2, e_row2)
+    out["quant_error"] = out["rel_error"]
+    out.update(_int_prediction(W.numel() // n_groups, step2, float(w_row2.sum())))
+    return out
+
+
+def _svd_measure(W: Tensor, cfg: SVDConfig, factors: tuple[Tensor, Tensor, Tensor], rot: dict, w_row2: Tensor) -> dict:
+    """``methods.measure`` numbers of ``lowrank(W, cfg)`` for m >= n, computed in the right-singular basis.
 
     Hand-written for speed (a slider move must not redo two m×n products and six float64 passes):
     for m >= n, ``Vh`` is square orthogonal, so right-multiplying by ``Vhᵀ`` keeps every Frobenius
-    norm, row norm and row dot product. In that basis ``W_r = [U_r S_r, 0]`` and ``Ŵ Vhᵀ = û (v̂ Vhᵀ)``
+    norm, row norm and row dot product. In that basis ``W_r = [U_r S_r, 0]`` and ``Ŵ Vhᵀ = ûᵀ (v̂ Vhᵀ)``
     is the one m·r·n product per move; with ``E = WV - ŴV``: total² = ||E||², quant² = ||W_r - Ŵ||² =
     ||E[:, :r]||² + ||ŴV[:, r:]||² (up to the float32 residual ``WV[:, :r] - U_r S_r`` of the SVD,
-    ~1e-6 relative), trunc² from cached column norms. Agrees with ``methods.measure`` (tested).
+    ~1e-6 relative), trunc² from cached column norms. At full rank (r = n) there is nothing to split, so
+    the rotation is skipped and ``W - Ŵ`` is measured directly. The factors are quantized with
+    :func:`quant.fake_quantize` (bit-identical to the stored codes, without packing); ``Ŵ`` is formed
+    in blocks of rows whose norms are taken while the block is in cache. Agrees with
+    ``methods.measure`` (tested).
     """
     U, S, Vh = factors
-    r, dev = c.rank, Vh.device
-    u_hat, v_hat = (f.reconstruct(torch.float32) if hasattr(f, "reconstruct") else f.float() for f in (c.u, c.v))
-    Wh = u_hat.to(dev).T @ (v_hat.to(dev) @ Vh.T)                     # (m, n) = Ŵ Vhᵀ
-    h_row2 = _norm2(Wh, 1)
-    quant_tail = float(_norm2(Wh[:, r:])) if r < Wh.shape[1] else 0.0
-    E = Wh.sub_(rot["WV"])                                           # in place: -(W - Ŵ) Vhᵀ
-    out = _from_rows(W, c, w_row2.to(dev), h_row2, _norm2(E, 1))
+    m, n = W.shape
+    r, dev, q = resolve_rank(tuple(W.shape), cfg), Vh.device, factor_quant(m, n, cfg)
+    u, v = split_factors(factors, r)
+    u_hat, v_hat = (f.half().float() if q is None else fake_quantize(f, q) for f in (u, v))
+    full = r == n
+    right = v_hat if full else v_hat @ Vh.T     # (r, n): Ŵ = ûᵀ right, in the original or rotated basis
+    target = W.to(dev) if full else rot["WV"]   # W, or W Vhᵀ
+    h_row2 = torch.empty(m, dtype=torch.float64, device=dev)
+    e_row2, head2, tail2 = torch.empty_like(h_row2), 0.0, 0.0
+    step = max(1, _BLOCK_ELEMS // n)
+    for i in range(0, m, step):
+        Wh = u_hat[:, i:i + step].T @ right    # (b, n) block of Ŵ (Vhᵀ)
+        h_row2[i:i + step] = _norm2(Wh, 1)
+        if not full:
+            tail2 += float(_norm2(Wh[:, r:]))
+        E = Wh.sub_(target[i:i + step])         # in place: -(W - Ŵ) block
+        e_row2[i:i + step] = _norm2(E, 1)
+        if not full:
+            head2 += float(_norm2(E[:, :r]))
+    out = _from_rows(W, "svd", lowrank_bytes(tuple(W.shape), cfg), w_row2.to(dev), h_row2, e_row2)
     w2, s2 = float(w_row2.sum()), S.double().square()
     rel = (lambda x2: math.sqrt(max(x2, 0.0) / w2) if w2 > 0 else 1.0)  # noqa: E731
     return {**out, "rank": r, "trunc_error": rel(float(rot["head_col2"][:r].sum() + rot["tail_col2"][r:].sum())),
             "eym_error": math.sqrt(float(s2[r:].sum()) / float(s2.sum())) if float(s2.sum()) > 0 else 1.0,
-            "quant_error": rel(float(_norm2(E[:, :r])) + quant_tail)}
+            "quant_error": rel(float(e_row2.sum()) if full else head2 + tail2)}
 
 
 def _key(name: str, cfg: Any) -> str:
     return json.dumps({"tensor": name, "config": config_to_dict(cfg)}, sort_keys=True)
 
 
-def _int_prediction(W: Tensor, q: Any, w2: float) -> dict:
+def _int_prediction(per_group: int, step2: float, w2: float) -> dict:
     """Uniform rounding-noise model of RTN quantization: E||e||² = Σ_g n_g Δ_g² / 12.
 
-    ``Δ_g`` is the stored scale (grid step) of group g; each error is uniform on [-Δ/2, Δ/2] when the
-    weights are spread over many steps (Widrow & Kollár, *Quantization Noise*, 2008).
+    ``Δ_g`` is the stored scale (grid step) of group g (``step2`` = Σ_g Δ_g², each group holding
+    ``per_group`` weights); each error is uniform on [-Δ/2, Δ/2] when the weights are spread over many
+    steps (Widrow & Kollár, *Quantization Noise*, 2008).
     """
     norm = math.sqrt(w2)
-    steps = q.scales.double().reshape(-1)
-    per_group = math.prod(W.shape) // steps.numel()
-    pred = math.sqrt(per_group * float((steps**2).sum()) / 12.0) / norm if norm > 0 else 0.0
+    pred = math.sqrt(per_group * step2 / 12.0) / norm if norm > 0 else 0.0
     return {"predicted_error": pred, "prediction": "uniform rounding noise sqrt(sum_g n_g step_g^2 / 12) / ||W||"}
 
 
@@ -278,17 +322,16 @@ def measure_tensor(source: ModelSource, name: str, cfg: Any, cache: Cache | None
         if hit is not None:
             return {**hit, "cached": True}
     t0 = time.perf_counter()
-    W, c, factors = _compressed(source, name, cfg, device, factors_cache)
-    w_row2 = _weight(source, name)[1]
-    if factors is not None and W.shape[0] >= W.shape[1]:
-        m = _fast_svd_measure(W, c, factors, _rotated(source, name, factors), w_row2)
-    elif factors is not None:  # m < n: the registry's measure (splits the error; such tensors are small)
-        m = measure(W, cfg, compressed=c)
-    else:
-        m = _fast_measure(W, c, w_row2)
+    W, w_row2 = _weight(source, name)
     if isinstance(cfg, QuantConfig):
-        m["quant_error"] = m["rel_error"]
-        m.update(_int_prediction(W, c, float(w_row2.sum())))
+        m = _int_measure(W, cfg, w_row2)
+    elif isinstance(cfg, SVDConfig) and W.ndim == 2 and W.shape[0] >= W.shape[1]:
+        factors = svd_of(source, name, device, factors_cache)
+        m = _svd_measure(W, cfg, factors, _rotated(source, name, factors), w_row2)
+    else:
+        W, c, factors = _compressed(source, name, cfg, device, factors_cache)
+        # m < n low-rank: the registry's measure (splits the error; such tensors are small)
+        m = measure(W, cfg, compressed=c) if factors is not None else _fast_measure(W, c, w_row2)
     gates = tensor_gates(name, m)
     out = {"tensor": name, "shape": list(info.shape), "config": config_to_dict(cfg), **m,
            "gates": [g.to_dict() for g in gates], "seconds": time.perf_counter() - t0, "cached": False}

@@ -162,3 +162,32 @@ def test_bf16_input_and_output_dtype() -> None:
     out = dequantize(q, torch.bfloat16)
     assert out.dtype == torch.bfloat16 and out.shape == w.shape
     assert (out.float() - w.float()).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("shape", [(37, 96), (3, 5, 32), (64,)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("scheme", ["sym", "asym"])
+def test_fake_quantize_is_bit_identical_to_the_packed_round_trip(monkeypatch, shape, bits, scheme):
+    import sahc_core.quant as quant
+
+    monkeypatch.setattr(quant, "_FAKE_CHUNK_ELEMS", 7 * 32)  # several blocks, the last one partial
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(bits)) * 0.05
+    W.reshape(-1)[3] = 0.0
+    for g in (None, 16, 32):
+        cfg = quant.QuantConfig(bits, g, scheme)
+        fake = quant.fake_quantize(W, cfg)
+        assert fake.shape == W.shape and torch.equal(fake, quant.dequantize(quant.quantize(W, cfg)))
+        chunks = list(quant.fake_quant_chunks(W, cfg))
+        assert len(chunks) > 1 or W.ndim == 1
+        assert torch.equal(torch.cat([c.scales for c in chunks]), quant.quantize(W, cfg).scales)
+
+
+def test_fake_quantize_refuses_what_quantize_refuses():
+    import sahc_core.quant as quant
+
+    W = torch.ones(4, 32)
+    W[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quant.fake_quantize(W, quant.QuantConfig(4, 16))
+    with pytest.raises(ValueError, match="does not divide"):
+        quant.fake_quantize(torch.ones(4, 30), quant.QuantConfig(4, 16))

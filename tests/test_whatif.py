@@ -251,3 +251,23 @@ def test_fast_measure_matches_methods_measure(source, name, cfg):
     for key in ("rel_error", "weight_cosine", "bytes", "ratio", "bits_per_weight"):
         assert m[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-7), key
     assert m.get("tt_shape") == ref.get("tt_shape")
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(3, 32, "asym"), QuantConfig(5, None, "sym"), QuantConfig(8, 16, "asym"),
+                                 SVDConfig(rank=20, bits=3, group_size=32), SVDConfig(rank=64, bits=5, group_size=None),
+                                 SVDConfig(rank=33, bits=None)])
+def test_blocked_measure_matches_methods_measure(source, monkeypatch, cfg):
+    """Tiny blocks (odd row counts, a last partial block) give the numbers of the unblocked reference."""
+    import sahc_core.quant as quant
+
+    monkeypatch.setattr(whatif, "_BLOCK_ELEMS", 7 * 64)
+    monkeypatch.setattr(quant, "_FAKE_CHUNK_ELEMS", 5 * 64)
+    W = source.read(FFN, dtype=torch.float32)
+    m = whatif.measure_tensor(source, FFN, cfg, device="cpu")
+    ref = measure(W, cfg, compressed=lowrank(W, cfg, factors=svd_factors(W, "cpu")) if isinstance(cfg, SVDConfig) else None)
+    ref.setdefault("quant_error", ref["rel_error"])  # int: all of the error is quantization error
+    keys = ["rel_error", "weight_cosine", "ratio", "bits_per_weight", "quant_error"]
+    keys += ["trunc_error", "eym_error"] if isinstance(cfg, SVDConfig) else []
+    for key in keys:
+        assert m[key] == pytest.approx(ref[key], rel=2e-5, abs=1e-6), key
+    assert m["bytes"] == ref["bytes"] == compress(W, cfg).nbytes
