@@ -22,7 +22,7 @@ _API: dict[str, tuple[str, ...]] = {
     "corpus": ("Corpus", "default_corpus", "load_corpus"),
     "spectrum": ("singular_values", "rank_error_curve", "min_rank", "spectrum_stats", "tensor_spectrum"),
     "methods": ("KeepConfig", "compress", "projected_bytes", "measure", "config_from_dict"),
-    "quant": ("QuantConfig", "quantize", "dequantize"),
+    "quant": ("QuantConfig", "quantize", "dequantize", "fake_quantize"),
     "lowrank": ("SVDConfig", "svd_factors"),
     "tt": ("TTConfig", "tt_decompose"),
     "whatif": ("measure_tensor", "output_cosine_for"),

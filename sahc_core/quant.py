@@ -294,7 +294,7 @@ def _grid(x: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor, Tensor | None]:
         _check_fp16(scales, "scales")
         s = scales.float()
         s_safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
-        return torch.round(x / s_safe).clamp_(-qmax, qmax), scales, None
+        return torch.div(x, s_safe).round_().clamp_(-qmax, qmax), scales, None  # one temporary, then in place
     qmax = 2 ** cfg.bits - 1
     zeros = lo.to(torch.float16)
     _check_fp16(zeros, "zero points")
@@ -303,7 +303,7 @@ def _grid(x: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor, Tensor | None]:
     _check_fp16(scales, "scales")
     s = scales.float()
     s_safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
-    return torch.round((x - z[..., None]) / s_safe).clamp_(0, qmax), scales, zeros
+    return torch.sub(x, z[..., None]).div_(s_safe).round_().clamp_(0, qmax), scales, zeros
 
 
 def _decode(q: Tensor, scales: Tensor, zeros: Tensor | None) -> Tensor:

@@ -41,9 +41,9 @@ from sahc_core.quant import QuantConfig, fake_quant_chunks, fake_quantize, quant
 MEASURE_VERSION = 1
 _KIND_MEASURE = "whatif_measure"
 _KIND_OUTCOS = "whatif_output_cosine"
-#: Elements of Ŵ formed per block by :func:`_svd_measure` (4 MiB of float32: the block's norms are
+#: Elements of Ŵ formed per block by :func:`_svd_measure` (16 MiB of float32: the block's norms are
 #: taken while it is in cache, and no m×n temporary is allocated).
-_BLOCK_ELEMS = 1 << 20
+_BLOCK_ELEMS = 1 << 22
 
 
 class LRU:
