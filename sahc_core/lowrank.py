@@ -28,8 +28,17 @@ import torch
 from torch import Tensor
 
 from sahc_core.device import resolve_device
-from sahc_core.quant import (QuantConfig, QuantizedTensor, _as_int, load_part, optional_quant_config, part_state,
-                             quant_bytes, quantize, state_nbytes)
+from sahc_core.quant import (
+    QuantConfig,
+    QuantizedTensor,
+    _as_int,
+    load_part,
+    optional_quant_config,
+    part_state,
+    quant_bytes,
+    quantize,
+    state_nbytes,
+)
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,9 @@ References: gpt-fast ``group_quantize_tensor`` (the asym min-max RTN this mirror
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-
 import math
 import operator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch

@@ -32,7 +32,15 @@ from sahc_core.cache import Cache
 from sahc_core.device import resolve_device
 from sahc_core.errors import ModelError
 from sahc_core.gates import log_gates, tensor_gates
-from sahc_core.lowrank import SVDConfig, factor_quant, lowrank, lowrank_bytes, resolve_rank, split_factors, svd_factors
+from sahc_core.lowrank import (
+    SVDConfig,
+    factor_quant,
+    lowrank,
+    lowrank_bytes,
+    resolve_rank,
+    split_factors,
+    svd_factors,
+)
 from sahc_core.methods import compress, config_to_dict, measure, projected_bytes
 from sahc_core.model_io import ModelSource
 from sahc_core.quant import QuantConfig, fake_quant_chunks, fake_quantize, quant_bytes
@@ -227,7 +235,7 @@ def _svd_measure(W: Tensor, cfg: SVDConfig, factors: tuple[Tensor, Tensor, Tenso
     in blocks of rows whose norms are taken while the block is in cache. Agrees with
     ``methods.measure`` (tested).
     """
-    U, S, Vh = factors
+    _, S, Vh = factors
     m, n = W.shape
     r, dev, q = resolve_rank(tuple(W.shape), cfg), Vh.device, factor_quant(m, n, cfg)
     u, v = split_factors(factors, r)
