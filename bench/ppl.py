@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--whole", action="store_true", help="use the whole test text (ignores --max-tokens)")
     parser.add_argument("--window", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the library's (1 on CPU, 8 on GPU)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternate ours / HF loop this many times; best of each")
+    parser.add_argument("--repeats", type=int, default=5, help="alternate ours / HF loop this many times; best of each")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-reference", action="store_true", help="run only our perplexity")
     args = parser.parse_args()

@@ -299,3 +299,40 @@ def test_capture_block_io_windows_and_errors(loaded) -> None:
         attention_output_cosine(model, tok, TEXT, "model.layers.0.self_attn.q_proj.weight", W)
     with pytest.raises(ValueError, match="not inside a block"):
         attention_output_cosine(model, tok, TEXT, "lm_head.weight", W)
+
+
+def test_reused_head_buffers_give_the_models_own_log_probs(loaded) -> None:
+    """The decoder + buffered-head path is taken for llama and is bit-identical to model(x).logits."""
+    from sahc_core.evaluate import _LogProbs
+
+    model, tok = loaded
+    ids = _ids(tok)
+    with torch.inference_mode():
+        scorer = _LogProbs(model, ids[:16].unsqueeze(0))
+        assert scorer.split is not None
+        for x in (ids[:64].unsqueeze(0), torch.stack([ids[64:128], ids[128:192]]), ids[:40].unsqueeze(0)):
+            ref = torch.log_softmax(model(input_ids=x, use_cache=False).logits.float(), dim=-1)
+            assert torch.equal(scorer(x), ref)
+        assert scorer._logp.shape[0] == 128  # grown once for the batch of two, then reused
+
+
+def test_head_side_changes_fall_back_to_the_model_logits(loaded) -> None:
+    """A model whose logits are not lm_head(decoder(x)) (soft-capping, scaling...) is scored through
+    model(x).logits: the probe sees the difference."""
+    from sahc_core.evaluate import _LogProbs
+
+    model, tok = loaded
+    ids = _ids(tok)
+    capped = copy.deepcopy(model)
+    capped.register_forward_hook(lambda _m, _a, out: out.__setitem__("logits", 3 * torch.tanh(out.logits)) or out)
+    with torch.inference_mode():
+        assert _LogProbs(capped, ids[:16].unsqueeze(0)).split is None
+    res = perplexity(capped, tok, TEXT, PplConfig(window=64))
+    nll = 0.0
+    with torch.inference_mode():
+        for begin in range(0, ids.numel(), 64):
+            x = ids[begin:begin + 64].unsqueeze(0)
+            logp = torch.log_softmax(capped(input_ids=x, use_cache=False).logits.float(), dim=-1)[0, :-1]
+            nll -= logp.gather(-1, x[0, 1:, None]).double().sum().item()
+    assert res.nll_sum == pytest.approx(nll, rel=1e-9)
+    assert res.nll_sum != pytest.approx(perplexity(model, tok, TEXT, PplConfig(window=64)).nll_sum, rel=1e-3)
