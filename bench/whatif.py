@@ -5,7 +5,7 @@ cache, so every move really compresses and measures): it returns ratio + measure
 the tensor runs once before the moves and is timed separately. Targets: p95 < 0.3 s for the default
 model's largest tensors (embedding 49152×576, FFN 1536×576), < 2 s for a random 12288×4096 matrix on
 CPU; the TT sweep of the 49152×576 embedding (the study's six rank tuples) under a minute on CPU.
-Also times int-k moves (new bits / group size), which need no SVD.
+Also times int-k moves (new bits), which need no SVD; they count toward the same targets.
 
 Prints ONE JSON object on stdout (progress on stderr).
 
@@ -126,6 +126,7 @@ def main() -> None:
             log("svd moves, random 12288x4096")
             rnd = random_source(Path(tmp))
             out["svd_moves"].append(svd_moves(rnd, "model.layers.0.mlp.up_proj.weight", args.moves, device))
+            out["int_moves"].append(int_moves(rnd, "model.layers.0.mlp.up_proj.weight"))
         whatif.clear_caches()
         log("TT sweep of the embedding (the study's rank tuples)")
         t0 = time.perf_counter()
@@ -135,8 +136,10 @@ def main() -> None:
     targets = {"default_model_p95_s": 0.3, "random_12288x4096_p95_s": 2.0, "tt_sweep_s": 60.0}
     out["targets"] = targets
     out["met"] = {
-        "default_model": all(r["moves"]["p95_s"] < targets["default_model_p95_s"] for r in out["svd_moves"][:2]),
-        **({"random_12288x4096": out["svd_moves"][2]["moves"]["p95_s"] < targets["random_12288x4096_p95_s"],
+        "default_model": all(r["moves"]["p95_s"] < targets["default_model_p95_s"]
+                             for r in out["svd_moves"][:2] + out["int_moves"][:2]),
+        **({"random_12288x4096": all(r["moves"]["p95_s"] < targets["random_12288x4096_p95_s"]
+                                     for r in (out["svd_moves"][2], out["int_moves"][2])),
             "tt_sweep": out["tt_sweep"]["seconds"] < targets["tt_sweep_s"]} if not args.quick else {})}
     out["load_avg_end"] = os.getloadavg()
     print(json.dumps(out))

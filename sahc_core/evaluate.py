@@ -119,7 +119,7 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "float32", st
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"cannot load {path} as a causal language model ({_first_line(exc)}).") from exc
     if state_dict is not None:
-        _load_checked(model, state_dict)
+        load_state(model, state_dict)
     return model.to(device).eval(), tokenizer
 
 
@@ -127,8 +127,9 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
 
 
-def _load_checked(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
-    """``load_state_dict`` after checking names and shapes; tied aliases may be omitted but not differ."""
+def load_state(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """Load ``state_dict`` into ``model`` (any device, cast to its dtype) after checking every name and
+    shape; tied aliases may be omitted but not differ. Raises :class:`ModelError` before changing anything."""
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     expected = model.state_dict()
     unexpected = sorted(set(state_dict) - set(expected))

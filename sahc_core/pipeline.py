@@ -115,34 +115,23 @@ def _components(projected: dict, assembled: dict, rows: list[dict]) -> list[dict
     return out
 
 
-def _smoke_gates(model_dir: Path, corpus, cfg, device: str, state: dict, reporter) -> list:
+def _smoke_gates(model, tokenizer, corpus, state: dict, reporter) -> list:
     """The study's forward smoke test: every layer's output cosine (W vs Ŵ) on calibration text ≥ 0.95."""
-    from sahc_core.evaluate import load_model
     from sahc_core.gates import cosine_gate
     from sahc_core.smoke import layer_output_cosines
 
-    model, tokenizer = load_model(model_dir, device=device, dtype=cfg.dtype)
-    try:
-        cos = layer_output_cosines(model, tokenizer, corpus.calib_text, state, n_tokens=SMOKE_TOKENS,
-                                   progress=lambda d, t: reporter.progress(windows_done=d, windows_total=t))
-    finally:
-        del model
-        gc.collect()
+    cos = layer_output_cosines(model, tokenizer, corpus.calib_text, state, n_tokens=SMOKE_TOKENS,
+                               progress=lambda d, t: reporter.progress(windows_done=d, windows_total=t))
     return [cosine_gate(name, c["cosine"], evidence={"weight": c["weight"], "tokens": c["tokens"],
                                                      "text": f"{corpus.name} calibration split"})
             for name, c in cos.items()]
 
 
-def _ppl(model_dir: Path, corpus, cfg, device: str, state_dict, reporter) -> Any:
-    from sahc_core.evaluate import load_model, perplexity
+def _ppl(model, tokenizer, corpus, cfg, reporter) -> Any:
+    from sahc_core.evaluate import perplexity
 
-    model, tokenizer = load_model(model_dir, device=device, dtype=cfg.dtype, state_dict=state_dict)
-    try:
-        return perplexity(model, tokenizer, corpus.test_text, cfg,
-                          progress=lambda done, total: reporter.progress(tokens_done=done, tokens_total=total))
-    finally:
-        del model
-        gc.collect()
+    return perplexity(model, tokenizer, corpus.test_text, cfg,
+                      progress=lambda done, total: reporter.progress(tokens_done=done, tokens_total=total))
 
 
 def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = None, window: int | None = None,
@@ -205,6 +194,7 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
 
 def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, out_dir, device: str) -> dict:
     from sahc_core.assemble import assemble, load_assembled
+    from sahc_core.evaluate import load_model, load_state
     from sahc_core.gates import coverage_gate, log_gates, ppl_gate, shape_gate
     from sahc_core.model_io import ModelSource
     from sahc_core.plan import project
@@ -232,25 +222,33 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
     infos = source.tensors()
     gates.append(shape_gate({i.name: tuple(i.shape) for i in infos}, {n: tuple(t.shape) for n, t in state.items()}))
     gates.append(coverage_gate([i.name for i in infos], [t["name"] for t in assembled["tensors"]]))
-    gates += _smoke_gates(model_dir, corpus, cfg, device, state, reporter)
-    log_gates(cache, fp, gates, run_id=run_id)
-    seconds["gates"] = time.perf_counter() - t0
+    # ONE model in memory for the whole run: the original serves the smoke test and the baseline, then
+    # the assembled weights are loaded into it for the compressed perplexity.
+    model, tokenizer = load_model(model_dir, device=device, dtype=cfg.dtype)
+    try:
+        gates += _smoke_gates(model, tokenizer, corpus, state, reporter)
+        log_gates(cache, fp, gates, run_id=run_id)
+        seconds["gates"] = time.perf_counter() - t0
 
-    reporter.stage("baseline")
-    key = baseline_key(corpus, cfg, device)
-    base = cache.get(BASELINE_KIND, fp, key, PPL_VERSION)
-    baseline_cached = base is not None
-    t0 = time.perf_counter()
-    if base is None:
-        base = _ppl(model_dir, corpus, cfg, device, None, reporter).to_dict()
-        cache.put(BASELINE_KIND, fp, key, PPL_VERSION, base)
-    seconds["baseline"] = time.perf_counter() - t0
+        reporter.stage("baseline")
+        key = baseline_key(corpus, cfg, device)
+        base = cache.get(BASELINE_KIND, fp, key, PPL_VERSION)
+        baseline_cached = base is not None
+        t0 = time.perf_counter()
+        if base is None:
+            base = _ppl(model, tokenizer, corpus, cfg, reporter).to_dict()
+            cache.put(BASELINE_KIND, fp, key, PPL_VERSION, base)
+        seconds["baseline"] = time.perf_counter() - t0
 
-    reporter.stage("ppl")
-    t0 = time.perf_counter()
-    res = _ppl(model_dir, corpus, cfg, device, state, reporter)
-    seconds["ppl"] = time.perf_counter() - t0
-    del state
+        reporter.stage("ppl")
+        t0 = time.perf_counter()
+        load_state(model, state)
+        del state
+        res = _ppl(model, tokenizer, corpus, cfg, reporter)
+        seconds["ppl"] = time.perf_counter() - t0
+    finally:
+        del model
+        gc.collect()
     ppl, base_ppl = float(res.ppl), float(base["ppl"])
     pg = ppl_gate(ppl, {"baseline_ppl": base_ppl, "tokens": res.tokens, "window": res.window})
     log_gates(cache, fp, [pg], run_id=run_id)

@@ -143,3 +143,17 @@ def test_start_run_background_worker_to_done(tmp_path: Path, model_dir: Path, co
     assert st["status"] == "done", (st["error"], Path(st["log_path"]).read_text()[-2000:])
     assert st["result"]["ppl"] == pytest.approx(st["result"]["baseline_ppl"], rel=0.02)
     assert Path(st["result"]["out_dir"]).is_dir()
+
+
+def test_a_run_loads_the_model_once(tmp_path: Path, model_dir: Path, corpus_file: Path, monkeypatch) -> None:
+    """Smoke test, baseline and compressed perplexity share ONE loaded model (the assembled weights are
+    loaded into it last), so a run never holds two copies of a large model."""
+    import sahc_core.evaluate as evaluate
+
+    calls = []
+    real = evaluate.load_model
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: calls.append(k.get("state_dict")) or real(*a, **k))
+    cache = Cache(tmp_path / "c.duckdb")
+    res = execute_run(cache, INT4, model_dir, corpus=corpus_file, window=WINDOW, run_id="once", device="cpu")
+    assert calls == [None]
+    assert not res["baseline_cached"] and res["ppl"] != res["baseline_ppl"]
