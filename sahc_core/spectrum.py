@@ -60,11 +60,16 @@ ERROR_LEVELS = (0.1, 0.05, 0.01)
 _GRAM_TOL = 1e-6
 #: Rows converted to float64 at a time while forming the Gram matrix (bounds the extra memory).
 _GRAM_CHUNK = 4096
-#: CPU ``eigvalsh`` of an n x n Gram with n <= this runs on ONE thread. Its tridiagonal reduction is
-#: memory-bound BLAS-2 with a parallel region per column: measured on 2 shared cores, 1 thread was
-#: 5x faster at n = 4096 (2.2 s vs 11 s) and up to 40x at n = 576, because every OpenMP barrier
-#: waits for a descheduled thread when the machine is oversubscribed.
+#: CPU ``eigvalsh`` of an n x n Gram with n <= this runs on ONE thread unless the machine is idle (see
+#: ``_EIGH_PARALLEL_MIN_N``). Its tridiagonal reduction is memory-bound BLAS-2 with a parallel region
+#: per column: measured on 2 shared cores, 1 thread was 5x faster at n = 4096 (2.2 s vs 11 s) and up
+#: to 40x at n = 576, because every OpenMP barrier waits for a descheduled thread when the machine is
+#: oversubscribed.
 _EIGH_SERIAL_MAX_N = 4096
+#: ... but when no other task is runnable (``_machine_idle``), n >= this uses every thread: on 2 idle
+#: cores, 2 threads took 1.57 s against 2.1 s at n = 4096 and 0.29 s against 0.34 s at n = 2048.
+#: Below it the gain is a few ms and one descheduled thread costs more (0.7 s once at n = 1536).
+_EIGH_PARALLEL_MIN_N = 2048
 _EPS64 = float(np.finfo(np.float64).eps)
 _EPS32 = float(np.finfo(np.float32).eps)
 
@@ -139,9 +144,22 @@ def _cpu_threads(n: int | None) -> Iterator[None]:
             torch.set_num_threads(old)
 
 
+def _machine_idle() -> bool:
+    """True when this thread is the only runnable task right now (Linux ``/proc/loadavg``, field 4
+    ``running/total``); False when that cannot be read."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            return int(f.read().split()[3].split("/")[0]) <= 1
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def _eigvalsh(G: torch.Tensor) -> torch.Tensor:
-    """Ascending eigenvalues of a symmetric matrix (serial on CPU for n <= ``_EIGH_SERIAL_MAX_N``)."""
-    serial = G.device.type == "cpu" and G.shape[0] <= _EIGH_SERIAL_MAX_N
+    """Ascending eigenvalues of a symmetric matrix (serial on CPU for n <= ``_EIGH_SERIAL_MAX_N``
+    unless the machine is idle and n >= ``_EIGH_PARALLEL_MIN_N``)."""
+    n = G.shape[0]
+    serial = (G.device.type == "cpu" and n <= _EIGH_SERIAL_MAX_N
+              and not (n >= _EIGH_PARALLEL_MIN_N and _machine_idle()))
     with _cpu_threads(1 if serial else None):
         return torch.linalg.eigvalsh(G, UPLO="U")
 

@@ -254,3 +254,29 @@ def test_both_gram_paths_equal_numpy(shape, monkeypatch):
     np.testing.assert_allclose(np.triu(cpu), np.triu(ref), rtol=0, atol=1e-14 * np.abs(ref).max())
     G = sp._gram64_torch(W if shape[0] >= shape[1] else W.T)  # the GPU path, run on CPU
     np.testing.assert_allclose(G.numpy(), ref, rtol=0, atol=1e-14 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("n,idle,threads", [(64, True, 1), (64, False, 1), (80, True, None), (80, False, 1)])
+def test_eigvalsh_threads_follow_size_and_machine_load(monkeypatch, n, idle, threads):
+    """Serial unless the Gram is large AND no other task is runnable; the values never change."""
+    monkeypatch.setattr(sp, "_EIGH_PARALLEL_MIN_N", 80)
+    monkeypatch.setattr(sp, "_machine_idle", lambda: idle)
+    used = []
+    real = sp._cpu_threads
+    monkeypatch.setattr(sp, "_cpu_threads", lambda k: used.append(k) or real(k))
+    A = torch.randn(n + 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    lam = sp._eigvalsh(A.T @ A)
+    assert used == [threads]
+    assert np.allclose(lam.numpy(), np.linalg.eigvalsh((A.T @ A).numpy()), rtol=1e-10, atol=1e-9)
+
+
+def test_machine_idle_reads_proc_loadavg(monkeypatch, tmp_path):
+    import builtins
+
+    real_open = builtins.open
+    for text, idle in (("0.10 0.20 0.30 1/81 24230\n", True), ("2.0 1.5 1.2 3/90 1\n", False), ("garbage", False)):
+        f = tmp_path / "loadavg"
+        f.write_text(text)
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(f if p == "/proc/loadavg" else p, *a, **k))
+        assert sp._machine_idle() is idle
+    monkeypatch.setattr(builtins, "open", real_open)
