@@ -27,6 +27,7 @@ References
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -145,13 +146,26 @@ def _cpu_threads(n: int | None) -> Iterator[None]:
 
 
 def _machine_idle() -> bool:
-    """True when this thread is the only runnable task right now (Linux ``/proc/loadavg``, field 4
-    ``running/total``); False when that cannot be read."""
+    """True when no task of another process is runnable right now; False when that cannot be read.
+
+    Linux only: the runnable count of ``/proc/loadavg`` (field 4, ``running/total``) minus this
+    process's own runnable threads (``/proc/self/task/*/stat`` state ``R``), because a BLAS worker
+    of ours may still be spinning after the Gram product.
+    """
     try:
         with open("/proc/loadavg", encoding="ascii") as f:
-            return int(f.read().split()[3].split("/")[0]) <= 1
+            running = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/stat", encoding="ascii", errors="replace") as f:
+                    stat = f.read()
+            except OSError:  # the thread ended meanwhile
+                continue
+            own += stat[stat.rindex(")") + 2 : stat.rindex(")") + 3] == "R"
     except (OSError, ValueError, IndexError):
         return False
+    return running - own <= 0
 
 
 def _eigvalsh(G: torch.Tensor) -> torch.Tensor:
