@@ -274,7 +274,7 @@ def test_machine_idle_reads_proc_loadavg(monkeypatch, tmp_path):
     import builtins
 
     real_open = builtins.open
-    for text, idle in (("0.10 0.20 0.30 1/81 24230\n", True), ("2.0 1.5 1.2 3/90 1\n", False), ("garbage", False)):
+    for text, idle in (("0.10 0.20 0.30 1/81 24230\n", True), ("2.0 1.5 1.2 50/90 1\n", False), ("garbage", False)):
         f = tmp_path / "loadavg"
         f.write_text(text)
         monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(f if p == "/proc/loadavg" else p, *a, **k))
