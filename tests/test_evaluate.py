@@ -336,3 +336,41 @@ def test_head_side_changes_fall_back_to_the_model_logits(loaded) -> None:
             nll -= logp.gather(-1, x[0, 1:, None]).double().sum().item()
     assert res.nll_sum == pytest.approx(nll, rel=1e-9)
     assert res.nll_sum != pytest.approx(perplexity(model, tok, TEXT, PplConfig(window=64)).nll_sum, rel=1e-3)
+
+
+def test_freed_memory_is_retained_only_during_the_call(monkeypatch, loaded) -> None:
+    """glibc thresholds are raised for the call and set back (with a trim) even when it fails."""
+    import sahc_core.evaluate as ev
+
+    calls: list[tuple] = []
+
+    class FakeLibc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad: int) -> int:
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(ev, "_glibc", lambda: FakeLibc())
+    model, tok = loaded
+    perplexity(model, tok, TEXT, PplConfig(window=64))
+    restore = [("mallopt", ev._M_MMAP_THRESHOLD, 128 * 1024), ("mallopt", ev._M_TRIM_THRESHOLD, 128 * 1024), ("trim", 0)]
+    assert calls[:2] == [("mallopt", ev._M_MMAP_THRESHOLD, 32 * 2**20), ("mallopt", ev._M_TRIM_THRESHOLD, 2**30)]
+    assert calls[2:] == restore
+    calls.clear()
+    with pytest.raises(RuntimeError), ev._retain_freed_memory():
+        raise RuntimeError("boom")
+    assert calls[2:] == restore
+    monkeypatch.setattr(ev, "_glibc", lambda: None)  # musl / macOS: nothing to tune
+    with ev._retain_freed_memory():
+        pass
+
+
+def test_glibc_is_found_here() -> None:
+    import platform
+
+    from sahc_core.evaluate import _glibc
+
+    assert (_glibc() is not None) == (platform.libc_ver()[0] == "glibc")
