@@ -191,8 +191,11 @@ def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-#: glibc ``mallopt`` parameters (``<malloc.h>``) and their defaults.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _GLIBC_DEFAULT = -1, -3, 128 * 1024
+#: glibc ``mallopt`` parameters (``<malloc.h>``).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX), where its dynamic
+#: adjustment ends up after large blocks are freed; the trim threshold then follows at twice it.
+_MMAP_MAX = 32 * 2**20
 
 
 def _glibc() -> Any | None:
@@ -218,21 +221,24 @@ def _retain_freed_memory() -> Iterator[None]:
     heap trimming below) and the next window faults them in again: 180k-480k minor page faults per
     window, 5-10 % of its time on 2 cores, 0 with these settings. PyTorch's CPU performance guide
     suggests preloading jemalloc/tcmalloc for the same reason; this is the in-process equivalent,
-    scoped to one call. Afterwards the thresholds are set back to glibc's defaults (which leaves its
-    dynamic threshold adjustment off) and the retained memory is released with ``malloc_trim``.
+    scoped to one call. Afterwards the retained memory is released (``malloc_trim``) and the
+    thresholds are left where glibc's own dynamic adjustment takes them once a process has freed
+    blocks this large (mmap 32 MiB, trim 64 MiB): an explicit ``mallopt`` turns that adjustment off
+    for good, and its 128 KiB start values would make every later allocation above 128 KiB an mmap
+    (measured: the transformers-guide loop then ran 30 % slower in the same process).
     """
     libc = _glibc()
     if libc is None:
         yield
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)  # glibc's maximum on 64-bit
+    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX)
     libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
         libc.malloc_trim(0)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_MAX)
 
 
 class _LogProbs:
