@@ -22,6 +22,7 @@ import struct
 import time
 from importlib import metadata
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -239,30 +240,39 @@ def read_manifest(out_dir: str | Path) -> dict:
         raise ModelError(f"{p} is unreadable ({exc}); run the assembly again.") from exc
 
 
-def load_assembled(out_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Rebuild every weight of an assembled checkpoint with its original name and shape.
-
-    Each tensor is reconstructed through ``methods.load_compressed(state, meta).reconstruct(dtype)``;
-    a tied LM head stored in the source is returned as the same tensor as the embedding.
-    """
+def iter_assembled(out_dir: str | Path) -> Iterator[tuple[str, dict, Any]]:
+    """``(name, manifest entry, compressed tensor)`` of every stored tensor of an assembled checkpoint,
+    read back from its files (``methods.load_compressed``), file by file; tied aliases are skipped."""
     root = Path(out_dir)
     manifest = read_manifest(root)
     by_file: dict[str, list[str]] = {}
     for name, e in manifest["tensors"].items():
         if e["method"] != TIED:
             by_file.setdefault(e["file"], []).append(name)
-    state: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
         with safe_open(str(root / file), framework="pt", device="cpu") as fh:
             for name in names:
                 e = manifest["tensors"][name]
-                st = {k: fh.get_tensor(key) for k, key in e["state_keys"].items()}
-                W = methods.load_compressed(st, e["meta"]).reconstruct(dtype)
-                state[name] = W.to(device)
-    for name, e in manifest["tensors"].items():
+                yield name, e, methods.load_compressed({k: fh.get_tensor(key) for k, key in e["state_keys"].items()},
+                                                       e["meta"])
+
+
+def tie_aliases(out_dir: str | Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add every tied alias of the manifest (a tied LM head) to ``state`` as the same tensor it is tied to."""
+    for name, e in read_manifest(out_dir)["tensors"].items():
         if e["method"] == TIED:
             state[name] = state[e["tied_to"]]
     return state
+
+
+def load_assembled(out_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Rebuild every weight of an assembled checkpoint with its original name and shape.
+
+    Each tensor is reconstructed through ``methods.load_compressed(state, meta).reconstruct(dtype)``;
+    a tied LM head stored in the source is returned as the same tensor as the embedding.
+    """
+    state = {name: c.reconstruct(dtype).to(device) for name, _, c in iter_assembled(out_dir)}
+    return tie_aliases(out_dir, state)
 
 
 def shape_gate(source, state: dict[str, torch.Tensor]) -> tuple[int, int, list[dict]]:

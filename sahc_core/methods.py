@@ -248,8 +248,10 @@ def row_cosine(W: Tensor, W_hat: Tensor) -> float:
     return _compare(W, W_hat)[1]
 
 
-def measure(W: Tensor, cfg: Any, *, compressed: Compressed | None = None) -> dict:
+def measure(W: Tensor, cfg: Any, *, compressed: Compressed | None = None, w_hat: Tensor | None = None) -> dict:
     """Compress ``W`` (or use ``compressed``, made from ``W`` with ``cfg``) and report its numbers.
+
+    ``w_hat``, when given, must be ``compressed.reconstruct(torch.float32)`` (saves rebuilding it).
 
     Returns
     -------
@@ -260,7 +262,7 @@ def measure(W: Tensor, cfg: Any, *, compressed: Compressed | None = None) -> dic
     """
     entry = _method(cfg)
     c = compressed if compressed is not None else entry.compress(W, cfg)
-    W_hat = c.reconstruct(torch.float32)
+    W_hat = w_hat if w_hat is not None and compressed is not None else c.reconstruct(torch.float32)
     numel = W.numel()
     out = {
         "method": entry.name,

@@ -57,46 +57,37 @@ def baseline_key(corpus, ppl_cfg, device: str) -> str:
                        "dtype": ppl_cfg.dtype, "device": device.split(":")[0]}, sort_keys=True)
 
 
-def measure_checkpoint(source, out_dir: str | Path, progress=None) -> tuple[list, list[dict]]:
-    """Per-tensor gates of an assembled checkpoint against its source.
+def measure_checkpoint(source, out_dir: str | Path, progress=None) -> tuple[list, list[dict], dict]:
+    """Per-tensor gates of an assembled checkpoint against its source, and the rebuilt weights.
 
-    Each stored tensor is loaded back from the files (``methods.load_compressed``) and measured
-    against the source weight with ``methods.measure(W, cfg, compressed=...)``.
+    Each stored tensor is loaded back from the files (``assemble.iter_assembled``), rebuilt ONCE and
+    measured against the source weight with ``methods.measure(W, cfg, compressed=..., w_hat=...)``.
 
     Returns
     -------
     tuple
-        ``(gates, rows)``: a list of GateResult and one dict per tensor (name, component, method,
-        bytes, rel_error, weight_cosine).
+        ``(gates, rows, state)``: a list of GateResult, one dict per tensor (name, component, method,
+        bytes, rel_error, weight_cosine), and every weight rebuilt in float32 on CPU, tied aliases
+        included (what ``assemble.load_assembled`` returns).
     """
-    from safetensors import safe_open
-
     from sahc_core import methods
-    from sahc_core.assemble import read_manifest
+    from sahc_core.assemble import iter_assembled, read_manifest, tie_aliases
     from sahc_core.gates import tensor_gates
 
-    root = Path(out_dir)
-    entries = read_manifest(root)["tensors"]
-    stored = [(n, e) for n, e in entries.items() if e.get("file")]
-    gates, rows = [], []
-    handles: dict[str, Any] = {}
-    try:
-        for i, (name, e) in enumerate(stored):
-            if e["file"] not in handles:
-                handles[e["file"]] = safe_open(str(root / e["file"]), framework="pt", device="cpu")
-            fh = handles[e["file"]]
-            c = methods.load_compressed({k: fh.get_tensor(key) for k, key in e["state_keys"].items()}, e["meta"])
-            W = source.read(name, dtype=torch.float32)
-            m = methods.measure(W, methods.config_from_dict(e["config"]), compressed=c)
-            del W, c
-            gates += tensor_gates(name, {**m, "config": e["config"]})
-            rows.append({"name": name, "component": e["component"], "method": e["method"], "bytes": m["bytes"],
-                         "rel_error": m["rel_error"], "weight_cosine": m["weight_cosine"]})
-            if progress is not None:
-                progress(i + 1, len(stored))
-    finally:
-        handles.clear()
-    return gates, rows
+    n_stored = sum(bool(e.get("file")) for e in read_manifest(out_dir)["tensors"].values())
+    gates, rows, state = [], [], {}
+    for i, (name, e, c) in enumerate(iter_assembled(out_dir)):
+        W_hat = c.reconstruct(torch.float32)
+        W = source.read(name, dtype=torch.float32)
+        m = methods.measure(W, methods.config_from_dict(e["config"]), compressed=c, w_hat=W_hat)
+        del W, c
+        state[name] = W_hat
+        gates += tensor_gates(name, {**m, "config": e["config"]})
+        rows.append({"name": name, "component": e["component"], "method": e["method"], "bytes": m["bytes"],
+                     "rel_error": m["rel_error"], "weight_cosine": m["weight_cosine"]})
+        if progress is not None:
+            progress(i + 1, n_stored)
+    return gates, rows, tie_aliases(out_dir, state)
 
 
 def _components(projected: dict, assembled: dict, rows: list[dict]) -> list[dict]:
@@ -193,7 +184,7 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
 
 
 def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, out_dir, device: str) -> dict:
-    from sahc_core.assemble import assemble, load_assembled
+    from sahc_core.assemble import assemble
     from sahc_core.evaluate import load_model, load_state
     from sahc_core.gates import coverage_gate, log_gates, ppl_gate, shape_gate
     from sahc_core.model_io import ModelSource
@@ -216,9 +207,8 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
 
     reporter.stage("gates")
     t0 = time.perf_counter()
-    gates, rows = measure_checkpoint(
+    gates, rows, state = measure_checkpoint(
         source, out, progress=lambda d, t: reporter.progress(tensors_done=d, tensors_total=t))
-    state = load_assembled(out)
     infos = source.tensors()
     gates.append(shape_gate({i.name: tuple(i.shape) for i in infos}, {n: tuple(t.shape) for n, t in state.items()}))
     gates.append(coverage_gate([i.name for i in infos], [t["name"] for t in assembled["tensors"]]))

@@ -157,3 +157,25 @@ def test_a_run_loads_the_model_once(tmp_path: Path, model_dir: Path, corpus_file
     res = execute_run(cache, INT4, model_dir, corpus=corpus_file, window=WINDOW, run_id="once", device="cpu")
     assert calls == [None]
     assert not res["baseline_cached"] and res["ppl"] != res["baseline_ppl"]
+
+
+def test_measure_checkpoint_rebuilds_each_tensor_once(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
+    """The gates stage measures and returns the rebuilt weights in one pass: the same tensors as
+    load_assembled (tied head included), each reconstructed once."""
+    from sahc_core import quant
+    from sahc_core.assemble import assemble, load_assembled
+    from sahc_core.model_io import ModelSource
+    from sahc_core.pipeline import _as_plan, measure_checkpoint
+
+    source = ModelSource.open(model_dir)
+    out = tmp_path / "o"
+    assemble(source, _as_plan(INT4), out)
+    expected = load_assembled(out)
+    calls = []
+    real = quant.QuantizedTensor.reconstruct
+    monkeypatch.setattr(quant.QuantizedTensor, "reconstruct", lambda self, *a: calls.append(1) or real(self, *a))
+    gates, rows, state = measure_checkpoint(source, out)
+    assert set(state) == set(expected) and all(torch.equal(state[n], expected[n]) for n in expected)
+    n_int = sum(r["method"] == "int" for r in rows)
+    assert n_int > 0 and len(calls) == n_int
+    assert len(rows) == len({r["name"] for r in rows}) and {g.tensor for g in gates} <= set(state)
