@@ -6,7 +6,7 @@ import streamlit as st
 import app_state
 from sahc_core.errors import SahcError
 from sahc_core.figures_report import runs_scatter
-from sahc_core.jobs import cancel_run, list_runs, progress_parts, run_status, start_run
+from sahc_core.jobs import cancel_run, delete_run_files, list_runs, progress_parts, run_status, start_run
 from sahc_core.pipeline import compare_runs
 from sahc_core.plan import CompressionPlan, example_plans, load_plans
 
@@ -96,14 +96,32 @@ if runs.empty:
     st.info("No runs yet: launch one above (or `python -m sahc_core run --plan PLAN.json`).")
     st.stop()
 table = runs[["run_id", "plan_name", "status", "ratio_projected", "ratio_actual", "ppl", "baseline_ppl", "delta_ppl",
-              "gates_passed", "gates_failed", "duration_s", "error"]]
+              "gates_passed", "gates_failed", "duration_s", "checkpoint_mb", "error"]]
 st.dataframe(table, hide_index=True, width="stretch", column_config={
     "ratio_projected": st.column_config.NumberColumn("ratio proj.", format="%.2fx"),
     "ratio_actual": st.column_config.NumberColumn("ratio actual", format="%.2fx"),
     "delta_ppl": st.column_config.NumberColumn("Δppl vs baseline", format="%+.3f"),
-    "duration_s": st.column_config.NumberColumn("duration", format="%.0f s")})
+    "duration_s": st.column_config.NumberColumn("duration", format="%.0f s"),
+    "checkpoint_mb": st.column_config.NumberColumn("on disk", format="%.1f MB")})
 for rec in runs[runs["gates_failed"].fillna(0) > 0].itertuples():
     st.warning(f"Run {rec.run_id} ({rec.plan_name}): {rec.gates_failed} quality gate(s) failed; see the gate log.")
+
+on_disk = runs[runs["status"].isin(["done", "failed", "cancelled"]) & (runs["checkpoint_mb"] > 0)]
+with st.expander(f"Disk space: {on_disk['checkpoint_mb'].sum():,.0f} MB of checkpoints from {len(on_disk)} finished run(s)"):
+    if on_disk.empty:
+        st.caption("No finished run has checkpoint files on disk.")
+    else:
+        sizes = dict(zip(on_disk["run_id"], on_disk["checkpoint_mb"]))
+        victim = st.selectbox("Run", list(sizes), format_func=lambda r: f"{r} ({sizes[r]:,.1f} MB)", key="runs_free_pick")
+        sure = st.checkbox("Delete its checkpoint files (its results, comparison and gate log stay)",
+                           key="runs_free_sure")
+        if st.button("Delete files", disabled=not sure, key="runs_free"):
+            try:
+                freed = delete_run_files(cache, victim)
+            except SahcError as exc:
+                app_state.show_error(exc)
+            else:
+                st.success(f"Deleted the checkpoint of {victim}: {freed / 1e6:,.1f} MB freed.")
 
 done = runs[runs["status"].isin(["done", "failed", "cancelled"])]["run_id"].tolist()
 picked = st.multiselect("Compare runs (pick two or more)", done, default=done[:2], key="runs_compare")

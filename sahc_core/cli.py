@@ -201,7 +201,15 @@ def cmd_runs(args: argparse.Namespace) -> dict:
     from sahc_core.cache import Cache
     from sahc_core.jobs import list_runs
 
-    df = list_runs(Cache(args.cache))
+    cache = Cache(args.cache)
+    if args.delete_files:
+        from sahc_core.jobs import delete_run_files
+
+        freed = delete_run_files(cache, args.delete_files)
+        print(f"deleted the checkpoint files of run {args.delete_files}: {freed / 1e6:.1f} MB freed; "
+              "its results and gate log stay in the cache", file=sys.stderr)
+        return {"run_id": args.delete_files, "bytes_freed": freed}
+    df = list_runs(cache)
     return {"runs": df.to_dict(orient="records")}
 
 
@@ -263,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("plan", cmd_plan, "projected bytes and ratio of a plan file")
     sp.add_argument("--plan", required=True)
     sp.add_argument("--tensors", action="store_true", help="include the per-tensor table")
-    add("runs", cmd_runs, "list all runs in the cache")
+    sp = add("runs", cmd_runs, "list all runs in the cache (or delete one run's checkpoint files)")
+    sp.add_argument("--delete-files", metavar="RUN_ID",
+                    help="delete this finished run's assembled checkpoint to free disk; its results stay")
     from sahc_core.report_cli import add_report_parser
 
     add_report_parser(sub, common)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +39,7 @@ _children: dict[int, subprocess.Popen] = {}  # workers this process started (rea
 
 LIST_COLUMNS = ["run_id", "plan_name", "status", "stage", "ratio_projected", "ratio_actual", "ppl", "baseline_ppl",
                 "delta_ppl", "gates_passed", "gates_failed", "started_at", "duration_s", "error", "model_fp",
-                "model_path", "ratio"]
+                "model_path", "checkpoint_mb", "ratio"]
 
 
 class JobCancelled(JobError):
@@ -369,6 +370,57 @@ def reap_dead(cache: Cache) -> list[str]:
     return dead
 
 
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_files(cache: Cache, run_id: str, result: dict | None = None) -> Path | None:
+    """The run's checkpoint directory on disk, or None when it has none (never built, or deleted).
+
+    That is the result's ``out_dir`` when it holds an assembly manifest, else ``<cache dir>/runs/<id>``
+    (where a run that failed mid-assembly leaves its partial files).
+    """
+    from sahc_core.assemble import MANIFEST
+
+    if result is None:
+        res = _row(cache, run_id).get("result")
+        result = from_json(res) if isinstance(res, str) else {}
+    out = (result or {}).get("out_dir")
+    if out and (Path(out) / MANIFEST).is_file():
+        return Path(out)
+    default = cache.path.parent / "runs" / run_id
+    return default if default.is_dir() else None
+
+
+def delete_run_files(cache: Cache, run_id: str) -> int:
+    """Delete the assembled checkpoint of a finished run to free disk space; returns the bytes freed.
+
+    The run's row, result, progress and gate decisions stay in the cache (the Runs table and the
+    report keep showing it); the result records ``files_deleted_at``. A queued or running run is
+    refused, and only a directory that :func:`run_files` recognises is ever removed.
+    """
+    row = run_status(cache, run_id)
+    if row["status"] in ACTIVE:
+        raise JobError(f"run {run_id} is still {row['status']}; cancel it or wait for it before deleting its files.")
+    path = run_files(cache, run_id, row["result"])
+    if path is None:
+        return 0
+    freed = _dir_bytes(path)
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        raise JobError(f"cannot delete {path} ({exc.strerror or exc}); check its permissions.") from exc
+    if row["result"] is not None:
+        result = {**row["result"], "files_deleted_at": utcnow().isoformat()}
+        cache.execute("UPDATE runs SET result = ? WHERE run_id = ?", [to_json(result), run_id])
+    return freed
+
+
+def _checkpoint_mb(cache: Cache, run_id: str, result: dict) -> float:
+    path = run_files(cache, run_id, result)
+    return 0.0 if path is None else _dir_bytes(path) / 1e6
+
+
 def list_runs(cache: Cache) -> pd.DataFrame:
     """One row per run, newest first (columns :data:`LIST_COLUMNS`); dead workers are reaped first."""
     reap_dead(cache)
@@ -382,9 +434,10 @@ def list_runs(cache: Cache) -> pd.DataFrame:
                                                  "model_path", "started_at")},
                      **{k: res.get(k) for k in ("ratio_projected", "ratio_actual", "ppl", "baseline_ppl",
                                                 "delta_ppl", "gates_passed", "gates_failed")},
-                     "duration_s": _duration(rec.get("started_at"), rec.get("finished_at"))})
+                     "duration_s": _duration(rec.get("started_at"), rec.get("finished_at")),
+                     "checkpoint_mb": _checkpoint_mb(cache, rec["run_id"], res)})
     out = pd.DataFrame(rows, columns=LIST_COLUMNS)
-    for col in ("ratio_projected", "ratio_actual", "ppl", "baseline_ppl", "delta_ppl", "duration_s"):
+    for col in ("ratio_projected", "ratio_actual", "ppl", "baseline_ppl", "delta_ppl", "duration_s", "checkpoint_mb"):
         out[col] = pd.to_numeric(out[col], errors="coerce").astype("float64")
     out["ratio"] = out["ratio_actual"].fillna(out["ratio_projected"])  # what a scatter plots
     for col in ("gates_passed", "gates_failed"):

@@ -134,3 +134,19 @@ def test_run_prints_progress_on_stderr_and_json_last(capsys, tiny_llama_tok_dir,
     smoke = [g for g in d["gates"] if g["gate"] == "output_cosine"]
     assert len(smoke) == 2 * 7 + 2  # 7 linear layers per block, the embedding, the tied lm_head
     assert "stage 'assemble'" in err and "stage 'ppl'" in err and d["run_id"] in err
+
+
+def test_runs_delete_files(capsys, cache_path):
+    from sahc_core.cache import Cache, to_json, utcnow
+
+    cache = Cache(cache_path)
+    now = utcnow()
+    cache.execute("INSERT INTO runs (run_id, plan_name, status, result, started_at, finished_at) VALUES "
+                  "('r1', 'p', 'done', ?, ?, ?)", [to_json({"ppl": 9.0}), now, now])
+    out = cache_path.parent / "runs" / "r1"
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"\0" * 4096)
+    assert run_json(capsys, "runs")["runs"][0]["checkpoint_mb"] == pytest.approx(0.004096)
+    assert run_json(capsys, "runs", "--delete-files", "r1") == {"run_id": "r1", "bytes_freed": 4096}
+    assert not out.exists() and run_json(capsys, "runs")["runs"][0]["ppl"] == 9.0
+    assert "no run with id" in run_error(capsys, "runs", "--delete-files", "nope")

@@ -166,3 +166,43 @@ def test_start_run_refuses_bad_inputs_before_queueing(tmp_path: Path, tiny_llama
     with pytest.raises((PlanError, ValueError)):
         start_run(cache, {"name": "p", "default": {"method": "nope"}}, tiny_llama_dir)
     assert cache.execute("SELECT count(*) FROM runs") == [(0,)]
+
+
+def test_delete_run_files_frees_disk_and_keeps_the_results(tmp_path) -> None:
+    from sahc_core.assemble import MANIFEST
+    from sahc_core.cache import to_json, utcnow
+    from sahc_core.jobs import delete_run_files, run_files
+
+    cache = Cache(tmp_path / "c.duckdb")
+    elsewhere = tmp_path / "my-checkpoints" / "a"  # a run given its own out_dir
+    elsewhere.mkdir(parents=True)
+    (elsewhere / MANIFEST).write_text("{}")
+    (elsewhere / "model.safetensors").write_bytes(b"\0" * 1000)
+    now = utcnow()
+    cache.execute("INSERT INTO runs (run_id, plan_name, status, result, started_at, finished_at) VALUES "
+                  "('a', 'p', 'done', ?, ?, ?)", [to_json({"ppl": 12.5, "out_dir": str(elsewhere)}), now, now])
+    cache.execute("INSERT INTO runs (run_id, plan_name, status, started_at) VALUES ('live', 'p', 'running', ?)", [now])
+    partial = tmp_path / "runs" / "live"
+    partial.mkdir(parents=True)
+    assert list_runs(cache).set_index("run_id").loc["a", "checkpoint_mb"] == pytest.approx(1002 / 1e6)
+    assert delete_run_files(cache, "a") == 1002
+    assert not elsewhere.exists() and elsewhere.parent.exists()
+    st = run_status(cache, "a")
+    assert st["result"]["ppl"] == 12.5 and "files_deleted_at" in st["result"]
+    assert run_files(cache, "a") is None and delete_run_files(cache, "a") == 0
+    with pytest.raises(JobError, match="still"):  # no pid yet: a run being started stays 'running'
+        delete_run_files(cache, "live")
+    assert partial.exists()
+
+
+def test_delete_run_files_never_removes_an_unrecognised_directory(tmp_path) -> None:
+    from sahc_core.cache import to_json, utcnow
+    from sahc_core.jobs import delete_run_files
+
+    cache = Cache(tmp_path / "c.duckdb")
+    precious = tmp_path / "home"  # an out_dir without our manifest (e.g. a typo'd path)
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    cache.execute("INSERT INTO runs (run_id, plan_name, status, result, started_at) VALUES ('b', 'p', 'failed', ?, ?)",
+                  [to_json({"out_dir": str(precious)}), utcnow()])
+    assert delete_run_files(cache, "b") == 0 and (precious / "notes.txt").exists()

@@ -115,3 +115,19 @@ def test_start_button_launches_with_the_protocol(filled, monkeypatch: pytest.Mon
     assert plan.name == "int4" and model_dir == str(tiny_llama_dir.resolve())
     assert kw == {"corpus": None, "window": 256, "max_tokens": None}
     assert any("r-new" in s.value for s in at.success)
+
+
+def test_runs_page_deletes_checkpoint_files_and_keeps_results(filled) -> None:
+    cache, _ = filled
+    out = cache.path.parent / "runs" / "r-int4"
+    out.mkdir(parents=True)
+    (out / "model-00001.safetensors").write_bytes(b"\0" * 2_000_000)
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception
+    assert any("2 MB of checkpoints from 1 finished run" in e.label for e in at.expander)
+    assert at.button(key="runs_free").disabled  # nothing happens without the confirmation
+    at.checkbox(key="runs_free_sure").check().run()
+    at.button(key="runs_free").click().run()
+    assert not at.exception and not out.exists()
+    assert any("2.0 MB freed" in s.value for s in at.success)
+    assert run_status(cache, "r-int4")["result"]["ppl"] == 11.0  # the results stay
