@@ -21,8 +21,8 @@ import shutil
 import struct
 import time
 from importlib import metadata
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -240,11 +240,12 @@ def read_manifest(out_dir: str | Path) -> dict:
         raise ModelError(f"{p} is unreadable ({exc}); run the assembly again.") from exc
 
 
-def iter_assembled(out_dir: str | Path) -> Iterator[tuple[str, dict, Any]]:
+def iter_assembled(out_dir: str | Path, manifest: dict | None = None) -> Iterator[tuple[str, dict, Any]]:
     """``(name, manifest entry, compressed tensor)`` of every stored tensor of an assembled checkpoint,
-    read back from its files (``methods.load_compressed``), file by file; tied aliases are skipped."""
+    read back from its files (``methods.load_compressed``), file by file; tied aliases are skipped.
+    ``manifest``: the directory's :func:`read_manifest`, when the caller has it already."""
     root = Path(out_dir)
-    manifest = read_manifest(root)
+    manifest = manifest if manifest is not None else read_manifest(root)
     by_file: dict[str, list[str]] = {}
     for name, e in manifest["tensors"].items():
         if e["method"] != TIED:
@@ -257,9 +258,9 @@ def iter_assembled(out_dir: str | Path) -> Iterator[tuple[str, dict, Any]]:
                                                        e["meta"])
 
 
-def tie_aliases(out_dir: str | Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Add every tied alias of the manifest (a tied LM head) to ``state`` as the same tensor it is tied to."""
-    for name, e in read_manifest(out_dir)["tensors"].items():
+def tie_aliases(manifest: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add every tied alias of ``manifest`` (a tied LM head) to ``state`` as the same tensor it is tied to."""
+    for name, e in manifest["tensors"].items():
         if e["method"] == TIED:
             state[name] = state[e["tied_to"]]
     return state
@@ -271,8 +272,9 @@ def load_assembled(out_dir: str | Path, device: str = "cpu", dtype: torch.dtype 
     Each tensor is reconstructed through ``methods.load_compressed(state, meta).reconstruct(dtype)``;
     a tied LM head stored in the source is returned as the same tensor as the embedding.
     """
-    state = {name: c.reconstruct(dtype).to(device) for name, _, c in iter_assembled(out_dir)}
-    return tie_aliases(out_dir, state)
+    manifest = read_manifest(out_dir)
+    state = {name: c.reconstruct(dtype).to(device) for name, _, c in iter_assembled(out_dir, manifest)}
+    return tie_aliases(manifest, state)
 
 
 def shape_gate(source, state: dict[str, torch.Tensor]) -> tuple[int, int, list[dict]]:

@@ -73,10 +73,12 @@ def measure_checkpoint(source, out_dir: str | Path, progress=None) -> tuple[list
     from sahc_core import methods
     from sahc_core.assemble import iter_assembled, read_manifest, tie_aliases
     from sahc_core.gates import tensor_gates
+    from sahc_core.plan import TIED
 
-    n_stored = sum(bool(e.get("file")) for e in read_manifest(out_dir)["tensors"].values())
+    manifest = read_manifest(out_dir)
+    n_stored = sum(e["method"] != TIED for e in manifest["tensors"].values())
     gates, rows, state = [], [], {}
-    for i, (name, e, c) in enumerate(iter_assembled(out_dir)):
+    for i, (name, e, c) in enumerate(iter_assembled(out_dir, manifest)):
         W_hat = c.reconstruct(torch.float32)
         W = source.read(name, dtype=torch.float32)
         m = methods.measure(W, methods.config_from_dict(e["config"]), compressed=c, w_hat=W_hat)
@@ -87,7 +89,7 @@ def measure_checkpoint(source, out_dir: str | Path, progress=None) -> tuple[list
                      "rel_error": m["rel_error"], "weight_cosine": m["weight_cosine"]})
         if progress is not None:
             progress(i + 1, n_stored)
-    return gates, rows, tie_aliases(out_dir, state)
+    return gates, rows, tie_aliases(manifest, state)
 
 
 def _components(projected: dict, assembled: dict, rows: list[dict]) -> list[dict]:
