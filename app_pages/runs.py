@@ -58,7 +58,7 @@ with st.expander("Launch a run", expanded=True):
 def live_runs() -> None:
     """Polls the cache every 2 s: one progress bar and a cancel button per active run."""
     try:
-        runs = list_runs(cache)
+        runs = list_runs(cache, disk=False)
     except SahcError as exc:
         app_state.show_error(exc)
         return

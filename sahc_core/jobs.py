@@ -421,8 +421,12 @@ def _checkpoint_mb(cache: Cache, run_id: str, result: dict) -> float:
     return 0.0 if path is None else _dir_bytes(path) / 1e6
 
 
-def list_runs(cache: Cache) -> pd.DataFrame:
-    """One row per run, newest first (columns :data:`LIST_COLUMNS`); dead workers are reaped first."""
+def list_runs(cache: Cache, disk: bool = True) -> pd.DataFrame:
+    """One row per run, newest first (columns :data:`LIST_COLUMNS`); dead workers are reaped first.
+
+    ``disk=False`` leaves ``checkpoint_mb`` empty instead of walking every run's checkpoint directory
+    (for callers that poll, like the Runs page's live progress).
+    """
     reap_dead(cache)
     df = cache.query_df("SELECT run_id, plan_name, status, stage, result, error, started_at, finished_at, "
                         "model_fp, model_path FROM runs ORDER BY started_at DESC NULLS LAST, run_id DESC")
@@ -435,7 +439,7 @@ def list_runs(cache: Cache) -> pd.DataFrame:
                      **{k: res.get(k) for k in ("ratio_projected", "ratio_actual", "ppl", "baseline_ppl",
                                                 "delta_ppl", "gates_passed", "gates_failed")},
                      "duration_s": _duration(rec.get("started_at"), rec.get("finished_at")),
-                     "checkpoint_mb": _checkpoint_mb(cache, rec["run_id"], res)})
+                     "checkpoint_mb": _checkpoint_mb(cache, rec["run_id"], res) if disk else None})
     out = pd.DataFrame(rows, columns=LIST_COLUMNS)
     for col in ("ratio_projected", "ratio_actual", "ppl", "baseline_ppl", "delta_ppl", "duration_s", "checkpoint_mb"):
         out[col] = pd.to_numeric(out[col], errors="coerce").astype("float64")

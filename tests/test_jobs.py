@@ -206,3 +206,15 @@ def test_delete_run_files_never_removes_an_unrecognised_directory(tmp_path) -> N
     cache.execute("INSERT INTO runs (run_id, plan_name, status, result, started_at) VALUES ('b', 'p', 'failed', ?, ?)",
                   [to_json({"out_dir": str(precious)}), utcnow()])
     assert delete_run_files(cache, "b") == 0 and (precious / "notes.txt").exists()
+
+
+def test_list_runs_without_disk_sizes_for_polling(tmp_path, monkeypatch) -> None:
+    import sahc_core.jobs as jobs
+    from sahc_core.cache import to_json, utcnow
+
+    cache = Cache(tmp_path / "c.duckdb")
+    cache.execute("INSERT INTO runs (run_id, plan_name, status, result, started_at) VALUES ('a', 'p', 'done', ?, ?)",
+                  [to_json({"ppl": 1.0}), utcnow()])
+    monkeypatch.setattr(jobs, "_checkpoint_mb", lambda *a: pytest.fail("walked the disk while polling"))
+    df = list_runs(cache, disk=False)
+    assert list(df.columns) == LIST_COLUMNS and df["checkpoint_mb"].isna().all()
