@@ -359,10 +359,10 @@ def fake_quant_chunks(W: Tensor, cfg: QuantConfig, chunk_elems: int | None = Non
     """``dequantize(quantize(W, cfg))`` block of rows by block of rows, without the packed bitstream.
 
     Bit-identical to the real round trip (same :func:`_grid` and :func:`_decode`; tested), but it
-    skips packing and unpacking the codes and works on cache-sized blocks of ``chunk_elems`` weights (default ``_FAKE_CHUNK_ELEMS``),
-    so a what-if measurement can take its row norms while the block is hot: about 7x faster than
-    ``dequantize(quantize(W))`` on the 49152x576 embedding. Groups never cross rows, so blocking by
-    rows is exact.
+    skips packing and unpacking the codes and works on cache-sized blocks of ``chunk_elems`` weights
+    (default ``_FAKE_CHUNK_ELEMS``), so a what-if measurement can take its row norms while the block
+    is hot: about 7x faster than ``dequantize(quantize(W))`` on the 49152x576 embedding. Groups never
+    cross rows, so blocking by rows is exact.
     """
     rows, cols, g = _layout(tuple(W.shape), cfg)
     x = W.detach().to(torch.float32).reshape(rows, cols)

@@ -162,7 +162,7 @@ def _machine_idle() -> bool:
                     stat = f.read()
             except OSError:  # the thread ended meanwhile
                 continue
-            own += stat[stat.rindex(")") + 2 : stat.rindex(")") + 3] == "R"
+            own += stat.rpartition(")")[2].split()[0] == "R"  # the state follows "(comm)"
     except (OSError, ValueError, IndexError):
         return False
     return running - own <= 0
