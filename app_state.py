@@ -16,14 +16,14 @@ DEFAULT_LABEL = "(embedded default: SmolLM2-135M-Instruct)"
 
 @st.cache_resource(show_spinner="Converting the embedded default model once (about a minute)…")
 def _default_model_dir() -> str:
-    from sahc_core.defaults import default_model_dir
+    from sahc_core.io.default_model import default_model_dir
 
     return str(default_model_dir())
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _open_source(path: str, mtime_key: float):
-    from sahc_core.model_io import ModelSource
+    from sahc_core.io.source import ModelSource
 
     return ModelSource.open(path)
 

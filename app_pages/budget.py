@@ -4,11 +4,11 @@ from __future__ import annotations
 import streamlit as st
 
 import app_state
-from sahc_core.components import component_shares, tensor_table
+from sahc_core.io.components import component_shares, tensor_table
 from sahc_core.errors import SahcError
-from sahc_core.figures_budget import (FALLBACKS, METHODS, bytes_breakdown_figure, config_to_choice, plan_dict,
+from sahc_core.figures.budget import (FALLBACKS, METHODS, bytes_breakdown_figure, config_to_choice, plan_dict,
                                       wall_figure)
-from sahc_core.plan import CompressionPlan, embedding_wall, load_plans, project, save_plan
+from sahc_core.plans.plan import CompressionPlan, embedding_wall, load_plans, project, save_plan
 
 GROUPS = [None, 32, 64, 128, 256]
 START = {"norm_other": {"method": "keep"}}  # first view: int4 g64 elsewhere, norms/other kept

@@ -4,9 +4,9 @@ from __future__ import annotations
 import streamlit as st
 
 import app_state
-from sahc_core.components import component_shares, is_known_architecture, tensor_table
+from sahc_core.io.components import component_shares, is_known_architecture, tensor_table
 from sahc_core.errors import SahcError
-from sahc_core.figures_model import shares_bar, shares_treemap
+from sahc_core.figures.model import shares_bar, shares_treemap
 
 st.title("Model")
 source = app_state.current_source()
@@ -27,7 +27,7 @@ except SahcError as exc:
 shares = component_shares(table)
 
 if app_state.is_default_model():
-    from sahc_core.defaults import DEFAULT_MODEL_NOTE
+    from sahc_core.io.default_model import DEFAULT_MODEL_NOTE
 
     st.info(DEFAULT_MODEL_NOTE)
 if not is_known_architecture(source.architecture):

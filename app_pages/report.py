@@ -6,7 +6,7 @@ import streamlit as st
 
 import app_state
 from sahc_core.errors import SahcError
-from sahc_core.export import ExportUnavailable, figure_images, report_figures, report_html, report_tables, \
+from sahc_core.report.export import ExportUnavailable, figure_images, report_figures, report_html, report_tables, \
     table_csv, zip_bytes
 
 _PRESENT_CSS = """<style>
@@ -97,14 +97,14 @@ else:
 
 try:
     if build:
-        from sahc_core.report import build_report
+        from sahc_core.report.build import build_report
 
         bar = st.progress(0.0, text="building the report…")
         st.session_state["report"] = (fp, build_report(source, cache, target_ratio=target, progress=_progress_cb(bar)))
         st.session_state.pop("report_images", None)
         bar.empty()
     if want_study:
-        from sahc_core.study import reproduce_study
+        from sahc_core.report.study import reproduce_study
 
         bar = st.progress(0.0, text="reproducing the study tables…")
         st.session_state["report_study_tables"] = (fp, reproduce_study(source, cache, progress=_progress_cb(bar)))

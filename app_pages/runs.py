@@ -5,10 +5,10 @@ import streamlit as st
 
 import app_state
 from sahc_core.errors import SahcError
-from sahc_core.figures_report import runs_scatter
-from sahc_core.jobs import cancel_run, delete_run_files, list_runs, progress_parts, run_status, start_run
-from sahc_core.pipeline import compare_runs
-from sahc_core.plan import CompressionPlan, example_plans, load_plans
+from sahc_core.figures.report import runs_scatter
+from sahc_core.runs.jobs import cancel_run, delete_run_files, list_runs, progress_parts, run_status, start_run
+from sahc_core.runs.pipeline import compare_runs
+from sahc_core.plans.plan import CompressionPlan, example_plans, load_plans
 
 st.title("Runs")
 st.caption("A run assembles the compressed checkpoint of a plan, checks every quality gate and measures perplexity "

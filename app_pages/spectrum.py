@@ -7,9 +7,9 @@ import torch
 
 import app_state
 from sahc_core.errors import SahcError
-from sahc_core.figures_spectrum import energy_figure, layer_heatmap, rank_error_figure, sigma_figure
-from sahc_core.scan import cached_scan, matrix_table, results_frame, scan
-from sahc_core.spectrum import tensor_spectrum
+from sahc_core.figures.spectrum import energy_figure, layer_heatmap, rank_error_figure, sigma_figure
+from sahc_core.spectra.scan import cached_scan, matrix_table, results_frame, scan
+from sahc_core.spectra.spectrum import tensor_spectrum
 
 MODES = ("This tensor", "All projections of this layer", "This projection across layers")
 NO_LAYER = "—"

@@ -7,13 +7,14 @@ import pandas as pd
 import streamlit as st
 
 import app_state
-from sahc_core import sweeps, whatif
-from sahc_core.components import tensor_table
+from sahc_core.whatif import sweeps
+from sahc_core.whatif import measure as whatif
+from sahc_core.io.components import tensor_table
 from sahc_core.errors import SahcError
-from sahc_core.figures_whatif import pareto_figure, tt_sweep_figure
-from sahc_core.lowrank import SVDConfig
-from sahc_core.quant import QuantConfig
-from sahc_core.tt import TTConfig
+from sahc_core.figures.whatif import pareto_figure, tt_sweep_figure
+from sahc_core.methods.lowrank import SVDConfig
+from sahc_core.methods.quant import QuantConfig
+from sahc_core.methods.tt import TTConfig
 
 METHODS = {"int-k": "int", "SVD + int-k factors": "svd", "Tensor-Train": "tt"}
 

@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sahc_core.corpus import default_corpus  # noqa: E402
-from sahc_core.defaults import default_model_dir  # noqa: E402
-from sahc_core.evaluate import DEFAULT_WINDOW, PplConfig, _max_positions, load_model, perplexity  # noqa: E402
+from sahc_core.io.corpus import default_corpus  # noqa: E402
+from sahc_core.io.default_model import default_model_dir  # noqa: E402
+from sahc_core.evaluate.perplexity import DEFAULT_WINDOW, PplConfig, perplexity  # noqa: E402
+from sahc_core.evaluate.model import _max_positions, load_model  # noqa: E402
 
 
 def hf_guide_ppl(model, encodings: torch.Tensor, max_length: int, stride: int) -> tuple[float, int, float, float]:

@@ -3,7 +3,7 @@
 On the SAME matrices in one run (12288×4096 and 4096×4096 float32, random and with a decaying
 spectrum, plus the embedded default model's largest tensor) it times
 
-* ``ours``                 ``sahc_core.spectrum.singular_values(method="auto")`` (Gram in float64)
+* ``ours``                 ``sahc_core.spectra.spectrum.singular_values(method="auto")`` (Gram in float64)
 * ``torch_svdvals_f32``    ``torch.linalg.svdvals`` on the float32 matrix
 * ``scipy_svd_f64``        ``scipy.linalg.svd(W.astype(float64), compute_uv=False)`` (WeightWatcher's CPU path)
 * ``numpy_svd_f32``        ``numpy.linalg.svd(W, compute_uv=False)`` on the float32 array as stored
@@ -34,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sahc_core.cache import Cache  # noqa: E402
-from sahc_core.scan import scan  # noqa: E402
-from sahc_core.spectrum import _singular_values  # noqa: E402
+from sahc_core.spectra.scan import scan  # noqa: E402
+from sahc_core.spectra.spectrum import _singular_values  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -86,8 +86,8 @@ def compare(W: torch.Tensor, device: str) -> dict:
 def model_part(device: str, skip_scan: bool) -> dict:
     """Largest tensor of the default model through ``compare``, then a cold and a warm scan."""
     try:
-        from sahc_core.defaults import default_model_dir
-        from sahc_core.model_io import ModelSource
+        from sahc_core.io.default_model import default_model_dir
+        from sahc_core.io.source import ModelSource
 
         source = ModelSource.open(default_model_dir())
     except Exception as exc:  # the bench reports what it could not do instead of failing

@@ -24,15 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sahc_core import sweeps, whatif  # noqa: E402
-from sahc_core.corpus import default_corpus  # noqa: E402
-from sahc_core.defaults import default_model_dir  # noqa: E402
-from sahc_core.evaluate import load_model  # noqa: E402
-from sahc_core.lowrank import SVDConfig  # noqa: E402
-from sahc_core.methods import projected_bytes  # noqa: E402
-from sahc_core.model_io import ModelSource  # noqa: E402
-from sahc_core.quant import QuantConfig  # noqa: E402
-from sahc_core.tt import TTConfig  # noqa: E402
+from sahc_core.whatif import sweeps  # noqa: E402
+from sahc_core.whatif import measure as whatif  # noqa: E402
+from sahc_core.io.corpus import default_corpus  # noqa: E402
+from sahc_core.io.default_model import default_model_dir  # noqa: E402
+from sahc_core.evaluate.model import load_model  # noqa: E402
+from sahc_core.methods.lowrank import SVDConfig  # noqa: E402
+from sahc_core.methods.registry import projected_bytes  # noqa: E402
+from sahc_core.io.source import ModelSource  # noqa: E402
+from sahc_core.methods.quant import QuantConfig  # noqa: E402
+from sahc_core.methods.tt import TTConfig  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -30,12 +30,13 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sahc_core import sweeps, whatif  # noqa: E402
-from sahc_core.defaults import default_model_dir  # noqa: E402
+from sahc_core.whatif import sweeps  # noqa: E402
+from sahc_core.whatif import measure as whatif  # noqa: E402
+from sahc_core.io.default_model import default_model_dir  # noqa: E402
 from sahc_core.device import resolve_device  # noqa: E402
-from sahc_core.lowrank import SVDConfig  # noqa: E402
-from sahc_core.model_io import ModelSource  # noqa: E402
-from sahc_core.quant import QuantConfig  # noqa: E402
+from sahc_core.methods.lowrank import SVDConfig  # noqa: E402
+from sahc_core.io.source import ModelSource  # noqa: E402
+from sahc_core.methods.quant import QuantConfig  # noqa: E402
 
 EMB = "model.embed_tokens.weight"
 FFN = "model.layers.15.mlp.gate_proj.weight"

@@ -1,4 +1,4 @@
-"""``python -m sahc_core``: the command-line interface (see sahc_core.cli)."""
-from sahc_core.cli import main
+"""``python -m sahc_core``: the command-line interface (see sahc_core.cli.main)."""
+from sahc_core.cli.main import main
 
 raise SystemExit(main())

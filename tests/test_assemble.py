@@ -1,4 +1,4 @@
-"""Tests of sahc_core.assemble: streaming write, exact bytes, round-trip, atomicity, shape gate."""
+"""Tests of sahc_core.plans.assemble: streaming write, exact bytes, round-trip, atomicity, shape gate."""
 from __future__ import annotations
 
 import errno
@@ -11,11 +11,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sahc_core import methods
-from sahc_core.assemble import AssemblyCancelled, assemble, load_assembled, read_manifest, shape_gate
+from sahc_core.methods import registry as methods
+from sahc_core.plans.assemble import AssemblyCancelled, assemble, load_assembled, read_manifest, shape_gate
 from sahc_core.errors import ModelError, SahcError
-from sahc_core.model_io import ModelSource
-from sahc_core.plan import CompressionPlan
+from sahc_core.io.source import ModelSource
+from sahc_core.plans.plan import CompressionPlan
 
 INT4 = CompressionPlan.from_dict({
     "name": "int4-g32", "default": {"method": "int", "bits": 4, "group_size": 32, "scheme": "asym"},
@@ -130,7 +130,7 @@ def test_tied_lm_head_stored_twice_is_written_once(tiny_llama_dir, tmp_path):
 
 
 def test_disk_full_leaves_nothing_and_raises_clear_error(tiny_llama_dir, tmp_path, monkeypatch):
-    import sahc_core.assemble as asm
+    import sahc_core.plans.assemble as asm
 
     calls = []
 

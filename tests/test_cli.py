@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sahc_core.cli import main
+from sahc_core.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for sahc_core.components: name -> component map, tensor table, parameter shares."""
+"""Tests for sahc_core.io.components: name -> component map, tensor table, parameter shares."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sahc_core.components import (
+from sahc_core.io.components import (
     Component,
     TensorRole,
     _table,
@@ -21,7 +21,7 @@ from sahc_core.components import (
     shares_from_shapes,
     tensor_table,
 )
-from sahc_core.model_io import ModelSource
+from sahc_core.io.source import ModelSource
 from tiny_models import qwen35_mtp_shapes, tiny_llama_config, tiny_qwen35_config
 
 F, AF, AL, E, V, M, N = (Component.FFN, Component.ATTENTION_FULL, Component.ATTENTION_LINEAR, Component.EMBEDDING,

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sahc_core import corpus as corpus_mod
-from sahc_core.corpus import CALIB_WORKS, JOIN, TEST_WORKS, Corpus, default_corpus, load_corpus, strip_gutenberg
+from sahc_core.io import corpus as corpus_mod
+from sahc_core.io.corpus import CALIB_WORKS, JOIN, TEST_WORKS, Corpus, default_corpus, load_corpus, strip_gutenberg
 from sahc_core.errors import CorpusError
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sahc_core import defaults
-from sahc_core.defaults import DEFAULT_MODEL_NOTE, MARKER_FILE, MODEL_NAME, default_model_dir, models_root
+from sahc_core.io import default_model as defaults
+from sahc_core.io.default_model import DEFAULT_MODEL_NOTE, MARKER_FILE, MODEL_NAME, default_model_dir, models_root
 from sahc_core.errors import ModelError
 
 
@@ -30,7 +30,7 @@ def test_missing_package_gives_exact_pip_line(monkeypatch: pytest.MonkeyPatch, t
 
 def test_models_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("SAHC_MODELS_DIR", raising=False)
-    assert models_root() == Path(defaults.__file__).resolve().parent.parent / "cache" / "models"
+    assert models_root() == Path(defaults.__file__).resolve().parents[2] / "cache" / "models"
     monkeypatch.setenv("SAHC_MODELS_DIR", str(tmp_path / "env"))
     assert models_root() == tmp_path / "env"
     assert models_root(tmp_path / "arg") == tmp_path / "arg"

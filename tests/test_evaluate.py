@@ -11,16 +11,10 @@ import pytest
 import torch
 
 from sahc_core.errors import CorpusError, ModelError
-from sahc_core.evaluate import (
-    PplConfig,
-    _windows,
-    attention_output_cosine,
-    capture_block_io,
-    capture_inputs,
-    load_model,
-    output_cosine,
-    perplexity,
-)
+from sahc_core.evaluate.perplexity import PplConfig, _windows, perplexity
+from sahc_core.evaluate.activations import attention_output_cosine, capture_block_io, capture_inputs
+from sahc_core.evaluate.model import load_model
+from sahc_core.evaluate.metrics import output_cosine
 
 TEXT = (
     "When shall we three meet again in thunder, lightning, or in rain? When the hurlyburly's done, "
@@ -147,7 +141,7 @@ def test_batching_and_max_tokens_are_exact(loaded) -> None:
 
 
 def test_logits_budget_shrinks_batches_not_numbers(loaded, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sahc_core.evaluate as ev
+    import sahc_core.evaluate.perplexity as ev
 
     model, tok = loaded
     full = perplexity(model, tok, TEXT, PplConfig(window=40, batch_size=4))
@@ -159,7 +153,7 @@ def test_logits_budget_shrinks_batches_not_numbers(loaded, monkeypatch: pytest.M
 
 
 def test_device_check() -> None:
-    from sahc_core.evaluate import _same_device
+    from sahc_core.evaluate.model import _same_device
 
     assert _same_device(torch.device("cuda"), torch.device("cuda:0"))
     assert not _same_device(torch.device("cuda:1"), torch.device("cuda:0"))
@@ -303,7 +297,7 @@ def test_capture_block_io_windows_and_errors(loaded) -> None:
 
 def test_reused_head_buffers_give_the_models_own_log_probs(loaded) -> None:
     """The decoder + buffered-head path is taken for llama and is bit-identical to model(x).logits."""
-    from sahc_core.evaluate import _LogProbs
+    from sahc_core.evaluate.perplexity import _LogProbs
 
     model, tok = loaded
     ids = _ids(tok)
@@ -319,7 +313,7 @@ def test_reused_head_buffers_give_the_models_own_log_probs(loaded) -> None:
 def test_head_side_changes_fall_back_to_the_model_logits(loaded) -> None:
     """A model whose logits are not lm_head(decoder(x)) (soft-capping, scaling...) is scored through
     model(x).logits: the probe sees the difference."""
-    from sahc_core.evaluate import _LogProbs
+    from sahc_core.evaluate.perplexity import _LogProbs
 
     model, tok = loaded
     ids = _ids(tok)
@@ -338,10 +332,11 @@ def test_head_side_changes_fall_back_to_the_model_logits(loaded) -> None:
     assert res.nll_sum != pytest.approx(perplexity(model, tok, TEXT, PplConfig(window=64)).nll_sum, rel=1e-3)
 
 
-def test_freed_memory_is_retained_only_during_the_call(monkeypatch, loaded) -> None:
-    """glibc keeps freed memory for the call; after it (even after a failure) the memory is trimmed and the
-    thresholds left at glibc's own adapted values, never at the 128 KiB start values."""
-    import sahc_core.evaluate as ev
+def test_freed_memory_is_retained_only_inside_the_opt_in_block(monkeypatch, loaded) -> None:
+    """perplexity() never touches the allocator; retain_freed_memory() (the CLI's opt-in) keeps freed
+    memory inside its block, then trims and leaves glibc's own adapted thresholds (never the 128 KiB start
+    values), also after a failure."""
+    import sahc_core.evaluate.allocator as al
 
     calls: list[tuple] = []
 
@@ -354,24 +349,27 @@ def test_freed_memory_is_retained_only_during_the_call(monkeypatch, loaded) -> N
             calls.append(("trim", pad))
             return 1
 
-    monkeypatch.setattr(ev, "_glibc", lambda: FakeLibc())
+    monkeypatch.setattr(al, "_glibc", lambda: FakeLibc())
     model, tok = loaded
     perplexity(model, tok, TEXT, PplConfig(window=64))
-    restore = [("trim", 0), ("mallopt", ev._M_MMAP_THRESHOLD, 32 * 2**20), ("mallopt", ev._M_TRIM_THRESHOLD, 64 * 2**20)]
-    assert calls[:2] == [("mallopt", ev._M_MMAP_THRESHOLD, 32 * 2**20), ("mallopt", ev._M_TRIM_THRESHOLD, 2**30)]
+    assert calls == []  # the library call leaves the process's allocator alone
+    with al.retain_freed_memory():
+        perplexity(model, tok, TEXT, PplConfig(window=64))
+    restore = [("trim", 0), ("mallopt", al._M_MMAP_THRESHOLD, 32 * 2**20), ("mallopt", al._M_TRIM_THRESHOLD, 64 * 2**20)]
+    assert calls[:2] == [("mallopt", al._M_MMAP_THRESHOLD, 32 * 2**20), ("mallopt", al._M_TRIM_THRESHOLD, 2**30)]
     assert calls[2:] == restore
     calls.clear()
-    with pytest.raises(RuntimeError), ev._retain_freed_memory():
+    with pytest.raises(RuntimeError), al.retain_freed_memory():
         raise RuntimeError("boom")
     assert calls[2:] == restore
-    monkeypatch.setattr(ev, "_glibc", lambda: None)  # musl / macOS: nothing to tune
-    with ev._retain_freed_memory():
+    monkeypatch.setattr(al, "_glibc", lambda: None)  # musl / macOS: nothing to tune
+    with al.retain_freed_memory():
         pass
 
 
 def test_glibc_is_found_here() -> None:
     import platform
 
-    from sahc_core.evaluate import _glibc
+    from sahc_core.evaluate.allocator import _glibc
 
     assert (_glibc() is not None) == (platform.libc_ver()[0] == "glibc")

@@ -2,7 +2,7 @@
 traceback, and nothing already stored in the cache is lost.
 
 Each CLI case first stores a sentinel result in the cache, provokes the failure with
-``sahc_core.cli.main([...])`` and then reads the sentinel back. UI cases run the real pages through
+``sahc_core.cli.main.main([...])`` and then reads the sentinel back. UI cases run the real pages through
 app.py with ``AppTest`` and check that ``st.error`` shows and ``at.exception`` is empty. Parameter
 faults that the widgets cannot produce (bits 0/1/17, rank 0: number inputs and sliders are bounded)
 are CLI-only; the pages show the same ``str(exc)`` through ``app_state.show_error``.
@@ -24,7 +24,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from sahc_core.cache import Cache
-from sahc_core.cli import main
+from sahc_core.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "app.py")
@@ -245,7 +245,7 @@ def test_second_instance_on_the_same_cache(tiny_llama_dir, store, capsys):
     capsys.readouterr()
     c = Cache(store)
     assert len(c.keys("second_instance", "fp", 1)) == 40 and sentinel_kept(store)
-    assert len(c.keys("spectrum", __import__("sahc_core.model_io", fromlist=["x"]).ModelSource.open(
+    assert len(c.keys("spectrum", __import__("sahc_core.io.source", fromlist=["x"]).ModelSource.open(
         tiny_llama_dir).fingerprint, 1)) >= 3
 
 
@@ -255,7 +255,7 @@ def _int8_plan() -> dict:
 
 
 def test_job_killed_with_sigkill_is_marked_failed(tiny_llama_dir, store):
-    from sahc_core.jobs import list_runs, start_run
+    from sahc_core.runs.jobs import list_runs, start_run
 
     cache = Cache(store)
     run_id = start_run(cache, _int8_plan(), tiny_llama_dir)
@@ -272,7 +272,7 @@ def test_job_killed_with_sigkill_is_marked_failed(tiny_llama_dir, store):
 
 
 def test_disk_full_on_checkpoint_write_is_not_reported_done(tiny_llama_dir, tmp_path, store, capsys, monkeypatch):
-    import sahc_core.assemble as asm
+    import sahc_core.plans.assemble as asm
 
     def full_disk(tensors, path, metadata=None):
         Path(path).write_bytes(b"\0" * 100)               # half-written shard, then ENOSPC
@@ -357,8 +357,8 @@ def test_ui_read_only_cache_report(tiny_llama_dir, read_only_cache, monkeypatch)
 def test_ui_bad_corpus_on_runs_page(tiny_llama_dir, tmp_path, store):
     """An empty corpus: an st.error at once, or (jobs validating it in the worker) the failed run's
     one-line reason in the runs table; never a traceback, never a 'done' run."""
-    from sahc_core.jobs import list_runs
-    from sahc_core.plan import CompressionPlan, save_plan
+    from sahc_core.runs.jobs import list_runs
+    from sahc_core.plans.plan import CompressionPlan, save_plan
 
     save_plan(Cache(store), CompressionPlan.from_dict(_int8_plan()))
     empty = tmp_path / "empty.txt"

@@ -12,7 +12,7 @@ import pytest
 
 from sahc_core.cache import Cache
 from sahc_core.errors import JobError
-from sahc_core.jobs import (DIED, LIST_COLUMNS, JobCancelled, JobReporter, cancel_run, list_runs, process_start_time,
+from sahc_core.runs.jobs import (DIED, LIST_COLUMNS, JobCancelled, JobReporter, cancel_run, list_runs, process_start_time,
                             reap_dead, run_status, start_run)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER = """
 import sys, time
 from sahc_core.cache import Cache
-from sahc_core.jobs import JobCancelled, JobReporter
+from sahc_core.runs.jobs import JobCancelled, JobReporter
 rep = JobReporter(Cache(sys.argv[1]), sys.argv[2])
 rep.start(plan={"name": "fake"})
 rep.stage("work")
@@ -169,9 +169,9 @@ def test_start_run_refuses_bad_inputs_before_queueing(tmp_path: Path, tiny_llama
 
 
 def test_delete_run_files_frees_disk_and_keeps_the_results(tmp_path) -> None:
-    from sahc_core.assemble import MANIFEST
+    from sahc_core.plans.assemble import MANIFEST
     from sahc_core.cache import to_json, utcnow
-    from sahc_core.jobs import delete_run_files, run_files
+    from sahc_core.runs.jobs import delete_run_files, run_files
 
     cache = Cache(tmp_path / "c.duckdb")
     elsewhere = tmp_path / "my-checkpoints" / "a"  # a run given its own out_dir
@@ -197,7 +197,7 @@ def test_delete_run_files_frees_disk_and_keeps_the_results(tmp_path) -> None:
 
 def test_delete_run_files_never_removes_an_unrecognised_directory(tmp_path) -> None:
     from sahc_core.cache import to_json, utcnow
-    from sahc_core.jobs import delete_run_files
+    from sahc_core.runs.jobs import delete_run_files
 
     cache = Cache(tmp_path / "c.duckdb")
     precious = tmp_path / "home"  # an out_dir without our manifest (e.g. a typo'd path)
@@ -209,7 +209,7 @@ def test_delete_run_files_never_removes_an_unrecognised_directory(tmp_path) -> N
 
 
 def test_list_runs_without_disk_sizes_for_polling(tmp_path, monkeypatch) -> None:
-    import sahc_core.jobs as jobs
+    import sahc_core.runs.jobs as jobs
     from sahc_core.cache import to_json, utcnow
 
     cache = Cache(tmp_path / "c.duckdb")

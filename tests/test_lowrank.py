@@ -1,13 +1,13 @@
-"""Tests of sahc_core.lowrank against numpy SVD and the Eckart–Young–Mirsky error."""
+"""Tests of sahc_core.methods.lowrank against numpy SVD and the Eckart–Young–Mirsky error."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from sahc_core.lowrank import SVDConfig, lowrank, lowrank_bytes, resolve_rank, svd_factors
-from sahc_core.methods import load_compressed, measure, projected_bytes
-from sahc_core.quant import QuantConfig, quant_bytes
+from sahc_core.methods.lowrank import SVDConfig, lowrank, lowrank_bytes, resolve_rank, svd_factors
+from sahc_core.methods.registry import load_compressed, measure, projected_bytes
+from sahc_core.methods.quant import QuantConfig, quant_bytes
 
 
 def _decaying(m: int, n: int, seed: int, decay: float = 0.85) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sahc_core.methods import (
+from sahc_core.methods.registry import (
     Compressed,
     KeepConfig,
     compress,
@@ -19,9 +19,9 @@ from sahc_core.methods import (
     rel_error,
     row_cosine,
 )
-from sahc_core.lowrank import SVDConfig
-from sahc_core.quant import QuantConfig
-from sahc_core.tt import TTConfig
+from sahc_core.methods.lowrank import SVDConfig
+from sahc_core.methods.quant import QuantConfig
+from sahc_core.methods.tt import TTConfig
 
 CONFIGS = [
     KeepConfig(),

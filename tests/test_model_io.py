@@ -1,4 +1,4 @@
-"""Tests for sahc_core.model_io: lazy sharded safetensors access, fingerprint, clear errors."""
+"""Tests for sahc_core.io.source: lazy sharded safetensors access, fingerprint, clear errors."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sahc_core.errors import ModelError
-from sahc_core.model_io import ModelSource, TensorInfo
+from sahc_core.io.source import ModelSource, TensorInfo
 
 INDEX = "model.safetensors.index.json"
 
@@ -328,7 +328,7 @@ def test_error_tensor_stored_twice(tmp_path):
 
 def test_error_unreadable_shard(tiny_llama_dir, monkeypatch):
     """An OS error (e.g. permission denied; chmod is ignored when tests run as root) is one line."""
-    import sahc_core.model_io as mio
+    import sahc_core.io.source as mio
 
     def _denied(path):
         raise PermissionError(13, "Permission denied", str(path))

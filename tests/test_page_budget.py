@@ -7,10 +7,10 @@ import pytest
 from apptest_helpers import run_page
 from streamlit.testing.v1 import AppTest
 
-from sahc_core.figures_budget import (breakdown_frame, bytes_breakdown_figure, choice_to_config, config_to_choice,
+from sahc_core.figures.budget import (breakdown_frame, bytes_breakdown_figure, choice_to_config, config_to_choice,
                                       parse_tt_ranks, plan_dict, wall_curve, wall_figure)
-from sahc_core.model_io import ModelSource
-from sahc_core.plan import CompressionPlan, embedding_wall, project
+from sahc_core.io.source import ModelSource
+from sahc_core.plans.plan import CompressionPlan, embedding_wall, project
 
 
 

@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from sahc_core.cache import Cache, to_json, utcnow
 from sahc_core.gates import GateResult, log_gates
-from sahc_core.jobs import process_start_time, run_status
+from sahc_core.runs.jobs import process_start_time, run_status
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = str(ROOT / "app_pages" / "runs.py")
@@ -98,7 +98,7 @@ def test_launch_needs_a_plan_and_reports_bad_uploads(filled) -> None:
 
 
 def test_start_button_launches_with_the_protocol(filled, monkeypatch: pytest.MonkeyPatch, tiny_llama_dir) -> None:
-    import sahc_core.jobs as jobs
+    import sahc_core.runs.jobs as jobs
 
     calls = []
     monkeypatch.setattr(jobs, "start_run", lambda cache, plan, model_dir, **kw: calls.append((plan, model_dir, kw))

@@ -8,7 +8,7 @@ import pytest
 from apptest_helpers import run_page
 from streamlit.testing.v1 import AppTest
 
-from sahc_core.figures_whatif import pareto_figure, tt_sweep_figure
+from sahc_core.figures.whatif import pareto_figure, tt_sweep_figure
 
 Q = "model.layers.0.self_attn.q_proj.weight"   # (64, 64)
 EMB = "model.embed_tokens.weight"               # (256, 64)

@@ -11,8 +11,8 @@ import torch
 from sahc_core.cache import Cache
 from sahc_core.errors import CorpusError
 from sahc_core.gates import audit_log
-from sahc_core.jobs import JobCancelled, JobReporter, list_runs, run_status, start_run
-from sahc_core.pipeline import BASELINE_KIND, execute_run
+from sahc_core.runs.jobs import JobCancelled, JobReporter, list_runs, run_status, start_run
+from sahc_core.runs.pipeline import BASELINE_KIND, execute_run
 from tiny_models import TINY_TEXT
 
 WINDOW = 32
@@ -57,7 +57,7 @@ def _reference_ppl(model_dir: Path, state_dict: dict | None) -> float:
 
 
 def test_run_int4_end_to_end_with_cached_baseline(tmp_path: Path, model_dir: Path, corpus_file: Path) -> None:
-    from sahc_core.assemble import load_assembled
+    from sahc_core.plans.assemble import load_assembled
 
     cache = Cache(tmp_path / "c.duckdb")
     res = execute_run(cache, INT4, model_dir, corpus=corpus_file, window=WINDOW, run_id="run-a", device="cpu")
@@ -148,7 +148,7 @@ def test_start_run_background_worker_to_done(tmp_path: Path, model_dir: Path, co
 def test_a_run_loads_the_model_once(tmp_path: Path, model_dir: Path, corpus_file: Path, monkeypatch) -> None:
     """Smoke test, baseline and compressed perplexity share ONE loaded model (the assembled weights are
     loaded into it last), so a run never holds two copies of a large model."""
-    import sahc_core.evaluate as evaluate
+    import sahc_core.evaluate.model as evaluate
 
     calls = []
     real = evaluate.load_model
@@ -162,10 +162,10 @@ def test_a_run_loads_the_model_once(tmp_path: Path, model_dir: Path, corpus_file
 def test_measure_checkpoint_rebuilds_each_tensor_once(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
     """The gates stage measures and returns the rebuilt weights in one pass: the same tensors as
     load_assembled (tied head included), each reconstructed once."""
-    from sahc_core import quant
-    from sahc_core.assemble import assemble, load_assembled
-    from sahc_core.model_io import ModelSource
-    from sahc_core.pipeline import _as_plan, measure_checkpoint
+    from sahc_core.methods import quant
+    from sahc_core.plans.assemble import assemble, load_assembled
+    from sahc_core.io.source import ModelSource
+    from sahc_core.runs.pipeline import _as_plan, measure_checkpoint
 
     source = ModelSource.open(model_dir)
     out = tmp_path / "o"

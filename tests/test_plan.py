@@ -1,4 +1,4 @@
-"""Tests of sahc_core.plan: parsing, coverage, exact byte accounting, the embedding wall, storage."""
+"""Tests of sahc_core.plans.plan: parsing, coverage, exact byte accounting, the embedding wall, storage."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from sahc_core import methods
-from sahc_core.components import tensor_table
+from sahc_core.methods import registry as methods
+from sahc_core.io.components import tensor_table
 from sahc_core.errors import PlanError
-from sahc_core.model_io import ModelSource
-from sahc_core.plan import CompressionPlan, Override, embedding_wall, load_plans, project, resolve, save_plan
+from sahc_core.io.source import ModelSource
+from sahc_core.plans.plan import CompressionPlan, Override, embedding_wall, load_plans, project, resolve, save_plan
 
 DESIGN_PLAN = {
     "name": "int4-g128",

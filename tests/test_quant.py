@@ -1,4 +1,4 @@
-"""Tests of sahc_core.quant against an independent numpy RTN and numpy bit packing."""
+"""Tests of sahc_core.methods.quant against an independent numpy RTN and numpy bit packing."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sahc_core.quant import QuantConfig, dequantize, pack_codes, quant_bytes, quantize, unpack_codes
+from sahc_core.methods.quant import QuantConfig, dequantize, pack_codes, quant_bytes, quantize, unpack_codes
 
 BITS = list(range(2, 9))
 
@@ -168,7 +168,7 @@ def test_bf16_input_and_output_dtype() -> None:
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 @pytest.mark.parametrize("scheme", ["sym", "asym"])
 def test_fake_quantize_is_bit_identical_to_the_packed_round_trip(monkeypatch, shape, bits, scheme):
-    import sahc_core.quant as quant
+    import sahc_core.methods.quant as quant
 
     monkeypatch.setattr(quant, "_FAKE_CHUNK_ELEMS", 7 * 32)  # several blocks, the last one partial
     W = torch.randn(*shape, generator=torch.Generator().manual_seed(bits)) * 0.05
@@ -183,7 +183,7 @@ def test_fake_quantize_is_bit_identical_to_the_packed_round_trip(monkeypatch, sh
 
 
 def test_fake_quantize_refuses_what_quantize_refuses():
-    import sahc_core.quant as quant
+    import sahc_core.methods.quant as quant
 
     W = torch.ones(4, 32)
     W[2, 5] = float("nan")

@@ -1,14 +1,14 @@
-"""sahc_core.scan: every 2-D weight, tidy rows, progress, resume after an interruption."""
+"""sahc_core.spectra.scan: every 2-D weight, tidy rows, progress, resume after an interruption."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from sahc_core import spectrum as sp
+from sahc_core.spectra import spectrum as sp
 from sahc_core.cache import Cache
-from sahc_core.components import tensor_table
-from sahc_core.model_io import ModelSource
-from sahc_core.scan import cached_scan, scan
+from sahc_core.io.components import tensor_table
+from sahc_core.io.source import ModelSource
+from sahc_core.spectra.scan import cached_scan, scan
 
 
 class _Stop(Exception):

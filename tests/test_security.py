@@ -93,7 +93,7 @@ def test_checker_accepts_safe_snippets(snippet):
 
 def test_project_has_python_files_to_check():
     files = {p.relative_to(REPO).as_posix() for p in _python_files()}
-    assert {"app.py", "sahc_core/model_io.py", "sahc_core/cli.py"} <= files
+    assert {"app.py", "sahc_core/io/source.py", "sahc_core/cli/main.py"} <= files
 
 
 def test_no_remote_code_no_pickle_in_code_base():
@@ -114,6 +114,6 @@ def test_streamlit_server_binds_localhost():
 
 
 def test_model_io_refuses_pickles_by_name():
-    from sahc_core.model_io import PICKLE_SUFFIXES
+    from sahc_core.io.source import PICKLE_SUFFIXES
 
     assert {".bin", ".pt", ".pth", ".pkl"} <= set(PICKLE_SUFFIXES)

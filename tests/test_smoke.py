@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sahc_core.evaluate import capture_inputs, load_model, output_cosine
-from sahc_core.smoke import layer_output_cosines
+from sahc_core.evaluate.activations import capture_inputs
+from sahc_core.evaluate.model import load_model
+from sahc_core.evaluate.metrics import output_cosine
+from sahc_core.evaluate.smoke import layer_output_cosines
 from tiny_models import TINY_TEXT
 
 

@@ -1,4 +1,4 @@
-"""sahc_core.spectrum: singular values vs numpy float64, EYM vs truncation, stats, cache."""
+"""sahc_core.spectra.spectrum: singular values vs numpy float64, EYM vs truncation, stats, cache."""
 from __future__ import annotations
 
 import json
@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sahc_core import spectrum as sp
+from sahc_core.spectra import spectrum as sp
 from sahc_core.cache import Cache
 from sahc_core.errors import ModelError
-from sahc_core.model_io import ModelSource
+from sahc_core.io.source import ModelSource
 
 TOL = 1e-5  # the accuracy contract: max |Δσ| / σ_max against numpy float64
 

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sahc_core import study as sd
+from sahc_core.report import study as sd
 
 
 @pytest.mark.parametrize("i,k,expected", [(512, 4096, 512), (1024, 4096, 1024), (512, 576, 72), (2048, 576, 288),
@@ -55,7 +55,7 @@ def test_tt_table_gate():
 @pytest.fixture(scope="module")
 def study(tiny_llama_dir, tmp_path_factory):
     from sahc_core.cache import Cache
-    from sahc_core.model_io import ModelSource
+    from sahc_core.io.source import ModelSource
 
     src = ModelSource.open(tiny_llama_dir)
     cache = Cache(tmp_path_factory.mktemp("study") / "c.duckdb")
@@ -96,8 +96,8 @@ def test_study_min_rank_and_svd_numbers_are_independent_svds(study):
 
 def test_study_final_table_reads_latest_done_run(study):
     src, cache, _, _ = study
-    from sahc_core.components import tensor_table
-    from sahc_core.jobs import new_run_id
+    from sahc_core.io.components import tensor_table
+    from sahc_core.runs.jobs import new_run_id
 
     plan = {"name": "int8-all", "default": {"method": "int", "bits": 8, "group_size": 32}}
     rid = new_run_id()

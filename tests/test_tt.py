@@ -1,4 +1,4 @@
-"""Tests of sahc_core.tt against tensorly's TT-matrix decomposition and numpy reconstructions."""
+"""Tests of sahc_core.methods.tt against tensorly's TT-matrix decomposition and numpy reconstructions."""
 from __future__ import annotations
 
 import itertools
@@ -11,9 +11,9 @@ import torch
 from tensorly.decomposition import tensor_train_matrix
 from tensorly.tt_matrix import tt_matrix_to_tensor
 
-from sahc_core.methods import load_compressed, measure, projected_bytes
-from sahc_core.quant import QuantConfig, quant_bytes
-from sahc_core.tt import TTConfig, suggest_factors, tt_bytes, tt_decompose, tt_ranks_for_error
+from sahc_core.methods.registry import load_compressed, measure, projected_bytes
+from sahc_core.methods.quant import QuantConfig, quant_bytes
+from sahc_core.methods.tt import TTConfig, suggest_factors, tt_bytes, tt_decompose, tt_ranks_for_error
 
 
 def _tl_reference(W: torch.Tensor, rf: tuple, cf: tuple, ranks: tuple) -> torch.Tensor:
@@ -152,7 +152,7 @@ def test_error_target_ranks() -> None:
 
 
 def test_config_dict_forms() -> None:
-    from sahc_core.methods import config_from_dict, config_to_dict
+    from sahc_core.methods.registry import config_from_dict, config_to_dict
 
     cfg = config_from_dict({"method": "tt", "tt_ranks": [1, 64, 64, 1], "bits": 8})
     assert cfg == TTConfig(ranks=(1, 64, 64, 1), bits=8)

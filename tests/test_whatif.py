@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from sahc_core import sweeps, whatif
+from sahc_core.whatif import sweeps
+from sahc_core.whatif import measure as whatif
 from sahc_core.cache import Cache
 from sahc_core.gates import audit_log
-from sahc_core.lowrank import SVDConfig, lowrank, svd_factors
-from sahc_core.methods import compress, measure
-from sahc_core.model_io import ModelSource
-from sahc_core.quant import QuantConfig
-from sahc_core.tt import TTConfig
+from sahc_core.methods.lowrank import SVDConfig, lowrank, svd_factors
+from sahc_core.methods.registry import compress, measure
+from sahc_core.io.source import ModelSource
+from sahc_core.methods.quant import QuantConfig
+from sahc_core.methods.tt import TTConfig
 
 FFN = "model.layers.0.mlp.gate_proj.weight"      # (128, 64): m >= n, fast SVD path
 DOWN = "model.layers.0.mlp.down_proj.weight"     # (64, 128): m < n, methods.measure path
@@ -232,7 +233,7 @@ def test_pareto_offers_tt_for_embedding_only(source):
 
 
 def test_tt_rank_options_follow_the_unfoldings():
-    from sahc_core.tt import suggest_factors
+    from sahc_core.methods.tt import suggest_factors
 
     # 49152 x 576 with 3 cores: modes (i_k j_k) bound r1 <= m1 and r2 <= min(r1 m2, m3)
     modes = [i * j for i, j in zip(suggest_factors(49152, 3), suggest_factors(576, 3))]
@@ -258,7 +259,7 @@ def test_fast_measure_matches_methods_measure(source, name, cfg):
                                  SVDConfig(rank=33, bits=None)])
 def test_blocked_measure_matches_methods_measure(source, monkeypatch, cfg):
     """Tiny blocks (odd row counts, a last partial block) give the numbers of the unblocked reference."""
-    import sahc_core.quant as quant
+    import sahc_core.methods.quant as quant
 
     monkeypatch.setattr(whatif, "_BLOCK_ELEMS", 7 * 64)
     monkeypatch.setattr(quant, "_FAKE_CHUNK_ELEMS", 5 * 64)

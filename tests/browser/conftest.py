@@ -96,7 +96,7 @@ def server(tmp_path_factory) -> Iterator[AppServer]:
     d = tmp_path_factory.mktemp("browser_app")
     cache = d / "sahc.duckdb"
     from sahc_core.cache import Cache
-    from sahc_core.plan import CompressionPlan, save_plan
+    from sahc_core.plans.plan import CompressionPlan, save_plan
 
     # a saved plan, so the Runs page can launch a run without an upload
     save_plan(Cache(cache), CompressionPlan.from_dict(

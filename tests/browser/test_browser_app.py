@@ -167,7 +167,7 @@ def test_default_model_run_launches_and_shows_progress(page, server, shots):
     page.screenshot(path=str(shots / "default-runs-progress.png"), full_page=True)
     page.get_by_role("button", name="Cancel").first.click()
     from sahc_core.cache import Cache
-    from sahc_core.jobs import list_runs
+    from sahc_core.runs.jobs import list_runs
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and list_runs(Cache(server.cache))["status"].isin(["queued", "running"]).any():

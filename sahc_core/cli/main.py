@@ -1,0 +1,360 @@
+"""``python -m sahc_core COMMAND ...``: a thin argparse layer over the library.
+
+Every command maps its flags onto one library call and prints the result; the dashboard pages call
+the same functions. With ``--json`` the last line of stdout is one JSON object (the contract in
+design.md). Errors: exit code != 0 and one clear line on stderr (a traceback only with ``--debug``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sahc_core.errors import SahcError
+
+# Exit codes: 2 = bad input or parameters, 3 = out of memory, 130 = interrupted.
+EXIT_INPUT, EXIT_OOM, EXIT_INTERRUPT = 2, 3, 130
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    if args.model:
+        return Path(args.model).expanduser().resolve()
+    from sahc_core.io.default_model import default_model_dir
+
+    return default_model_dir()
+
+
+def _source(args: argparse.Namespace):
+    from sahc_core.io.source import ModelSource
+
+    return ModelSource.open(_model_dir(args))
+
+
+def _cache(args: argparse.Namespace):
+    from sahc_core.cache import Cache
+
+    return None if args.no_cache else Cache(args.cache)
+
+
+def _tqdm_progress(desc: str, unit: str) -> tuple[Callable[..., None], Callable[[], None]]:
+    """A progress callback ``(done, total, *rest)`` drawing a tqdm bar on stderr, and its closer."""
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(done: int, total: int, *_: Any, **__: Any) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+        b = bar["bar"]
+        b.total = total
+        b.n = done
+        b.refresh()
+
+    def close() -> None:
+        if "bar" in bar:
+            bar["bar"].close()
+
+    return update, close
+
+
+# ----------------------------------------------------------------------------------- commands
+def cmd_inspect(args: argparse.Namespace) -> dict:
+    from sahc_core.io.components import component_shares, is_known_architecture, tensor_table
+
+    source = _source(args)
+    table = tensor_table(source)
+    shares = component_shares(table)
+    known = is_known_architecture(source.architecture)
+    return {
+        "model": str(source.path),
+        "architecture": source.architecture,
+        "known_architecture": known,
+        "note": None if known else (
+            f"unknown architecture {source.architecture!r}: components guessed from tensor names"),
+        "fingerprint": source.fingerprint,
+        "tied_embeddings": source.tied_embeddings,
+        "total_params": int(table["params"].sum()),
+        "components": shares.to_dict(orient="records"),
+        "tensors": [
+            {"name": r.name, "shape": list(r.shape), "dtype": r.dtype, "component": r.component,
+             "kind": r.kind, "params": int(r.params)}
+            for r in table.itertuples()
+        ],
+    }
+
+
+def cmd_spectrum(args: argparse.Namespace) -> dict:
+    from sahc_core.spectra.spectrum import tensor_spectrum
+
+    return tensor_spectrum(_source(args), args.tensor, cache=_cache(args), device=args.device).to_json()
+
+
+def cmd_scan(args: argparse.Namespace) -> dict:
+    import time
+
+    from sahc_core.spectra.spectrum import scan
+
+    source = _source(args)
+    update, close = _tqdm_progress("scan", "tensor")
+    t0 = time.perf_counter()
+    try:
+        df = scan(source, component=args.component, cache=_cache(args), device=args.device, progress=update)
+    finally:
+        close()
+    return {"model": str(source.path), "component": args.component, "n_tensors": len(df),
+            "seconds": time.perf_counter() - t0, "rows": df.to_dict(orient="records")}
+
+
+def _method_config(args: argparse.Namespace):
+    from sahc_core.methods.registry import config_from_dict
+
+    d: dict[str, Any] = {"method": args.method}
+    if args.method in ("int", "svd"):
+        d["bits"] = args.bits
+        d["group_size"] = None if args.group_size in (None, 0) else args.group_size
+        d["scheme"] = args.scheme
+    if args.method == "svd":
+        if args.rank is not None:
+            d["rank"] = args.rank
+        elif args.rank_fraction is not None:
+            d["rank_fraction"] = args.rank_fraction
+        else:
+            raise ValueError("--method svd needs --rank R or --rank-fraction F.")
+    if args.method == "tt":
+        d["tt_ranks"] = args.tt_ranks
+        if args.tt_bits is not None:
+            d["bits"] = args.tt_bits
+    return config_from_dict(d)
+
+
+def cmd_measure(args: argparse.Namespace) -> dict:
+    from sahc_core.whatif.measure import measure_tensor
+
+    return measure_tensor(_source(args), args.tensor, _method_config(args), cache=_cache(args), device=args.device)
+
+
+def cmd_sweep(args: argparse.Namespace) -> dict:
+    from sahc_core.whatif.sweeps import tt_sweep
+
+    source = _source(args)
+    kwargs: dict[str, Any] = {"bits": args.tt_bits, "cos_threshold": args.cos_threshold,
+                              "cache": _cache(args), "device": args.device}
+    if args.ranks:
+        kwargs["ranks_list"] = tuple(tuple(int(x) for x in r.split(",")) for r in args.ranks)
+    update, close = _tqdm_progress("tt sweep", "config")
+    try:
+        df = tt_sweep(source, args.tensor, progress=update, **kwargs)
+    finally:
+        close()
+    return {"tensor": args.tensor, "rows": df.to_dict(orient="records")}
+
+
+def cmd_ppl(args: argparse.Namespace) -> dict:
+    from sahc_core.io.corpus import default_corpus, load_corpus
+    from sahc_core.evaluate.allocator import retain_freed_memory
+    from sahc_core.evaluate.perplexity import PplConfig, perplexity
+    from sahc_core.evaluate.model import load_model
+
+    corpus = load_corpus(args.corpus) if args.corpus else default_corpus()
+    cfg = PplConfig(window=args.window, stride=args.stride, max_tokens=args.max_tokens,
+                    batch_size=args.batch_size, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(_model_dir(args), device=cfg.device, dtype=cfg.dtype)
+    update, close = _tqdm_progress("perplexity", "tok")
+    try:
+        with retain_freed_memory():  # opt-in allocator tuning of the CLI process (see evaluate.allocator)
+            res = perplexity(model, tokenizer, corpus.test_text, cfg, progress=update)
+    finally:
+        close()
+    return {**res.to_dict(), "corpus": corpus.name, "model": str(_model_dir(args))}
+
+
+def cmd_plan(args: argparse.Namespace) -> dict:
+    from sahc_core.plans.plan import CompressionPlan, project
+
+    plan = CompressionPlan.from_json(args.plan)
+    result = dict(project(plan, _source(args)))
+    tensors = result.pop("tensors", None)
+    if args.tensors and tensors is not None:
+        result["tensors"] = tensors.to_dict(orient="records") if hasattr(tensors, "to_dict") else tensors
+    return {"plan": plan.name, **result}
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    from sahc_core.cache import Cache
+    from sahc_core.evaluate.allocator import retain_freed_memory
+    from sahc_core.runs.pipeline import execute_run
+    from sahc_core.plans.plan import CompressionPlan
+
+    cache = Cache(args.cache)
+    plan = CompressionPlan.from_json(args.plan)
+    from sahc_core.runs.jobs import JobReporter, new_run_id
+
+    run_id = args.run_id or new_run_id()
+    reporter = JobReporter(cache, run_id, echo=sys.stderr)  # progress lines on stderr, JSON on stdout
+    with retain_freed_memory():  # opt-in allocator tuning of the CLI / job process (see evaluate.allocator)
+        return execute_run(cache, plan, _model_dir(args), corpus=args.corpus, window=args.window,
+                           max_tokens=args.max_tokens, run_id=run_id, reporter=reporter, device=args.device)
+
+
+def cmd_runs(args: argparse.Namespace) -> dict:
+    from sahc_core.cache import Cache
+    from sahc_core.runs.jobs import list_runs
+
+    cache = Cache(args.cache)
+    if args.delete_files:
+        from sahc_core.runs.jobs import delete_run_files
+
+        freed = delete_run_files(cache, args.delete_files)
+        print(f"deleted the checkpoint files of run {args.delete_files}: {freed / 1e6:.1f} MB freed; "
+              "its results and gate log stay in the cache", file=sys.stderr)
+        return {"run_id": args.delete_files, "bytes_freed": freed}
+    df = list_runs(cache)
+    return {"runs": df.to_dict(orient="records")}
+
+
+# ----------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help="local HF model directory (default: the embedded SmolLM2-135M)")
+    common.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    common.add_argument("--cache", help="DuckDB cache file (default: $SAHC_CACHE or cache/sahc.duckdb)")
+    common.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    common.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto: GPU when present)")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = argparse.ArgumentParser(prog="python -m sahc_core", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], dict], help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        sp.set_defaults(func=func)
+        return sp
+
+    add("inspect", cmd_inspect, "architecture, components and their parameter shares, tensor list")
+    sp = add("spectrum", cmd_spectrum, "singular values, statistics and rank-vs-error curve of one tensor")
+    sp.add_argument("--tensor", required=True)
+    sp = add("scan", cmd_scan, "spectrum statistics of every 2-D weight (resumable, cached)")
+    sp.add_argument("--component", help="only this component (ffn, attention_full, ...)")
+
+    sp = add("measure", cmd_measure, "compress one tensor and measure bytes, ratio, error, cosine, gates")
+    sp.add_argument("--tensor", required=True)
+    sp.add_argument("--method", required=True, choices=["int", "svd", "tt", "keep"])
+    sp.add_argument("--bits", type=int, default=4)
+    sp.add_argument("--group-size", type=int, default=128, help="0 = per row")
+    sp.add_argument("--scheme", choices=["sym", "asym"], default="asym")
+    sp.add_argument("--rank", type=int)
+    sp.add_argument("--rank-fraction", type=float)
+    sp.add_argument("--tt-ranks", type=int, nargs="+", default=[1, 64, 64, 1])
+    sp.add_argument("--tt-bits", type=int, help="quantize TT cores to this many bits")
+
+    sp = add("sweep", cmd_sweep, "Tensor-Train rank sweep of an embedding (the study's table)")
+    sp.add_argument("--tensor", default="model.embed_tokens.weight")
+    sp.add_argument("--ranks", nargs="+", help="rank tuples like 1,32,32,1")
+    sp.add_argument("--tt-bits", type=int)
+    sp.add_argument("--cos-threshold", type=float, default=0.95)
+
+    for name, func, help_ in (("ppl", cmd_ppl, "perplexity of the model on a corpus (whole test text)"),
+                              ("run", cmd_run, "assemble a plan, then perplexity vs baseline (a job)")):
+        sp = add(name, func, help_)
+        sp.add_argument("--corpus", help="text file or directory of .txt files (default: Shakespeare test split)")
+        sp.add_argument("--window", type=int, help="tokens per window (default min(2048, model max))")
+        sp.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+        if name == "ppl":
+            sp.add_argument("--stride", type=int)
+            sp.add_argument("--batch-size", type=int, help="windows per forward pass (default 1 on CPU, 8 on GPU)")
+            sp.add_argument("--dtype", default="float32")
+        else:
+            sp.add_argument("--plan", required=True, help="plan JSON file")
+            sp.add_argument("--run-id", help=argparse.SUPPRESS)
+
+    sp = add("plan", cmd_plan, "projected bytes and ratio of a plan file")
+    sp.add_argument("--plan", required=True)
+    sp.add_argument("--tensors", action="store_true", help="include the per-tensor table")
+    sp = add("runs", cmd_runs, "list all runs in the cache (or delete one run's checkpoint files)")
+    sp.add_argument("--delete-files", metavar="RUN_ID",
+                    help="delete this finished run's assembled checkpoint to free disk; its results stay")
+    from sahc_core.cli.report import add_report_parser
+
+    add_report_parser(sub, common)
+    return p
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "isoformat"):
+        return obj.isoformat()
+    if obj is not None and not isinstance(obj, str | int | float | bool):
+        try:  # pandas NA / NaT
+            import pandas as pd
+
+            if pd.isna(obj):
+                return None
+        except (TypeError, ValueError):
+            pass
+        return str(obj)
+    return obj
+
+
+def _print_human(result: dict) -> None:
+    for key, value in result.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            import pandas as pd
+
+            print(f"{key}:")
+            print(pd.DataFrame(value).to_string(max_rows=60, max_colwidth=60))
+        elif isinstance(value, list) and len(value) > 12:
+            print(f"{key}: [{len(value)} values] {value[:6]} ...")
+        else:
+            print(f"{key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPT
+    except Exception as exc:  # noqa: BLE001 - the one place where every failure becomes one line
+        if args.debug:
+            raise
+        return _report_error(exc)
+    out = _jsonable(result)
+    if args.json:
+        print(json.dumps(out, allow_nan=False))
+    else:
+        _print_human(out)
+    return 0
+
+
+def _report_error(exc: BaseException) -> int:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        msg, code = ("out of memory: try --device cpu, a smaller tensor/component, or a machine with more "
+                     "memory (results already stored in the cache are kept)"), EXIT_OOM
+    elif isinstance(exc, SahcError | ValueError):
+        msg, code = str(exc), EXIT_INPUT
+    elif isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError):
+        msg, code = f"{exc.strerror}: {exc.filename}", EXIT_INPUT
+    else:
+        msg, code = f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1
+    print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
+    return code

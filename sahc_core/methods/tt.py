@@ -1,0 +1,369 @@
+"""Tensor-Train matrix (TT-matrix) decomposition of an embedding / LM head ``V × d``.
+
+The matrix is padded with zero rows / columns to ``P = prod(row_factors) >= V`` and
+``Q = prod(col_factors) >= d``, viewed as a tensor with modes ``(i_1 j_1, ..., i_D j_D)`` and
+factorized into ``D`` cores ``G_k`` of shape ``(r_{k-1}, i_k, j_k, r_k)`` with ``r_0 = r_D = 1``::
+
+    W[(a_1..a_D), (b_1..b_D)] = G_1[:, a_1, b_1, :] @ G_2[:, a_2, b_2, :] @ ... @ G_D[:, a_D, b_D, :]
+
+(row / column multi-indices in row-major order). Example: ``49152 × 576`` with row factors
+``(32, 32, 48)``, column factors ``(8, 8, 9)`` and ranks ``(1, 64, 64, 1)``.
+
+Padding rows cost nothing by themselves (only the core sizes are stored); they are reported as
+``padded_rows`` / ``padded_cols``. Default factors: the smallest ``P >= V`` (and ``Q >= d``) that splits
+into ``D`` factors none larger than ``2 * ceil(P^(1/D))``, split as evenly as possible, ascending.
+
+Ranks are strict: ``r_k <= min(r_{k-1} i_k j_k, prod_{l>k} i_l j_l)`` (what the unfoldings allow);
+anything else raises ``ValueError`` naming the largest allowed value (tensorly clamps silently,
+which would make projected and actual bytes disagree). :func:`tt_ranks_for_error` picks ranks for an
+error target (Oseledets' δ-truncation) so that a plan can fix them before projecting bytes.
+
+Cores are stored in fp16 (``bits=None``) or quantized with :mod:`sahc_core.methods.quant`, each viewed as
+``(r_{k-1}, i_k j_k r_k)`` (one row per left rank index; ``group_size`` must divide ``i_k j_k r_k``).
+Bytes: ``Σ_k 2 r_{k-1} i_k j_k r_k`` or ``Σ_k quant_bytes((r_{k-1}, i_k j_k r_k))``.
+
+References: I. Oseledets, "Tensor-Train Decomposition", SIAM J. Sci. Comput. 33(5), 2011;
+A. Novikov et al., "Tensorizing Neural Networks", NeurIPS 2015.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from sahc_core.methods.quant import (QuantConfig, QuantizedTensor, _as_int, load_part, optional_quant_config, part_state,
+                             quant_bytes, quantize, state_nbytes)
+
+
+def _int_tuple(values: object, name: str) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a list of integers, got {values!r}.")
+    return tuple(_as_int(v, name) for v in values)  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class TTConfig:
+    """TT-matrix settings.
+
+    Parameters
+    ----------
+    ranks : tuple of int
+        ``(1, r_1, ..., r_{D-1}, 1)``; ``len(ranks) - 1`` is the number of cores D (at least 2).
+    bits : int or None
+        Core code width (2..8), ``None`` = fp16 cores.
+    row_factors, col_factors : tuple of int, optional
+        D factors whose product is at least V (resp. d); chosen automatically when omitted.
+    group_size : int or None
+        Quantization group along each core's ``i_k j_k r_k`` row; ``None`` = one scale per row.
+    scheme : {"asym", "sym"}
+    """
+
+    ranks: tuple[int, ...] = (1, 64, 64, 1)
+    bits: int | None = None
+    row_factors: tuple[int, ...] | None = None
+    col_factors: tuple[int, ...] | None = None
+    group_size: int | None = None
+    scheme: str = "asym"
+
+    def __post_init__(self) -> None:
+        ranks = _int_tuple(self.ranks, "tt ranks")
+        if len(ranks) < 3 or ranks[0] != 1 or ranks[-1] != 1 or min(ranks) < 1:
+            raise ValueError(f"tt ranks must look like [1, r1, ..., 1] with at least 2 cores and every r >= 1, got {list(ranks)}.")
+        object.__setattr__(self, "ranks", ranks)
+        for name in ("row_factors", "col_factors"):
+            f = getattr(self, name)
+            if f is not None:
+                f = _int_tuple(f, name)
+                if len(f) != len(ranks) - 1 or min(f) < 1:
+                    raise ValueError(f"{name} must hold {len(ranks) - 1} positive integers (one per core), got {list(f)}.")
+                object.__setattr__(self, name, f)
+        self.quant_config  # validates bits / group_size / scheme
+
+    @property
+    def n_cores(self) -> int:
+        return len(self.ranks) - 1
+
+    @property
+    def quant_config(self) -> QuantConfig | None:
+        """The core quantizer, or ``None`` for fp16 cores."""
+        return optional_quant_config(self.bits, self.group_size, self.scheme)
+
+    def to_dict(self) -> dict:
+        """Plan JSON form, e.g. ``{"method": "tt", "tt_ranks": [1, 64, 64, 1], "bits": 8, ...}``."""
+        d: dict = {"method": "tt", "tt_ranks": list(self.ranks), "bits": self.bits,
+                   "group_size": self.group_size, "scheme": self.scheme}
+        if self.row_factors is not None:
+            d["row_factors"] = list(self.row_factors)
+        if self.col_factors is not None:
+            d["col_factors"] = list(self.col_factors)
+        return d
+
+
+def _divisors(n: int) -> list[int]:
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    return sorted(set(small + [n // k for k in small]))
+
+
+def _balanced_split(n: int, parts: int, cap: int) -> tuple[int, ...] | None:
+    """Ascending factors of ``n`` into ``parts`` factors <= ``cap``, the largest as small as possible."""
+    found: list[tuple[int, ...]] = []
+
+    def rec(rest: int, k: int, lo: int, acc: tuple[int, ...]) -> None:
+        if k == 1:
+            if lo <= rest <= cap:
+                found.append(acc + (rest,))
+            return
+        for f in _divisors(rest):
+            if f ** k > rest:
+                break
+            if f >= lo:
+                rec(rest // f, k - 1, f, acc + (f,))
+
+    rec(n, parts, 1, ())
+    return min(found, key=lambda f: (f[-1], -f[0])) if found else None
+
+
+def suggest_factors(n: int, parts: int) -> tuple[int, ...]:
+    """Ascending factors of the smallest ``P >= n`` splitting into ``parts`` factors <= 2*ceil(P^(1/parts))."""
+    if n < 1 or parts < 1:
+        raise ValueError(f"cannot factorize {n} into {parts} factors.")
+    P = n
+    while True:
+        f = _balanced_split(P, parts, 2 * math.ceil(P ** (1 / parts) - 1e-9))
+        if f is not None:
+            return f
+        P += 1
+
+
+@dataclass(frozen=True)
+class _Layout:
+    V: int
+    d: int
+    row_factors: tuple[int, ...]
+    col_factors: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    @property
+    def modes(self) -> list[int]:
+        return [i * j for i, j in zip(self.row_factors, self.col_factors)]
+
+    def tt_shape(self) -> dict:
+        return {"row_factors": list(self.row_factors), "col_factors": list(self.col_factors), "ranks": list(self.ranks)}
+
+
+def _layout(shape: tuple[int, ...], cfg: TTConfig, check_ranks: bool = True) -> _Layout:
+    """Resolve factors for ``shape`` and check the ranks against the unfoldings."""
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"a TT-matrix needs a non-empty 2-D matrix (embedding / LM head), got shape {tuple(shape)}.")
+    V, d = int(shape[0]), int(shape[1])
+    D = cfg.n_cores
+    rf = cfg.row_factors or suggest_factors(V, D)
+    cf = cfg.col_factors or suggest_factors(d, D)
+    if math.prod(rf) < V or math.prod(cf) < d:
+        raise ValueError(f"row factors {list(rf)} / column factors {list(cf)} must multiply to at least {V} / {d}.")
+    lay = _Layout(V, d, tuple(rf), tuple(cf), cfg.ranks)
+    if check_ranks:
+        modes, r = lay.modes, cfg.ranks
+        for k in range(1, D):
+            limit = min(r[k - 1] * modes[k - 1], math.prod(modes[k:]))
+            if r[k] > limit:
+                raise ValueError(
+                    f"tt rank r{k}={r[k]} is more than the unfolding allows for factors {list(rf)} x {list(cf)} "
+                    f"(at most {limit}); lower it."
+                )
+    return lay
+
+
+def _core_quant(lay: _Layout, cfg: TTConfig) -> QuantConfig | None:
+    q = cfg.quant_config
+    if q is not None and q.group_size is not None:
+        for k, (n, r) in enumerate(zip(lay.modes, lay.ranks[1:])):
+            if (n * r) % q.group_size:
+                raise ValueError(f"group_size {q.group_size} must divide the row length {n * r} of TT core {k}.")
+    return q
+
+
+def tt_bytes(shape: tuple[int, ...], cfg: TTConfig) -> int:
+    """Exact stored bytes of ``tt_decompose(W, cfg)`` for a matrix of ``shape``."""
+    lay = _layout(tuple(shape), cfg)
+    q = _core_quant(lay, cfg)
+    r = lay.ranks
+    if q is None:
+        return sum(2 * r[k] * n * r[k + 1] for k, n in enumerate(lay.modes))
+    return sum(quant_bytes((r[k], n * r[k + 1]), q) for k, n in enumerate(lay.modes))
+
+
+def _tensorize(W: Tensor, lay: _Layout) -> Tensor:
+    """Zero-pad to ``P × Q`` and interleave modes: ``(i_1 j_1, ..., i_D j_D)`` in float32."""
+    P, Q = math.prod(lay.row_factors), math.prod(lay.col_factors)
+    X = W.detach().to(torch.float32)
+    if (P, Q) != (lay.V, lay.d):
+        X = torch.nn.functional.pad(X, (0, Q - lay.d, 0, P - lay.V))
+    D = len(lay.row_factors)
+    X = X.reshape(*lay.row_factors, *lay.col_factors)
+    return X.permute([p for k in range(D) for p in (k, D + k)]).reshape(lay.modes)
+
+
+def _top_subspace(M: Tensor, r: int | None, delta2: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Best rank-r split ``M ≈ L @ R`` with orthonormal columns in ``L`` (one TT-SVD step).
+
+    Hand-written through the Gram matrix of the short side (eigendecomposed in float64) instead of
+    ``torch.linalg.svd``: the SVD of the very wide first unfolding (e.g. 256 x 110592) took 17 s on a
+    2-core CPU against about 3 s this way, which is what keeps a 7-config TT sweep of a 49152 x 576
+    embedding under a minute. ``r=None`` picks the smallest rank whose discarded energy is at most
+    ``delta2`` (δ-truncation).
+    """
+    a, b = M.shape
+    wide = a <= b
+    G = (M @ M.T) if wide else (M.T @ M)
+    evals, evecs = torch.linalg.eigh(G.to(torch.float64))  # ascending
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    if r is None:
+        tail = torch.cumsum(evals.flip(0), 0).flip(0)  # tail[i] = energy discarded at rank i
+        ok = torch.nonzero(tail <= delta2).flatten()
+        r = max(1, int(ok[0])) if ok.numel() else evals.numel()
+    top = evecs[:, :r].to(M.dtype)
+    if wide:  # L = U_r, R = U_rᵀ M = S_r V_rᵀ
+        return top, top.T @ M
+    # L = M V_r / s (orthonormal: V_r are eigenvectors of MᵀM), R = diag(s) V_rᵀ; s = 0 columns dropped to 0
+    s = evals[:r].sqrt().to(M.dtype)
+    inv = torch.where(s > s[0] * 1e-12, 1 / s.clamp_min(1e-300), torch.zeros_like(s))
+    return (M @ top) * inv, s[:, None] * top.T
+
+
+def _tt_svd(X: Tensor, ranks: tuple[int, ...] | None, delta2: float = 0.0) -> list[Tensor]:
+    """TT-SVD (Oseledets 2011, Alg. 1) of a float tensor: cores ``(r_{k-1}, n_k, r_k)`` in its dtype."""
+    modes = list(X.shape)
+    M = X
+    cores, r_prev = [], 1
+    for k in range(len(modes) - 1):
+        M = M.reshape(r_prev * modes[k], -1)
+        L, M = _top_subspace(M, None if ranks is None else ranks[k + 1], delta2)
+        cores.append(L.reshape(r_prev, modes[k], L.shape[1]))
+        r_prev = L.shape[1]
+    cores.append(M.reshape(r_prev, modes[-1], 1))
+    return cores
+
+
+def tt_ranks_for_error(W: Tensor, eps: float, n_cores: int = 3, row_factors: tuple[int, ...] | None = None,
+                       col_factors: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Ranks ``(1, ..., 1)`` of the δ-truncated TT-SVD with relative error at most ``eps`` (Oseledets 2011)."""
+    if not 0 < eps < 1:
+        raise ValueError(f"the TT error target must be in (0, 1), got {eps!r}.")
+    cfg = TTConfig(ranks=(1,) * (n_cores + 1), row_factors=row_factors, col_factors=col_factors)
+    lay = _layout(tuple(W.shape), cfg, check_ranks=False)
+    X = _tensorize(W, lay)
+    norm2 = float(torch.linalg.vector_norm(X, dtype=torch.float64)) ** 2
+    cores = _tt_svd(X, None, (eps ** 2) * norm2 / (n_cores - 1))
+    return (1,) + tuple(c.shape[2] for c in cores)
+
+
+@dataclass(frozen=True, eq=False)
+class TTMatrix:
+    """Stored TT cores (fp16 tensors or :class:`QuantizedTensor` of the ``(r_{k-1}, i_k j_k r_k)`` view)."""
+
+    shape: tuple[int, int]
+    config: TTConfig
+    tt_shape: dict
+    cores: tuple[Tensor | QuantizedTensor, ...]
+    _float_cores: list = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def padded_rows(self) -> int:
+        return math.prod(self.tt_shape["row_factors"]) - self.shape[0]
+
+    @property
+    def padded_cols(self) -> int:
+        return math.prod(self.tt_shape["col_factors"]) - self.shape[1]
+
+    def float_cores(self) -> list[Tensor]:
+        """Cores ``(r_{k-1}, i_k, j_k, r_k)`` in float32 as stored (dequantized when quantized)."""
+        if not self._float_cores:
+            r, rf, cf = self.tt_shape["ranks"], self.tt_shape["row_factors"], self.tt_shape["col_factors"]
+            for k, c in enumerate(self.cores):
+                t = c.reconstruct(torch.float32) if isinstance(c, QuantizedTensor) else c.to(torch.float32)
+                self._float_cores.append(t.reshape(r[k], rf[k], cf[k], r[k + 1]))
+        return self._float_cores
+
+    def reconstruct(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The full ``V × d`` matrix (tensorly's ``tt_matrix_to_tensor``, padding cut off)."""
+        import tensorly as tl  # imported here: keeps ``import sahc_core.methods.registry`` cheap
+        from tensorly.tt_matrix import tt_matrix_to_tensor
+
+        with tl.backend_context("pytorch", local_threadsafe=True):
+            full = tt_matrix_to_tensor(self.float_cores())
+        P, Q = math.prod(self.tt_shape["row_factors"]), math.prod(self.tt_shape["col_factors"])
+        return full.reshape(P, Q)[: self.shape[0], : self.shape[1]].to(dtype)
+
+    def rows(self, idx: Tensor | list[int]) -> Tensor:
+        """Rows ``idx`` of the matrix, ``(len(idx), d)`` float32, without building the full matrix."""
+        cores = self.float_cores()
+        idx_t = torch.as_tensor(idx, dtype=torch.int64, device=cores[0].device).reshape(-1)
+        if idx_t.numel() and (idx_t.min() < 0 or idx_t.max() >= self.shape[0]):
+            raise ValueError(f"row indices must be in [0, {self.shape[0]}).")
+        digits, rest = [], idx_t
+        for f in reversed(self.tt_shape["row_factors"]):  # row-major multi-index
+            digits.append(rest % f)
+            rest = rest // f
+        digits.reverse()
+        B, cols = idx_t.numel(), self.tt_shape["col_factors"][0]
+        out = cores[0][0, digits[0]]  # (B, j_1, r_1)
+        for k in range(1, len(cores)):
+            g = cores[k].permute(1, 0, 2, 3)[digits[k]]  # (B, r_{k-1}, j_k, r_k)
+            cols *= g.shape[2]
+            out = torch.einsum("bxr,brys->bxys", out, g).reshape(B, cols, g.shape[-1])
+        return out.reshape(B, cols)[:, : self.shape[1]]
+
+    def state(self) -> dict[str, Tensor]:
+        return {key: t for k, c in enumerate(self.cores) for key, t in part_state(f"core{k}", c).items()}
+
+    def meta(self) -> dict:
+        return {"method": "tt", "config": self.config.to_dict(), "shape": list(self.shape), "tt_shape": self.tt_shape}
+
+    @property
+    def nbytes(self) -> int:
+        return state_nbytes(self.state())
+
+
+def _store(core: Tensor, q: QuantConfig | None) -> Tensor | QuantizedTensor:
+    view = core.reshape(core.shape[0], -1).to(torch.float32)  # (r_{k-1}, i_k j_k r_k)
+    return view.to(torch.float16) if q is None else quantize(view, q)
+
+
+def tt_decompose(W: Tensor, cfg: TTConfig) -> TTMatrix:
+    """TT-SVD of the ``V × d`` matrix ``W`` into TT-matrix cores (on ``W``'s device).
+
+    Returns
+    -------
+    TTMatrix
+        With ``.tt_shape`` (row factors, column factors, ranks), ``.rows(idx)``, ``.padded_rows``.
+    """
+    lay = _layout(tuple(W.shape), cfg)
+    q = _core_quant(lay, cfg)
+    X = _tensorize(W, lay)
+    if not torch.isfinite(X).all():
+        raise ValueError("the matrix contains NaN or Inf values and cannot be decomposed.")
+    cores = _tt_svd(X, lay.ranks)
+    return TTMatrix((lay.V, lay.d), cfg, lay.tt_shape(), tuple(_store(c, q) for c in cores))
+
+
+def _load(state: dict[str, Tensor], meta: dict, cfg: TTConfig) -> TTMatrix:
+    """Rebuild a :class:`TTMatrix` from ``state()`` / ``meta()`` (used by methods.load_compressed)."""
+    shape = tuple(int(s) for s in meta["shape"])
+    stored = meta.get("tt_shape", {})
+    cfg_f = TTConfig(cfg.ranks, cfg.bits, tuple(stored.get("row_factors") or ()) or cfg.row_factors,
+                     tuple(stored.get("col_factors") or ()) or cfg.col_factors, cfg.group_size, cfg.scheme)
+    lay = _layout(shape, cfg_f)
+    q = _core_quant(lay, cfg_f)
+    cores = tuple(load_part(state, f"core{k}", (lay.ranks[k], n * lay.ranks[k + 1]), q, "TT")
+                  for k, n in enumerate(lay.modes))
+    out = TTMatrix(shape, cfg, lay.tt_shape(), cores)
+    if set(state) != set(out.state()):
+        raise ValueError(f"TT state must hold exactly {sorted(out.state())}, got {sorted(state)}.")
+    return out
+
+
+def _measure_extras(W: Tensor, c: TTMatrix, W_hat: Tensor) -> dict:
+    return {"tt_shape": c.tt_shape, "padded_rows": c.padded_rows, "padded_cols": c.padded_cols}

@@ -1,0 +1,121 @@
+"""Builders of the report's sections (one function each), called by :func:`sahc_core.report.build.build_report`.
+
+A section whose data cannot be computed (a user-facing ``SahcError`` or ``ValueError``, e.g. a model
+without an embedding for the wall) is kept in the report with that one-sentence reason as its
+caption, so a gap is visible and never silent.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+
+from sahc_core.figures import report as fr
+from sahc_core.report import build as rp
+from sahc_core.errors import SahcError
+
+
+def _shares(source, table: pd.DataFrame) -> rp.ReportSection:
+    from sahc_core.io.components import component_shares
+    from sahc_core.figures.model import shares_bar
+
+    shares = component_shares(table)
+    tbl = shares.assign(component=shares["component"].map(fr.label), share_pct=100 * shares["share"]).drop(
+        columns="share")
+    return rp.ReportSection("shares", "1. Where the parameters live", rp.caption_shares(shares),
+                            (shares_bar(shares),), tbl)
+
+
+def _spectrum(source, table, cache, device, progress) -> rp.ReportSection:
+    from sahc_core.figures.spectrum import layer_heatmap
+    from sahc_core.spectra.spectrum import scan
+
+    def prog(done, total, *_):
+        if progress:
+            progress(done, total, "spectrum scan")
+    df = scan(source, cache=cache, device=device, progress=prog)
+    df = df.drop(columns=[c for c in ("shape", "component", "kind", "layer") if c in df]).merge(
+        table[["name", "shape", "component", "kind", "layer"]], on="name", how="left")
+    per_tensor, per_comp = rp.spectrum_verdict(df)
+    sentences = [rp.component_sentence(r) for _, r in per_comp.iterrows()]
+    tbl = per_comp.assign(component=per_comp["component"].map(fr.label))
+    for c in ("rank_fraction_median", "rank_fraction_min", "rank_fraction_max", "break_even_median"):
+        tbl[c] = (100 * tbl[c]).round(1)
+    tbl = tbl.rename(columns={c: c.replace("rank_fraction", "min_rank_pct").replace("break_even", "break_even_pct")
+                              for c in tbl.columns})
+    return rp.ReportSection("spectrum", f"2. Spectrum verdict: min rank for {rp.ERROR_TARGET:g} error",
+                            sentences[0], (layer_heatmap(
+                                per_tensor, "rank_fraction", f"min rank for {rp.ERROR_TARGET:g} error, % of full rank",
+                                percent=True),), tbl, tuple(sentences[1:]))
+
+
+def _pareto(source, name: str, cache, device, progress, idx: int) -> rp.ReportSection:
+    from sahc_core.figures.whatif import pareto_figure
+
+    points = rp.pareto_points(source, name, cache=cache, device=device, progress=progress)
+    notes = (f"{len(points)} settings measured on the real weights; {int(points['pareto'].sum())} on the Pareto "
+             "front (outlined).",)
+    if points.empty:
+        raise ValueError(f"no method could be measured on {name}.")
+    return rp.ReportSection(f"pareto-{idx}", f"3.{idx} Per-tensor Pareto: int-k vs SVD vs TT ({name})",
+                            rp.caption_pareto(points, name), (pareto_figure(points),),
+                            points.drop(columns=["config"]).round(5), notes)
+
+
+def _budget(source, cache, runs, target_ratio) -> rp.ReportSection:
+    from sahc_core.figures.budget import bytes_breakdown_figure, wall_figure
+    from sahc_core.plans.plan import embedding_wall, project
+
+    plan = rp.report_plan(cache, runs)
+    proj = project(plan, source)
+    wall = embedding_wall(proj, target_ratio)
+    tbl = pd.DataFrame([{"component": fr.label(c["component"]), "original_MB": c["original_bytes"] / 1e6,
+                         "compressed_MB": c["bytes"] / 1e6, "ratio": c["ratio"],
+                         "share_of_compressed_pct": 100 * c["share_of_compressed"]} for c in proj["components"]])
+    total = pd.DataFrame([{"component": "Total", "original_MB": proj["bytes_original"] / 1e6,
+                           "compressed_MB": proj["bytes_projected"] / 1e6, "ratio": proj["ratio_projected"],
+                           "share_of_compressed_pct": 100.0}])
+    notes = (f"Highest total ratio reachable with a 0-byte embedding under this plan: {wall['max_total_ratio']:.2f}x.",)
+    return rp.ReportSection("budget", f"4. Byte budget and the embedding wall (plan {plan.name!r})",
+                            rp.caption_budget(proj, wall),
+                            (bytes_breakdown_figure(proj), wall_figure(proj, target_ratio)),
+                            pd.concat([tbl, total], ignore_index=True).round(3), notes)
+
+
+def _runs(runs: pd.DataFrame) -> rp.ReportSection:
+    tbl = runs.drop(columns=[c for c in ("started_at",) if c in runs]).copy()
+    return rp.ReportSection("runs", "5. Runs: ratio vs perplexity against the baseline", rp.caption_runs(runs),
+                            (fr.runs_scatter(runs),), tbl)
+
+
+def _failed(key: str, title: str, exc: Exception) -> rp.ReportSection:
+    return rp.ReportSection(key, title, f"Not available: {exc}", error=str(exc))
+
+
+def build_sections(source, cache, device: str, target_ratio: float, pareto_tensors: Sequence[str] | None,
+                   progress: Callable[[int, int, str], None] | None) -> list[rp.ReportSection]:
+    """Every section in story order (see :mod:`sahc_core.report.build`)."""
+    from sahc_core.io.components import tensor_table
+
+    table = tensor_table(source)
+    sections = [_shares(source, table)]
+    try:
+        sections.append(_spectrum(source, table, cache, device, progress))
+    except (SahcError, ValueError) as exc:
+        sections.append(_failed("spectrum", "2. Spectrum verdict", exc))
+    if pareto_tensors is None:
+        pareto_tensors = [n for n in (rp.middle_tensor(table), rp.embedding_tensor(table)) if n]
+    for i, name in enumerate(pareto_tensors, start=1):
+        try:
+            sections.append(_pareto(source, name, cache, device, progress, i))
+        except (SahcError, ValueError) as exc:
+            sections.append(_failed(f"pareto-{i}", f"3.{i} Per-tensor Pareto ({name})", exc))
+    runs = rp.runs_table(cache, source.fingerprint) if cache is not None else pd.DataFrame(
+        columns=["run_id", "plan_name", "status", "ratio", "ppl", "baseline_ppl", "gates_passed", "gates_failed",
+                 "started_at"])
+    try:
+        sections.append(_budget(source, cache, runs, target_ratio))
+    except (SahcError, ValueError) as exc:
+        sections.append(_failed("budget", "4. Byte budget and the embedding wall", exc))
+    sections.append(_runs(runs))
+    return sections

@@ -1,0 +1,233 @@
+"""Reproduce the reference study's tables (shared/reference/sahc-qwen35-9b-study.md) for any model.
+
+Tables, in the study's order and form:
+
+1. architecture breakdown (component, % of parameters);
+2. singular values of the middle FFN layer's ``gate_proj``: σ₁, σ₅₁₂, σ₁₀₂₄, σ₂₀₄₈, σ_min, each also
+   as % of σ₁. The study's matrix has full rank 4096; on another model the index keeps the same
+   *fraction* of full rank (σ₅₁₂ -> index round(512/4096 · k)), and the table says which index it used;
+3. minimum rank for SVD error < 0.10 for gate / up / down of that layer (% of full rank);
+4. SVD at rank 512 of 4096 (the same fraction, 1/8, of each tensor's full rank) with int4 factors,
+   averaged over every FFN tensor: ratio, mean truncation error, mean total error, the EYM error of the
+   kept rank, and how many tensors and layers end worse than zeros (error ≥ 1.0); direct row-wise int4
+   alongside for contrast;
+5. the Tensor-Train sweep of the embedding with the cosine gate (≥ 0.95);
+6. the final per-component table with total ratio and perplexity of the latest finished run of this
+   model in the cache, or "no run yet".
+
+Everything goes through the cached library calls (``spectrum.tensor_spectrum``,
+``whatif.measure_tensor``, ``sweeps.tt_sweep``), so a second call reads the cache; missing values are
+computed with ``progress(done, total, what)`` updates.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from sahc_core.report.build import embedding_tensor, middle_tensor
+
+STUDY_FULL_RANK = 4096          # full rank of the study's gate_proj [12288, 4096]
+SIGMA_INDICES = (1, 512, 1024, 2048)
+SVD_RANK_FRACTION = 512 / 4096  # the study's SVD-r512
+COS_THRESHOLD = 0.95
+ERROR_TARGET = 0.10
+_SUB = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class StudyTables:
+    """The study's tables for one model: title -> DataFrame, and one note per title."""
+
+    model: str
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def scaled_index(study_index: int, full_rank: int, study_rank: int = STUDY_FULL_RANK) -> int:
+    """1-based index at the same fraction of full rank as ``study_index`` of ``study_rank``."""
+    if full_rank == study_rank:
+        return study_index
+    return min(full_rank, max(1, round(study_index / study_rank * full_rank)))
+
+
+def architecture_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Component, % of params, params, tensors (tied weights counted once)."""
+    from sahc_core.io.components import component_shares
+    from sahc_core.figures.report import label
+
+    s = component_shares(table)
+    return pd.DataFrame({"Component": s["component"].map(label), "% of Params": (100 * s["share"]).round(1),
+                         "Params": s["params"].astype(int), "Tensors": s["n_tensors"].astype(int)})
+
+
+def sigma_table(s, shape) -> pd.DataFrame:
+    """σ₁, σ₅₁₂, σ₁₀₂₄, σ₂₀₄₈, σ_min of descending singular values ``s`` (indices scaled, see module)."""
+    k = len(s)
+    rows = []
+    for i in SIGMA_INDICES:
+        j = scaled_index(i, k)
+        rows.append({"σ": f"σ{str(i).translate(_SUB)}", "index here": j, "value": float(s[j - 1]),
+                     "% of σ₁": 100 * float(s[j - 1]) / float(s[0])})
+    rows.append({"σ": "σ_min", "index here": k, "value": float(s[-1]), "% of σ₁": 100 * float(s[-1]) / float(s[0])})
+    return pd.DataFrame(rows).round(4)
+
+
+def summarize_svd(rows: pd.DataFrame) -> pd.DataFrame:
+    """Aggregate per-tensor SVD+int4 / int4 measurements into the study's summary (metric per column).
+
+    ``rows``: one row per FFN tensor with layer, svd_ratio, svd_bytes, orig_bytes, trunc_error,
+    total_error, eym_error, int4_bytes, int4_error.
+    """
+    worse = rows["total_error"] >= 1.0
+    layers = rows["layer"].nunique()
+    bad_layers = rows.loc[worse, "layer"].nunique()
+    int_worse = rows["int4_error"] >= 1.0
+    return pd.DataFrame([
+        {"metric": "compression ratio (projected)", "SVD + int4": rows["orig_bytes"].sum() / rows["svd_bytes"].sum(),
+         "direct int4": rows["orig_bytes"].sum() / rows["int4_bytes"].sum()},
+        {"metric": "mean SVD (truncation) error", "SVD + int4": rows["trunc_error"].mean(), "direct int4": 0.0},
+        {"metric": "EYM error of the kept rank (mean)", "SVD + int4": rows["eym_error"].mean(), "direct int4": 0.0},
+        {"metric": "mean total error", "SVD + int4": rows["total_error"].mean(), "direct int4": rows["int4_error"].mean()},
+        {"metric": "tensors worse than zeros (error ≥ 1.0)", "SVD + int4": f"{int(worse.sum())} of {len(rows)}",
+         "direct int4": f"{int(int_worse.sum())} of {len(rows)}"},
+        {"metric": "layers with a tensor worse than zeros", "SVD + int4": f"{bad_layers} of {layers}",
+         "direct int4": f"{rows.loc[int_worse, 'layer'].nunique()} of {layers}"},
+    ])
+
+
+def _svd_rows(source, table, cache, device, progress) -> pd.DataFrame:
+    from sahc_core.methods.lowrank import SVDConfig
+    from sahc_core.methods.quant import QuantConfig
+    from sahc_core.whatif.measure import measure_tensor
+
+    ffn = table[(table["component"] == "ffn") & table["shape"].map(len).eq(2)]
+    svd_cfg = SVDConfig(rank_fraction=SVD_RANK_FRACTION, bits=4, group_size=None)
+    int_cfg = QuantConfig(bits=4, group_size=None)
+    rows = []
+    for i, rec in enumerate(ffn.itertuples()):
+        if progress:
+            progress(i, len(ffn), f"SVD + int4 on {rec.name}")
+        sv = measure_tensor(source, rec.name, svd_cfg, cache=cache, device=device)
+        iq = measure_tensor(source, rec.name, int_cfg, cache=cache, device=device)
+        rows.append({"tensor": rec.name, "layer": rec.layer, "kind": rec.kind, "rank": sv.get("rank"),
+                     "orig_bytes": 2 * math.prod(rec.shape), "svd_bytes": sv["bytes"], "svd_ratio": sv["ratio"],
+                     "trunc_error": sv["trunc_error"], "eym_error": sv["eym_error"], "total_error": sv["rel_error"],
+                     "int4_bytes": iq["bytes"], "int4_error": iq["rel_error"]})
+    if progress:
+        progress(len(ffn), len(ffn), "SVD + int4 done")
+    return pd.DataFrame(rows)
+
+
+def tt_table(sweep: pd.DataFrame, threshold: float = COS_THRESHOLD) -> pd.DataFrame:
+    """The study's TT table from a ``sweeps.tt_sweep`` frame (needs tt_ranks, ratio, weight cosine)."""
+    ranks = sweep["tt_ranks"] if "tt_ranks" in sweep else sweep["ranks"]
+    cos = sweep["weight_cosine"] if "weight_cosine" in sweep else sweep["cosine"]
+    # tt_sweep gives "[1, 8, 8, 1]" strings; tuples/lists come from other callers
+    return pd.DataFrame({"TT Config": ranks.map(lambda r: r if isinstance(r, str) else str([int(x) for x in r])),
+                         "Comp. Ratio": sweep["ratio"].astype(float).round(2), "Cosine": cos.astype(float).round(3),
+                         f"Quality Gate (cos ≥ {threshold:g})": cos.map(lambda c: "✅ PASS" if c >= threshold else "❌ FAIL")})
+
+
+def final_table(source, cache, table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Per-component method and ratio of the latest finished run of this model, and a ppl line."""
+    from sahc_core.figures.report import label
+    from sahc_core.plans.plan import CompressionPlan, project
+    from sahc_core.report.build import runs_table
+
+    runs = runs_table(cache, source.fingerprint) if cache is not None else pd.DataFrame()
+    done = runs[runs["status"] == "done"] if len(runs) else runs
+    if done.empty:
+        return pd.DataFrame([{"Component": "—", "Final Method": "no run yet", "Compression": None}]), \
+            "No finished run of this model in the cache yet: launch one on the Runs page (or `python -m sahc_core run`)."
+    last = done.sort_values("started_at").iloc[-1]
+    plan_json = cache.execute("SELECT plan FROM runs WHERE run_id = ?", [last["run_id"]])[0][0]
+    proj = project(CompressionPlan.from_dict(json.loads(plan_json)), source)
+    shares = {r["component"]: r["share"] for r in architecture_share_rows(table)}
+    methods = proj["tensors"].groupby("component")["method"].agg(lambda m: ", ".join(sorted(set(m) - {"tied"})))
+    rows = [{"Component": f"{label(c['component'])} ({100 * shares.get(c['component'], 0):.1f}%)",
+             "Final Method": methods.get(c["component"], ""), "Compression": round(c["ratio"], 2)}
+            for c in proj["components"]]
+    ratio = last["ratio_actual"] if last["ratio_actual"] is not None else proj["ratio_projected"]
+    rows.append({"Component": "Total", "Final Method": f"run {last['run_id']}", "Compression": round(float(ratio), 2)})
+    ppl, base = last["ppl"], last["baseline_ppl"]
+    note = f"Perplexity: {float(ppl):.2f}" if ppl is not None else "Perplexity: not measured"
+    if ppl is not None and base is not None and float(base) > 0:
+        note += f" (baseline {float(base):.2f}, {100 * (float(ppl) / float(base) - 1):+.0f}%)"
+    failed = last.get("gates_failed")
+    gates = f", {int(failed)} quality gate(s) failed" if failed is not None and pd.notna(failed) and failed else ""
+    return pd.DataFrame(rows), note + f"; plan {last['plan_name']!r}, run {last['run_id']}{gates}."
+
+
+def architecture_share_rows(table: pd.DataFrame) -> list[dict]:
+    from sahc_core.io.components import component_shares
+
+    return component_shares(table).to_dict(orient="records")
+
+
+def reproduce_study(source, cache=None, device: str = "auto", progress: Progress | None = None,
+                    with_tt: bool = True) -> StudyTables:
+    """Compute (or read from the cache) the study's tables for ``source``; see the module docstring."""
+    from sahc_core.io.components import tensor_table
+    from sahc_core.spectra.spectrum import min_rank, tensor_spectrum
+
+    table = tensor_table(source)
+    out = StudyTables(model=str(source.path))
+    t, n = out.tables, out.notes
+
+    t["Architecture breakdown"] = architecture_table(table)
+    n["Architecture breakdown"] = "Share of stored parameters per component (a tied LM head is counted once)."
+
+    gate = middle_tensor(table, "gate_proj")
+    if gate is None:
+        n["Architecture breakdown"] += " No FFN gate_proj found: the spectrum tables are skipped."
+    else:
+        if progress:
+            progress(0, 3, f"spectrum of {gate}")
+        sp = tensor_spectrum(source, gate, cache=cache, device=device)
+        title = f"Singular values of {gate} {list(sp.shape)}"
+        t[title] = sigma_table(sp.singular_values, sp.shape)
+        k = len(sp.singular_values)
+        n[title] = (f"Condition number σ_max/σ_min = {sp.singular_values[0] / sp.singular_values[-1]:.3g}; full rank {k}"
+                    + ("" if k == STUDY_FULL_RANK else f" (the study's indices scaled by {k}/{STUDY_FULL_RANK})") + ".")
+        rows = []
+        for kind in ("gate_proj", "up_proj", "down_proj"):
+            name = middle_tensor(table, kind)
+            if name is None:
+                continue
+            s = tensor_spectrum(source, name, cache=cache, device=device)
+            r = min_rank(s.singular_values, ERROR_TARGET)
+            full = len(s.singular_values)
+            rows.append({"tensor": kind, "name": name, "min rank (error < 0.10)": r, "full rank": full,
+                         "% of full rank": round(100 * r / full, 1)})
+        t["Minimum rank for SVD error < 0.10"] = pd.DataFrame(rows)
+        n["Minimum rank for SVD error < 0.10"] = "Eckart–Young–Mirsky: smallest r with sqrt(Σ_{i>r} σ_i² / Σ σ_i²) ≤ 0.10."
+
+        per = _svd_rows(source, table, cache, device, progress)
+        title = "SVD rank 1/8 of full (the study's r512) + int4 factors, over FFN tensors"
+        t[title] = summarize_svd(per).round(4)
+        t["SVD + int4 per FFN tensor"] = per.round(5)
+        n[title] = (f"{len(per)} FFN tensors, rank {SVD_RANK_FRACTION:g} of each tensor's full rank, factors int4 "
+                    "one scale per row; a zero matrix has error 1.0, so error ≥ 1.0 is worse than deleting the tensor.")
+
+    emb = embedding_tensor(table)
+    if with_tt and emb is not None:
+        from sahc_core.whatif.sweeps import tt_sweep
+
+        def prog(done, total, *_):
+            if progress:
+                progress(done, total, f"TT sweep of {emb}")
+        sweep = tt_sweep(source, emb, progress=prog, cos_threshold=COS_THRESHOLD)
+        title = f"Tensor-Train sweep of {emb} {list(source.info(emb).shape)}"
+        t[title] = tt_table(sweep)
+        n[title] = f"Weight cosine per token row; the gate is cos ≥ {COS_THRESHOLD:g} (study section 4)."
+
+    final, note = final_table(source, cache, table)
+    t["Final results"] = final
+    n["Final results"] = note
+    return out

@@ -1,0 +1,300 @@
+"""One whole run: project a plan, assemble the checkpoint, load it back, gate it, perplexity vs baseline.
+
+Stages (written to the run's progress): ``project`` -> ``assemble`` (tensors) -> ``gates`` (tensors:
+every stored tensor of the written checkpoint is measured against the source through
+``methods.measure`` and ``gates.tensor_gates``, plus the model-level shape, coverage gates, and the
+forward smoke test: each layer's output cosine with W vs Ŵ on calibration text, ``sahc_core.evaluate.smoke``) ->
+``baseline`` (tokens; skipped when cached) -> ``ppl`` (tokens) -> done. The baseline perplexity runs
+through exactly the same ``evaluate.perplexity`` call as the compressed model and is cached in
+``results`` (kind ``ppl_baseline``, key = corpus text hash + protocol), so a second run of the same
+model and protocol reuses it. Every gate decision goes to the audit log before the compressed model is
+loaded, so a shape failure is on record even though the load then stops the run.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sahc_core.cache import Cache
+
+PPL_VERSION = 1
+BASELINE_KIND = "ppl_baseline"
+#: Calibration tokens of the forward smoke test (one forward pass of the original model).
+SMOKE_TOKENS = 512
+
+
+def _as_plan(plan: Any):
+    from sahc_core.plans.plan import CompressionPlan
+
+    if isinstance(plan, CompressionPlan):
+        return plan
+    if isinstance(plan, dict):
+        return CompressionPlan.from_dict(plan)
+    if isinstance(plan, (str, Path)):
+        return CompressionPlan.from_json(plan)
+    raise ValueError(f"plan must be a CompressionPlan, a dict or a JSON file path, got {type(plan).__name__}.")
+
+
+def _as_corpus(corpus: Any):
+    from sahc_core.io.corpus import Corpus, default_corpus, load_corpus
+
+    if isinstance(corpus, Corpus):
+        return corpus
+    return default_corpus() if corpus is None else load_corpus(corpus)
+
+
+def baseline_key(corpus, ppl_cfg, device: str) -> str:
+    """Cache key of a baseline perplexity: the exact test text (sha256) and the protocol."""
+    return json.dumps({"corpus": corpus.name, "text_sha256": hashlib.sha256(corpus.test_text.encode()).hexdigest(),
+                       "window": ppl_cfg.window, "stride": ppl_cfg.stride, "max_tokens": ppl_cfg.max_tokens,
+                       "dtype": ppl_cfg.dtype, "device": device.split(":")[0]}, sort_keys=True)
+
+
+def measure_checkpoint(source, out_dir: str | Path, progress=None) -> tuple[list, list[dict], dict]:
+    """Per-tensor gates of an assembled checkpoint against its source, and the rebuilt weights.
+
+    Each stored tensor is loaded back from the files (``assemble.iter_assembled``), rebuilt ONCE and
+    measured against the source weight with ``methods.measure(W, cfg, compressed=..., w_hat=...)``.
+
+    Returns
+    -------
+    tuple
+        ``(gates, rows, state)``: a list of GateResult, one dict per tensor (name, component, method,
+        bytes, rel_error, weight_cosine), and every weight rebuilt in float32 on CPU, tied aliases
+        included (what ``assemble.load_assembled`` returns).
+    """
+    from sahc_core.methods import registry as methods
+    from sahc_core.plans.assemble import iter_assembled, read_manifest, tie_aliases
+    from sahc_core.gates import tensor_gates
+    from sahc_core.plans.plan import TIED
+
+    manifest = read_manifest(out_dir)
+    n_stored = sum(e["method"] != TIED for e in manifest["tensors"].values())
+    gates, rows, state = [], [], {}
+    for i, (name, e, c) in enumerate(iter_assembled(out_dir, manifest)):
+        W_hat = c.reconstruct(torch.float32)
+        W = source.read(name, dtype=torch.float32)
+        m = methods.measure(W, methods.config_from_dict(e["config"]), compressed=c, w_hat=W_hat)
+        del W, c
+        state[name] = W_hat
+        gates += tensor_gates(name, {**m, "config": e["config"]})
+        rows.append({"name": name, "component": e["component"], "method": e["method"], "bytes": m["bytes"],
+                     "rel_error": m["rel_error"], "weight_cosine": m["weight_cosine"]})
+        if progress is not None:
+            progress(i + 1, n_stored)
+    return gates, rows, tie_aliases(manifest, state)
+
+
+def _components(projected: dict, assembled: dict, rows: list[dict]) -> list[dict]:
+    """Projected and actual (payload) bytes and the error summary per component."""
+    out = []
+    for comp in projected["components"]:
+        name = comp["component"]
+        payload = sum(t["bytes"] for t in assembled["tensors"] if t["component"] == name)
+        errs = [r for r in rows if r["component"] == name]
+        out.append({"component": name, "original_bytes": comp["original_bytes"], "bytes_projected": comp["bytes"],
+                    "bytes_payload": payload, "ratio_projected": comp["ratio"],
+                    "ratio_payload": comp["original_bytes"] / payload if payload else float("nan"),
+                    "n_tensors": comp.get("n_tensors"),
+                    "max_rel_error": max((r["rel_error"] for r in errs), default=None),
+                    "min_weight_cosine": min((r["weight_cosine"] for r in errs), default=None)})
+    return out
+
+
+def _smoke_gates(model, tokenizer, corpus, state: dict, reporter) -> list:
+    """The study's forward smoke test: every layer's output cosine (W vs Ŵ) on calibration text ≥ 0.95."""
+    from sahc_core.gates import cosine_gate
+    from sahc_core.evaluate.smoke import layer_output_cosines
+
+    cos = layer_output_cosines(model, tokenizer, corpus.calib_text, state, n_tokens=SMOKE_TOKENS,
+                               progress=lambda d, t: reporter.progress(windows_done=d, windows_total=t))
+    return [cosine_gate(name, c["cosine"], evidence={"weight": c["weight"], "tokens": c["tokens"],
+                                                     "text": f"{corpus.name} calibration split"})
+            for name, c in cos.items()]
+
+
+def _ppl(model, tokenizer, corpus, cfg, reporter) -> Any:
+    from sahc_core.evaluate.perplexity import perplexity
+
+    return perplexity(model, tokenizer, corpus.test_text, cfg,
+                      progress=lambda done, total: reporter.progress(tokens_done=done, tokens_total=total))
+
+
+def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = None, window: int | None = None,
+                max_tokens: int | None = None, run_id: str | None = None, reporter=None,
+                out_dir: str | Path | None = None, device: str = "auto", batch_size: int | None = None) -> dict:
+    """Run a plan end to end and store the result in the run's row (see the module docstring).
+
+    Parameters
+    ----------
+    cache : Cache
+    plan : CompressionPlan, dict or path of a plan JSON file
+    model_dir : str or Path
+        The original model (config, safetensors, tokenizer).
+    corpus : str, Path or Corpus, optional
+        Test text (default: the embedded Shakespeare split).
+    window, max_tokens : int, optional
+        Perplexity protocol (``evaluate.PplConfig``).
+    run_id : str, optional
+        Default: a new id. A run row is created when there is none.
+    reporter : JobReporter, optional
+        Default: a reporter on ``run_id`` (so CLI runs show up in the runs list too).
+    out_dir : str or Path, optional
+        Where the checkpoint goes; default ``<cache dir>/runs/<run_id>``.
+    device : str
+        ``auto`` (GPU when present), ``cpu`` or ``cuda``.
+
+    Returns
+    -------
+    dict
+        run_id, plan_name, ratio_projected, ratio_actual, bytes_projected, bytes_actual, bytes_original,
+        ppl, baseline_ppl, delta_ppl, protocol {text, window, stride, tokens, dtype, device}, gates,
+        gates_passed, gates_failed, components, seconds {assemble, gates, baseline, ppl}, baseline_cached,
+        out_dir, model_path, model_fp.
+    """
+    from sahc_core.device import resolve_device
+    from sahc_core.evaluate.perplexity import PplConfig
+    from sahc_core.plans.assemble import AssemblyCancelled
+    from sahc_core.runs.jobs import JobCancelled, JobReporter, new_run_id
+
+    plan = _as_plan(plan)
+    cfg = PplConfig(window=window, max_tokens=max_tokens, batch_size=batch_size, device=device)
+    run_id = run_id or (reporter.run_id if reporter is not None else new_run_id())
+    reporter = reporter or JobReporter(cache, run_id)
+    model_dir = Path(model_dir).expanduser().resolve()
+    try:
+        reporter.start(plan=plan.to_dict(), model_path=str(model_dir))  # raises JobCancelled if asked already
+        return _execute(cache, plan, model_dir, corpus, cfg, run_id, reporter, out_dir, resolve_device(device))
+    except (JobCancelled, KeyboardInterrupt) as exc:
+        reporter.cancelled()
+        if isinstance(exc, JobCancelled):
+            raise
+        raise JobCancelled(f"run {run_id} was cancelled.") from exc
+    except AssemblyCancelled as exc:
+        reporter.cancelled()
+        raise JobCancelled(f"run {run_id} was cancelled.") from exc
+    except BaseException as exc:
+        reporter.fail(str(exc) or type(exc).__name__)
+        raise
+
+
+def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, out_dir, device: str) -> dict:
+    from sahc_core.plans.assemble import assemble
+    from sahc_core.evaluate.model import load_model, load_state
+    from sahc_core.gates import coverage_gate, log_gates, ppl_gate, shape_gate
+    from sahc_core.io.source import ModelSource
+    from sahc_core.plans.plan import project
+
+    seconds: dict[str, float] = {}
+    source = ModelSource.open(model_dir)
+    fp = source.fingerprint
+    cache.execute("UPDATE runs SET model_fp = ? WHERE run_id = ?", [fp, run_id])
+    reporter.stage("project")
+    projected = project(plan, source)
+    corpus = _as_corpus(corpus)  # fail early on a bad corpus, before minutes of assembly
+
+    reporter.stage("assemble")
+    out = Path(out_dir) if out_dir is not None else cache.path.parent / "runs" / run_id
+    t0 = time.perf_counter()
+    assembled = assemble(source, plan, out, overwrite=True, check_cancel=reporter.cancel_requested,
+                         progress=lambda d, t, name: reporter.progress(tensors_done=d, tensors_total=t, tensor=name))
+    seconds["assemble"] = time.perf_counter() - t0
+
+    reporter.stage("gates")
+    t0 = time.perf_counter()
+    gates, rows, state = measure_checkpoint(
+        source, out, progress=lambda d, t: reporter.progress(tensors_done=d, tensors_total=t))
+    infos = source.tensors()
+    gates.append(shape_gate({i.name: tuple(i.shape) for i in infos}, {n: tuple(t.shape) for n, t in state.items()}))
+    gates.append(coverage_gate([i.name for i in infos], [t["name"] for t in assembled["tensors"]]))
+    # ONE model in memory for the whole run: the original serves the smoke test and the baseline, then
+    # the assembled weights are loaded into it for the compressed perplexity.
+    model, tokenizer = load_model(model_dir, device=device, dtype=cfg.dtype)
+    try:
+        gates += _smoke_gates(model, tokenizer, corpus, state, reporter)
+        log_gates(cache, fp, gates, run_id=run_id)
+        seconds["gates"] = time.perf_counter() - t0
+
+        reporter.stage("baseline")
+        key = baseline_key(corpus, cfg, device)
+        base = cache.get(BASELINE_KIND, fp, key, PPL_VERSION)
+        baseline_cached = base is not None
+        t0 = time.perf_counter()
+        if base is None:
+            base = _ppl(model, tokenizer, corpus, cfg, reporter).to_dict()
+            cache.put(BASELINE_KIND, fp, key, PPL_VERSION, base)
+        seconds["baseline"] = time.perf_counter() - t0
+
+        reporter.stage("ppl")
+        t0 = time.perf_counter()
+        load_state(model, state)
+        del state
+        res = _ppl(model, tokenizer, corpus, cfg, reporter)
+        seconds["ppl"] = time.perf_counter() - t0
+    finally:
+        del model
+        gc.collect()
+    ppl, base_ppl = float(res.ppl), float(base["ppl"])
+    pg = ppl_gate(ppl, {"baseline_ppl": base_ppl, "tokens": res.tokens, "window": res.window})
+    log_gates(cache, fp, [pg], run_id=run_id)
+    gates.append(pg)
+
+    n_failed = sum(not g.passed for g in gates)
+    result = {
+        "run_id": run_id, "plan_name": plan.name, "model_path": str(model_dir), "model_fp": fp,
+        "ratio_projected": assembled["ratio_projected"], "ratio_actual": assembled["ratio_actual"],
+        "bytes_projected": assembled["bytes_projected"], "bytes_actual": assembled["bytes_actual"],
+        "bytes_payload": assembled["bytes_payload"], "bytes_original": assembled["bytes_original"],
+        "ppl": ppl, "baseline_ppl": base_ppl, "delta_ppl": ppl - base_ppl,
+        "ppl_ratio": ppl / base_ppl if base_ppl > 0 and math.isfinite(base_ppl) else float("nan"),
+        "protocol": {"text": corpus.name, "text_files": list(corpus.test_files), "window": res.window,
+                     "stride": res.stride, "tokens": res.tokens, "dtype": res.dtype, "device": res.device,
+                     "max_tokens": cfg.max_tokens},
+        "baseline_protocol_matches": (base["tokens"], base["window"], base["stride"]) == (res.tokens, res.window,
+                                                                                           res.stride),
+        "gates": [g.to_dict() for g in gates], "gates_passed": len(gates) - n_failed, "gates_failed": n_failed,
+        "components": _components(projected, assembled, rows), "seconds": seconds,
+        "baseline_cached": baseline_cached, "out_dir": str(out),
+    }
+    reporter.stage("done")
+    reporter.finish(result)
+    return result
+
+
+def compare_runs(cache: Cache, run_ids: list[str]) -> dict:
+    """Side-by-side tables of finished or failed runs.
+
+    Returns
+    -------
+    dict
+        ``runs``: the :func:`jobs.list_runs` rows of ``run_ids``; ``components``: one row per run and
+        component (run_id, plan_name, component, ratio_projected, ratio_payload, bytes_payload,
+        max_rel_error, min_weight_cosine); ``gates``: the audit log of those runs, failed gates first.
+    """
+    import pandas as pd
+
+    from sahc_core.gates import audit_log
+    from sahc_core.runs.jobs import list_runs, run_status
+
+    runs = list_runs(cache)
+    runs = runs[runs["run_id"].isin(run_ids)].reset_index(drop=True)
+    comps = []
+    for rid in runs["run_id"]:
+        st = run_status(cache, rid)
+        for c in (st.get("result") or {}).get("components", []):
+            comps.append({"run_id": rid, "plan_name": st.get("plan_name"), **c})
+    cols = ["run_id", "plan_name", "component", "ratio_projected", "ratio_payload", "bytes_payload",
+            "max_rel_error", "min_weight_cosine"]
+    components = pd.DataFrame(comps).reindex(columns=cols)
+    logs = [audit_log(cache, run_id=rid) for rid in runs["run_id"]]
+    logs = [g for g in logs if not g.empty]
+    gates = pd.concat(logs, ignore_index=True) if logs else audit_log(cache, run_id="\0")
+    gates = gates.sort_values(["passed", "run_id", "tensor", "gate"], kind="stable").reset_index(drop=True)
+    return {"runs": runs, "components": components, "gates": gates}

@@ -1,0 +1,141 @@
+"""Spectrum scan of every 2-D weight of a model (or of one component): resumable, cached, tidy.
+
+Each tensor's spectrum is committed to the cache as soon as it is computed, so an interrupted scan
+(a crash, Ctrl-C, a progress callback raising) continues where it stopped: the next call reads the
+finished tensors from the cache and computes only the rest.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from sahc_core.io.components import tensor_table
+from sahc_core.spectra.spectrum import CACHE_KIND, SPECTRUM_VERSION, SpectrumResult, tensor_spectrum
+
+if TYPE_CHECKING:
+    from sahc_core.cache import Cache
+    from sahc_core.io.source import ModelSource
+
+#: progress(done, total, tensor_name, eta_seconds or None), called after each tensor is committed.
+Progress = Callable[[int, int, str, "float | None"], Any]
+
+_ID_COLUMNS = ["name", "component", "kind", "layer", "shape"]
+
+
+def matrix_table(source: ModelSource, component: str | None = None) -> pd.DataFrame:
+    """Rows of :func:`~sahc_core.io.components.tensor_table` for the weights that have a spectrum (ndim >= 2).
+
+    Raises
+    ------
+    ValueError
+        If ``component`` names no component with a 2-D weight in this model.
+    """
+    table = tensor_table(source)
+    table = table[table["shape"].map(len) >= 2]
+    if component is not None:
+        choices = sorted(table["component"].unique())
+        if component not in choices:
+            raise ValueError(f"component {component!r} has no 2-D weights in this model; choose one of {', '.join(choices)}.")
+        table = table[table["component"] == component]
+    return table.reset_index(drop=True)
+
+
+def _cost(shape: tuple[int, ...]) -> float:
+    """Relative cost of one spectrum, m·n·min(m, n) flops (the Gram product), for the ETA."""
+    m, n = int(shape[0]), int(np.prod(shape[1:]))
+    return float(m) * n * min(m, n)
+
+
+def result_row(meta: dict, result: SpectrumResult) -> dict:
+    """One tidy row: identity columns from the tensor table, then timing and all statistics."""
+    row = {c: meta[c] for c in _ID_COLUMNS}
+    row.update(matrix_shape=tuple(result.shape), note=result.note, device=result.device, cached=result.cached,
+               seconds=result.seconds, compute_seconds=result.compute_seconds)
+    row.update(result.stats)
+    return row
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(rows)
+    if df.empty:
+        return pd.DataFrame(columns=_ID_COLUMNS)
+    df["layer"] = df["layer"].astype("Int64")
+    return df
+
+
+def scan(source: ModelSource, component: str | None = None, cache: Cache | None = None, device: str = "auto",
+         progress: Progress | None = None) -> pd.DataFrame:
+    """Spectrum statistics of every 2-D weight (1-D norms and biases are skipped).
+
+    Parameters
+    ----------
+    source : ModelSource
+        The model; tensors are read one at a time.
+    component : str, optional
+        Restrict to one component (``"ffn"``, ``"attention_full"``, ...).
+    cache : Cache, optional
+        Where each finished tensor is committed (makes the scan resumable and a rerun instant).
+    device : str
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
+    progress : callable, optional
+        ``progress(done, total, name, eta_s)`` after each tensor; ``eta_s`` is ``None`` until a
+        tensor has been computed. An exception it raises stops the scan (finished tensors stay cached).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per tensor: ``name, component, kind, layer, shape, matrix_shape, note, device,
+        cached, seconds, compute_seconds`` and every key of :func:`~sahc_core.spectra.spectrum.spectrum_stats`.
+    """
+    table = matrix_table(source, component)
+    stored = _stored(cache, source.fingerprint) if cache is not None else {}
+    todo_cost = sum(_cost(r.shape) for r in table.itertuples() if r.name not in stored)
+    spent_cost, spent_s = 0.0, 0.0
+    rows: list[dict] = []
+    total = len(table)
+    for i, meta in enumerate(table.to_dict(orient="records")):
+        t0 = time.perf_counter()
+        if meta["name"] in stored:
+            result = SpectrumResult.from_value(meta["name"], stored[meta["name"]], True, time.perf_counter() - t0)
+        else:
+            result = tensor_spectrum(source, meta["name"], cache=cache, device=device)
+        rows.append(result_row(meta, result))
+        if not result.cached:
+            spent_cost += _cost(meta["shape"])
+            spent_s += result.seconds
+        if progress is not None:
+            eta = spent_s / spent_cost * max(todo_cost - spent_cost, 0.0) if spent_cost > 0 else None
+            progress(i + 1, total, meta["name"], eta)
+    return _frame(rows)
+
+
+def cached_scan(source: ModelSource, cache: Cache, component: str | None = None) -> pd.DataFrame:
+    """The rows of :func:`scan` already in the cache, computing nothing (may be partial or empty)."""
+    table = matrix_table(source, component)
+    stored = _stored(cache, source.fingerprint)
+    rows = [result_row(meta, SpectrumResult.from_value(meta["name"], stored[meta["name"]], True, 0.0))
+            for meta in table.to_dict(orient="records") if meta["name"] in stored]
+    return _frame(rows)
+
+
+def _stored(cache: Cache, model_fp: str) -> dict[str, dict]:
+    """Every spectrum stored for this model fingerprint and version, in ONE query (name -> value)."""
+    rows = cache.execute("SELECT key, value FROM results WHERE kind = ? AND model_fp = ? AND version = ?",
+                         [CACHE_KIND, model_fp, SPECTRUM_VERSION])
+    return {key: json.loads(value) for key, value in rows}
+
+
+def results_frame(results: list[SpectrumResult]) -> pd.DataFrame:
+    """A stats table (one row per result) for display and CSV download."""
+    rows = []
+    for r in results:
+        row = {"name": r.tensor, "shape": tuple(r.shape), "note": r.note, "device": r.device,
+               "cached": r.cached, "seconds": r.seconds}
+        row.update(r.stats)
+        rows.append(row)
+    return pd.DataFrame.from_records(rows)
