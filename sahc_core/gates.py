@@ -36,10 +36,10 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
-import numpy as np
 import pandas as pd
 
 from sahc_core.cache import Cache, to_json, utcnow
+from sahc_core.jsonutil import jsonable
 
 #: Default gate thresholds (documented in the module docstring).
 COS_THRESHOLD = 0.95
@@ -64,27 +64,17 @@ class GateResult:
         d = asdict(self)
         d["value"] = _finite_or_none(self.value)
         d["threshold"] = _finite_or_none(self.threshold)
-        d["evidence"] = _jsonable(self.evidence)
+        d["evidence"] = _evidence(self.evidence)
         return d
+
+
+def _evidence(obj: Any) -> Any:
+    """Plain-JSON copy of gate evidence (non-finite numbers become null)."""
+    return jsonable(obj, nonfinite="null")
 
 
 def _finite_or_none(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain-JSON copy of gate evidence (numpy scalars, tuples, non-finite floats)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return _finite_or_none(float(obj))
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    return str(obj)
 
 
 def _num(measured: Mapping, key: str) -> float | None:
@@ -217,7 +207,7 @@ def log_gates(cache: Cache, model_fp: str, gates: list[GateResult], run_id: str 
         return
     now = utcnow()
     rows = [(str(uuid.uuid4()), now, model_fp, run_id, g.tensor, g.gate, float(g.value), float(g.threshold),
-             bool(g.passed), to_json(_jsonable(g.evidence))) for g in gates]
+             bool(g.passed), to_json(_evidence(g.evidence))) for g in gates]
     # DOUBLE keeps inf/NaN, so a diverged value is logged as it was measured.
     cache.executemany(
         "INSERT INTO audit_log (id, time, model_fp, run_id, tensor, gate, value, threshold, passed, evidence) "

@@ -14,7 +14,7 @@ from sahc_core.errors import CorpusError, ModelError
 from sahc_core.evaluate.perplexity import PplConfig, _windows, perplexity
 from sahc_core.evaluate.activations import attention_output_cosine, capture_block_io, capture_inputs
 from sahc_core.evaluate.model import load_model
-from sahc_core.evaluate.metrics import output_cosine
+from sahc_core.metrics import output_cosine
 
 TEXT = (
     "When shall we three meet again in thunder, lightning, or in rain? When the hurlyburly's done, "

@@ -148,7 +148,8 @@ PARAM_FAULTS = {
     "bits 0": (["measure", "--tensor", FFN, "--method", "int", "--bits", "0"], "bits"),
     "bits 1": (["measure", "--tensor", FFN, "--method", "int", "--bits", "1"], "bits"),
     "bits 17": (["measure", "--tensor", FFN, "--method", "int", "--bits", "17"], "bits"),
-    "group size not dividing": (["measure", "--tensor", FFN, "--method", "int", "--group-size", "48"], "divide"),
+    "negative group size": (["measure", "--tensor", FFN, "--method", "int", "--group-size", "-8"], "group_size"),
+    "flag the method does not take": (["measure", "--tensor", FFN, "--method", "int", "--rank", "4"], "does not take"),
     "TT ranks that do not fit": (["measure", "--tensor", EMB, "--method", "tt", "--tt-ranks", "1", "100000",
                                   "100000", "1"], "rank"),
     "TT ranks without boundary 1": (["measure", "--tensor", EMB, "--method", "tt", "--tt-ranks", "2", "8", "8", "2"],
@@ -316,10 +317,11 @@ def test_ui_bad_model_directory(kind, page, tiny_llama_dir, tmp_path, store):
 
 
 @pytest.mark.parametrize("widgets,expect", [
-    ({"budget_embedding_method": "tt", "budget_embedding_tt_ranks": "100000, 100000", "budget_fallback": "error"},
-     "rank"),
-    ({"budget_ffn_group_size": 48, "budget_fallback": "error"}, "divide"),
-], ids=["TT ranks that do not fit", "group size not dividing"])
+    ({"budget_embedding_method": "Tensor-Train", "budget_embedding_tt_tt_ranks": "1, 100000, 100000, 1",
+      "budget_fallback": "none (adapt, else error)"}, "rank"),
+    ({"budget_embedding_method": "Tensor-Train", "budget_embedding_tt_tt_ranks": "64, x",
+      "budget_fallback": "none (adapt, else error)"}, "tt-ranks"),
+], ids=["TT ranks that do not fit", "TT ranks that are not integers"])
 def test_ui_budget_bad_parameters(widgets, expect, tiny_llama_dir, store):
     import streamlit as st
 

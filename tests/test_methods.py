@@ -7,18 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from sahc_core.methods.keep import KeepConfig
 from sahc_core.methods.registry import (
     Compressed,
-    KeepConfig,
     compress,
     config_from_dict,
     config_to_dict,
     load_compressed,
     measure,
     projected_bytes,
-    rel_error,
-    row_cosine,
 )
+from sahc_core.metrics import rel_error, row_cosine
 from sahc_core.methods.lowrank import SVDConfig
 from sahc_core.methods.quant import QuantConfig
 from sahc_core.methods.tt import TTConfig

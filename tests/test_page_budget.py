@@ -7,8 +7,7 @@ import pytest
 from apptest_helpers import run_page
 from streamlit.testing.v1 import AppTest
 
-from sahc_core.figures.budget import (breakdown_frame, bytes_breakdown_figure, choice_to_config, config_to_choice,
-                                      parse_tt_ranks, plan_dict, wall_curve, wall_figure)
+from sahc_core.figures.budget import breakdown_frame, bytes_breakdown_figure, plan_dict, wall_curve, wall_figure
 from sahc_core.io.source import ModelSource
 from sahc_core.plans.plan import CompressionPlan, embedding_wall, project
 
@@ -28,51 +27,64 @@ def test_budget_page_ratio_follows_the_bits(tiny_llama_dir, monkeypatch, tmp_pat
     before = _ratio(at)
     # independent: the same per-component choices through the library
     plan = CompressionPlan.from_dict(plan_dict("my-plan", {
-        c: config_to_choice({"method": "int", "bits": 4, "group_size": 64}) for c in ("ffn", "attention_full",
-                                                                                       "embedding")
-    } | {"norm_other": config_to_choice({"method": "keep"})}, fallback={"method": "keep"}))
+        c: {"method": "int", "bits": 4, "group_size": 64} for c in ("ffn", "attention_full", "embedding")
+    } | {"norm_other": {"method": "keep"}}, fallback={"method": "keep"}))
     assert before == pytest.approx(project(plan, ModelSource.open(tiny_llama_dir))["ratio_projected"], abs=0.005)
-    at.number_input(key="budget_ffn_bits").set_value(8).run()
+    at.number_input(key="budget_ffn_int_bits").set_value(8).run()
     assert not at.exception
     assert _ratio(at) < before
-    at.selectbox(key="budget_ffn_method").set_value("keep").run()
+    at.selectbox(key="budget_ffn_method").set_value("16-bit (kept)").run()
     assert _ratio(at) < before
     assert any("must reach" in i.value or "impossible" in i.value for i in [*at.info, *at.warning])
 
 
-def test_budget_page_error_is_shown_not_raised(tiny_llama_dir, monkeypatch, tmp_path):
+def test_budget_page_group_size_that_does_not_divide_is_adapted(tiny_llama_dir, monkeypatch, tmp_path):
+    """256 divides neither 64 nor 128: without a fallback config the method adapts (per row here) and
+    the page says so per tensor; nothing is refused."""
     at = _page(tiny_llama_dir, monkeypatch, tmp_path)
-    at.selectbox(key="budget_fallback").set_value("error").run()
-    at.selectbox(key="budget_ffn_group_size").set_value(256).run()  # 256 divides neither 64 nor 128
+    at.selectbox(key="budget_fallback").set_value("none (adapt, else error)").run()
+    at.selectbox(key="budget_ffn_int_group_size").set_value(256).run()
+    assert not at.exception and not at.error
+    assert any("adapted" in w.value or "group size 256 does not divide" in w.value for w in at.warning)
+
+
+def test_budget_page_error_is_shown_not_raised(tiny_llama_dir, monkeypatch, tmp_path):
+    """TT ranks the embedding's reshaping cannot hold: one clear error line, no traceback."""
+    at = _page(tiny_llama_dir, monkeypatch, tmp_path)
+    at.selectbox(key="budget_fallback").set_value("none (adapt, else error)").run()
+    at.selectbox(key="budget_embedding_method").set_value("Tensor-Train").run()
+    at.text_input(key="budget_embedding_tt_tt_ranks").set_value("1, 100000, 8, 1").run()
     assert not at.exception
-    assert at.error and "group_size 256 does not divide" in at.error[0].value
+    assert at.error and "rank" in at.error[0].value
 
 
 def test_budget_page_save_and_load_from_cache(tiny_llama_dir, monkeypatch, tmp_path):
     at = _page(tiny_llama_dir, monkeypatch, tmp_path)
     at.text_input(key="budget_name").set_value("p8").run()
-    at.number_input(key="budget_ffn_bits").set_value(8).run()
+    at.number_input(key="budget_ffn_int_bits").set_value(8).run()
     at.button[1].click().run()  # "Save plan to cache"
     assert not at.exception and any("Saved plan 'p8'" in s.value for s in at.success)
     saved = _ratio(at)
-    at.number_input(key="budget_ffn_bits").set_value(2).run()
+    at.number_input(key="budget_ffn_int_bits").set_value(2).run()
     assert _ratio(at) != saved
     at.selectbox(key="budget_pick").set_value("p8").run()
     at.button[0].click().run()  # "Load saved plan"
     assert not at.exception and _ratio(at) == saved
-    assert at.number_input(key="budget_ffn_bits").value == 8
+    assert at.number_input(key="budget_ffn_int_bits").value == 8
 
 
-def test_tt_ranks_and_choice_round_trip():
-    assert parse_tt_ranks("64, 64") == [1, 64, 64, 1] == parse_tt_ranks([1, 64, 64, 1])
-    with pytest.raises(ValueError):
-        parse_tt_ranks("a,b")
-    with pytest.raises(ValueError):
-        parse_tt_ranks("")
-    for cfg in ({"method": "int", "bits": 3, "group_size": None, "scheme": "asym"},
-                {"method": "svd", "rank_fraction": 0.25, "bits": 4, "group_size": 64},
-                {"method": "tt", "tt_ranks": [1, 16, 8, 1], "bits": 8}, {"method": "keep"}):
-        assert choice_to_config(**config_to_choice(cfg)) == cfg
+def test_plan_dict_round_trips_every_registered_method():
+    """Each method's schema defaults make a config whose plan JSON survives the plan round trip."""
+    from sahc_core.methods import registry
+
+    comps = {}
+    for spec in registry.methods():
+        comp = "embedding" if spec.components and "embedding" in spec.components else "ffn"
+        if comp in comps:
+            continue
+        comps[comp] = registry.config_to_dict(registry.config_from_values(spec.name, {}))
+    plan = CompressionPlan.from_dict(plan_dict("rt", comps))
+    assert plan.to_dict()["components"] == comps
 
 
 def test_breakdown_and_wall_figures(tiny_qwen35_dir):

@@ -34,7 +34,7 @@ def test_whatif_page_sliders_move_the_ratio(tiny_llama_dir, monkeypatch, tmp_pat
     # int4, group 64 (largest divisor <= 128), asym: independent byte count of a 64x64 tensor
     assert _ratio(at) == pytest.approx(2 * 64 * 64 / (64 * 64 * 4 / 8 + 4 * 64 * 1), abs=0.005)
     before = _ratio(at)
-    at.slider(key="wi_bits").set_value(2).run()
+    at.slider(key="wi_int_bits").set_value(2).run()
     assert not at.exception
     assert _ratio(at) == pytest.approx(2 * 64 * 64 / (64 * 64 * 2 / 8 + 4 * 64 * 1), abs=0.005) != before
     err = float(_metric(at, "Relative error ‖W−Ŵ‖/‖W‖"))
@@ -46,12 +46,12 @@ def test_whatif_page_sliders_move_the_ratio(tiny_llama_dir, monkeypatch, tmp_pat
     at.radio(key="wi_method").set_value("SVD + int-k factors").run()
     assert not at.exception and not at.error
     r16 = _ratio(at)
-    at.slider(key="wi_rank_64").set_value(8).run()
+    at.slider(key="wi_svd_rank_64x64").set_value(8).run()
     assert not at.exception
     assert _ratio(at) > r16
     # SVD r=8, int4 factors, group 64 along m and n: 2 factors of 8 x 64 -> 2 * (8*64/2 + 4*8)
     assert _ratio(at) == pytest.approx(2 * 64 * 64 / (2 * (8 * 64 * 4 / 8 + 4 * 8)), abs=0.005)
-    assert "TT rank r1" not in [s.label for s in at.select_slider]  # TT not offered for attention
+    assert "Tensor-Train" not in at.radio(key="wi_method").options  # TT not offered for attention
 
 
 def test_whatif_page_embedding_tt_and_pareto(tiny_llama_dir, monkeypatch, tmp_path):
@@ -60,12 +60,12 @@ def test_whatif_page_embedding_tt_and_pareto(tiny_llama_dir, monkeypatch, tmp_pa
     at.selectbox(key="wi_tensor").select(EMB).run()
     at.radio(key="wi_method").set_value("Tensor-Train").run()
     assert not at.exception and not at.error
-    r1 = at.select_slider(key="wi_r1_256_64")
+    r1 = at.select_slider(key="wi_tt_tt_ranks_256x64_0")
     assert r1.options[0] == "1" and r1.value == min(64, int(r1.options[-1]))
     r1.set_value(4).run()
     assert not at.exception and not at.error
     before = _ratio(at)
-    at.select_slider(key="wi_r2_256_64_4").set_value(8).run()
+    at.select_slider(key="wi_tt_tt_ranks_256x64_1").set_value(8).run()
     assert _ratio(at) != before
     assert not at.exception and not at.error
     assert math.isfinite(_ratio(at)) and _ratio(at) > 1

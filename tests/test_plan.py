@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sahc_core.methods import registry as methods
+from sahc_core.methods.keep import KeepConfig
 from sahc_core.io.components import tensor_table
 from sahc_core.errors import PlanError
 from sahc_core.io.source import ModelSource
@@ -126,11 +127,17 @@ def test_no_default_leaves_tensors_uncovered(tiny_llama_dir):
         resolve(plan, tensor_table(src))
 
 
-def test_incompatible_group_size_errors_or_falls_back_explicitly(tiny_llama_dir):
+def test_incompatible_group_size_adapts_or_falls_back_explicitly(tiny_llama_dir):
     src = ModelSource.open(tiny_llama_dir)  # hidden 64, intermediate 128
     g128 = {"method": "int", "bits": 4, "group_size": 128}
-    with pytest.raises(PlanError, match="group_size 128 does not divide"):
-        resolve(CompressionPlan.from_dict({"name": "g", "default": g128}), tensor_table(src))
+    auto = resolve(CompressionPlan.from_dict({"name": "g", "default": g128}), tensor_table(src))
+    adapted = auto[auto["fallback_reason"].notna()]
+    # without a fallback config, 128 on a 64-wide tensor becomes 64 (largest divisor within 2x), recorded
+    assert set(adapted["kind"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "embed_tokens"}
+    assert (adapted["config"].map(lambda c: c["group_size"]) == 64).all()
+    assert adapted["rule"].str.startswith("adapted").all()
+    assert adapted["fallback_reason"].str.contains("group_size 128 does not divide").all()
+    assert (auto.loc[auto["kind"] == "down_proj", "config"].map(lambda c: c["group_size"]) == 128).all()
     plan = CompressionPlan.from_dict({"name": "g", "default": g128,
                                       "fallback": {"method": "int", "bits": 4, "group_size": 64}})
     df = resolve(plan, tensor_table(src))
@@ -145,7 +152,7 @@ def test_incompatible_group_size_errors_or_falls_back_explicitly(tiny_llama_dir)
 def test_tt_outside_the_embedding_is_incompatible(tiny_llama_dir):
     src = ModelSource.open(tiny_llama_dir)
     tt = {"method": "tt", "tt_ranks": [1, 4, 1], "bits": 8}
-    with pytest.raises(PlanError, match="TT is for the embedding/LM head only"):
+    with pytest.raises(PlanError, match="Tensor-Train is for the embedding component only"):
         resolve(CompressionPlan.from_dict({"name": "t", "default": INT8, "components": {"ffn": tt}}), tensor_table(src))
     ok = resolve(CompressionPlan.from_dict({"name": "t", "default": INT8, "components": {"embedding": tt}}),
                  tensor_table(src)).set_index("name")
@@ -181,7 +188,7 @@ def test_frozen_plan_and_override_validation():
     with pytest.raises(TypeError):
         plan.components["ffn"] = INT8  # type: ignore[index]
     with pytest.raises(ValueError):
-        Override("", methods.KeepConfig())
+        Override("", KeepConfig())
 
 
 def _shares_result(shares: dict[str, float], ratios: dict[str, float], total: float = 1e10) -> dict:

@@ -6,7 +6,7 @@ import torch
 
 from sahc_core.evaluate.activations import capture_inputs
 from sahc_core.evaluate.model import load_model
-from sahc_core.evaluate.metrics import output_cosine
+from sahc_core.metrics import output_cosine
 from sahc_core.evaluate.smoke import layer_output_cosines
 from tiny_models import TINY_TEXT
 

@@ -16,7 +16,8 @@ from sahc_core.methods.lowrank import SVDConfig, lowrank, svd_factors
 from sahc_core.methods.registry import compress, measure
 from sahc_core.io.source import ModelSource
 from sahc_core.methods.quant import QuantConfig
-from sahc_core.methods.tt import TTConfig
+from sahc_core.methods.tt import TTConfig, rank_options
+from sahc_core.workspace import Workspace
 
 FFN = "model.layers.0.mlp.gate_proj.weight"      # (128, 64): m >= n, fast SVD path
 DOWN = "model.layers.0.mlp.down_proj.weight"     # (64, 128): m < n, methods.measure path
@@ -34,9 +35,12 @@ class ByteTokenizer:
 
 @pytest.fixture
 def source(tiny_llama_dir):
-    whatif.clear_caches()
-    yield ModelSource.open(tiny_llama_dir)
-    whatif.clear_caches()
+    return ModelSource.open(tiny_llama_dir)
+
+
+@pytest.fixture
+def ws():
+    return Workspace()
 
 
 @pytest.fixture
@@ -104,15 +108,15 @@ def test_measure_svd_matches_methods_and_eym(source, name, cfg):
         assert m["rel_error"] == pytest.approx(m["eym_error"], abs=2e-3)
 
 
-def test_svd_computed_once_per_tensor(source, monkeypatch):
+def test_svd_computed_once_per_workspace(source, ws, monkeypatch):
     calls = []
     real = whatif.svd_factors
     monkeypatch.setattr(whatif, "svd_factors", lambda W, device="auto": calls.append(1) or real(W, device))
     for r in (4, 8, 16):
         for bits in (4, 8):
-            whatif.measure_tensor(source, FFN, SVDConfig(rank=r, bits=bits, group_size=32), device="cpu")
+            whatif.measure_tensor(source, FFN, SVDConfig(rank=r, bits=bits, group_size=32), device="cpu", workspace=ws)
     assert len(calls) == 1
-    whatif.measure_tensor(source, FFN, SVDConfig(rank=4, group_size=32), device="cpu", factors_cache=None)
+    whatif.measure_tensor(source, FFN, SVDConfig(rank=4, group_size=32), device="cpu")  # a private workspace
     assert len(calls) == 2
 
 
@@ -122,7 +126,7 @@ def test_cache_hit_for_repeated_measure(source, cache, monkeypatch):
     assert first["cached"] is False
     n_log = len(audit_log(cache, model_fp=source.fingerprint))
     assert n_log == len(first["gates"])
-    monkeypatch.setattr(whatif, "lowrank", lambda *a, **k: pytest.fail("recomputed despite a cache hit"))
+    monkeypatch.setattr(whatif, "svd_factors", lambda *a, **k: pytest.fail("recomputed despite a cache hit"))
     second = whatif.measure_tensor(source, FFN, cfg, cache=cache)
     assert second["cached"] is True
     assert {k: v for k, v in second.items() if k != "cached"} == json.loads(json.dumps(
@@ -186,7 +190,7 @@ def test_pareto_grid_and_frontier(source):
     done = []
     df = sweeps.pareto(source, Q, progress=lambda i, n: done.append((i, n)))
     assert done[-1] == (len(df), len(df))
-    assert set(df.method) == {"int", "svd"}  # TT only for the embedding
+    assert set(df.method) == {"keep", "int", "svd"}  # TT only for the embedding
     assert len(df[df.method == "int"]) == 7 * 3  # bits 2..8 x groups 32, 64, per row (128 does not divide 64)
     front = df[df.frontier]
     for _, p in front.iterrows():  # nothing strictly better on both axes
@@ -194,7 +198,8 @@ def test_pareto_grid_and_frontier(source):
     assert df.loc[df.rel_error.idxmin(), "frontier"] and df.loc[df.bytes.idxmin(), "frontier"]
     assert df.ratio.tolist() == pytest.approx((2 * 64 * 64 / df.bytes).tolist())
     again = sweeps.pareto(source, Q)
-    assert again.drop(columns="frontier").equals(df.drop(columns="frontier"))
+    assert again.drop(columns=["frontier", "frontier_output"]).equals(df.drop(columns=["frontier", "frontier_output"]))
+    assert df["failed_gates"].map(lambda s: isinstance(s, str)).all()
 
 
 def test_matrix_only_methods_refuse_1d(source):
@@ -237,9 +242,9 @@ def test_tt_rank_options_follow_the_unfoldings():
 
     # 49152 x 576 with 3 cores: modes (i_k j_k) bound r1 <= m1 and r2 <= min(r1 m2, m3)
     modes = [i * j for i, j in zip(suggest_factors(49152, 3), suggest_factors(576, 3))]
-    r1s = sweeps.tt_rank_options((49152, 576))
+    r1s = rank_options((49152, 576))
     assert r1s[-1] == 2 ** int(math.log2(modes[0]))
-    r2s = sweeps.tt_rank_options((49152, 576), r1=4)
+    r2s = rank_options((49152, 576), r1=4)
     assert r2s[-1] == 2 ** int(math.log2(min(4 * modes[1], modes[2])))
 
 
@@ -261,7 +266,9 @@ def test_blocked_measure_matches_methods_measure(source, monkeypatch, cfg):
     """Tiny blocks (odd row counts, a last partial block) give the numbers of the unblocked reference."""
     import sahc_core.methods.quant as quant
 
-    monkeypatch.setattr(whatif, "_BLOCK_ELEMS", 7 * 64)
+    import sahc_core.methods.svd as svd
+
+    monkeypatch.setattr(svd, "_BLOCK_ELEMS", 7 * 64)
     monkeypatch.setattr(quant, "_FAKE_CHUNK_ELEMS", 5 * 64)
     W = source.read(FFN, dtype=torch.float32)
     m = whatif.measure_tensor(source, FFN, cfg, device="cpu")

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sahc_core.errors import SahcError
+from sahc_core.jsonutil import jsonable
 
 # Exit codes: 2 = bad input or parameters, 3 = out of memory, 130 = interrupted.
 EXIT_INPUT, EXIT_OOM, EXIT_INTERRUPT = 2, 3, 130
@@ -111,40 +109,38 @@ def cmd_scan(args: argparse.Namespace) -> dict:
             "seconds": time.perf_counter() - t0, "rows": df.to_dict(orient="records")}
 
 
-def _method_config(args: argparse.Namespace):
-    from sahc_core.methods.registry import config_from_dict
+def _workspace():
+    """The CLI process's workspace (it owns the process, so computations may tune torch's threads)."""
+    from sahc_core.workspace import Workspace
 
-    d: dict[str, Any] = {"method": args.method}
-    if args.method in ("int", "svd"):
-        d["bits"] = args.bits
-        d["group_size"] = None if args.group_size in (None, 0) else args.group_size
-        d["scheme"] = args.scheme
-    if args.method == "svd":
-        if args.rank is not None:
-            d["rank"] = args.rank
-        elif args.rank_fraction is not None:
-            d["rank_fraction"] = args.rank_fraction
-        else:
-            raise ValueError("--method svd needs --rank R or --rank-fraction F.")
-    if args.method == "tt":
-        d["tt_ranks"] = args.tt_ranks
-        if args.tt_bits is not None:
-            d["bits"] = args.tt_bits
-    return config_from_dict(d)
+    return Workspace(adaptive_threads=True)
 
 
 def cmd_measure(args: argparse.Namespace) -> dict:
+    from sahc_core.cli.method_flags import config_from_args
     from sahc_core.whatif.measure import measure_tensor
 
-    return measure_tensor(_source(args), args.tensor, _method_config(args), cache=_cache(args), device=args.device)
+    return measure_tensor(_source(args), args.tensor, config_from_args(args), cache=_cache(args), device=args.device,
+                          workspace=_workspace())
+
+
+def cmd_methods(args: argparse.Namespace) -> dict:
+    from sahc_core.methods import registry
+
+    return {"methods": registry.schema()}
 
 
 def cmd_sweep(args: argparse.Namespace) -> dict:
+    from sahc_core.io.components import embedding_tensor, tensor_table
     from sahc_core.whatif.sweeps import tt_sweep
 
     source = _source(args)
+    if args.tensor is None:  # the embedding, found by the component map (Qwen3.5: model.language_model.*)
+        args.tensor = embedding_tensor(tensor_table(source))
+        if args.tensor is None:
+            raise ValueError("this model has no embedding or LM head to sweep; pass --tensor NAME.")
     kwargs: dict[str, Any] = {"bits": args.tt_bits, "cos_threshold": args.cos_threshold,
-                              "cache": _cache(args), "device": args.device}
+                              "cache": _cache(args), "device": args.device, "workspace": _workspace()}
     if args.ranks:
         kwargs["ranks_list"] = tuple(tuple(int(x) for x in r.split(",")) for r in args.ranks)
     update, close = _tqdm_progress("tt sweep", "config")
@@ -244,17 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("measure", cmd_measure, "compress one tensor and measure bytes, ratio, error, cosine, gates")
     sp.add_argument("--tensor", required=True)
-    sp.add_argument("--method", required=True, choices=["int", "svd", "tt", "keep"])
-    sp.add_argument("--bits", type=int, default=4)
-    sp.add_argument("--group-size", type=int, default=128, help="0 = per row")
-    sp.add_argument("--scheme", choices=["sym", "asym"], default="asym")
-    sp.add_argument("--rank", type=int)
-    sp.add_argument("--rank-fraction", type=float)
-    sp.add_argument("--tt-ranks", type=int, nargs="+", default=[1, 64, 64, 1])
-    sp.add_argument("--tt-bits", type=int, help="quantize TT cores to this many bits")
+    from sahc_core.cli.method_flags import add_method_flags
+
+    add_method_flags(sp)
+    add("methods", cmd_methods, "the registered compression methods and their parameter schemas")
 
     sp = add("sweep", cmd_sweep, "Tensor-Train rank sweep of an embedding (the study's table)")
-    sp.add_argument("--tensor", default="model.embed_tokens.weight")
+    sp.add_argument("--tensor", help="default: the model's embedding (from the component map)")
     sp.add_argument("--ranks", nargs="+", help="rank tuples like 1,32,32,1")
     sp.add_argument("--tt-bits", type=int)
     sp.add_argument("--cos-threshold", type=float, default=0.95)
@@ -285,33 +277,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "isoformat"):
-        return obj.isoformat()
-    if obj is not None and not isinstance(obj, str | int | float | bool):
-        try:  # pandas NA / NaT
-            import pandas as pd
-
-            if pd.isna(obj):
-                return None
-        except (TypeError, ValueError):
-            pass
-        return str(obj)
-    return obj
-
-
 def _print_human(result: dict) -> None:
     for key, value in result.items():
         if isinstance(value, list) and value and isinstance(value[0], dict):
@@ -336,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         return _report_error(exc)
-    out = _jsonable(result)
+    out = jsonable(result, nonfinite="string")
     if args.json:
         print(json.dumps(out, allow_nan=False))
     else:

@@ -1,11 +1,10 @@
-"""Evaluation: model loading, the perplexity protocol, real activations, output agreement, the smoke test."""
+"""Evaluation: model loading, the perplexity protocol, real activations, the smoke test (metrics: ``sahc_core.metrics``)."""
 from sahc_core._lazy import lazy_exports
 
 __getattr__, __all__ = lazy_exports(__name__, {
     "model": ("load_model", "load_state"),
     "perplexity": ("PplConfig", "PplResult", "perplexity"),
     "activations": ("capture_inputs", "capture_block_io", "attention_output_cosine"),
-    "metrics": ("row_cosines", "output_cosine"),
     "smoke": ("layer_output_cosines",),
     "allocator": ("retain_freed_memory",),
 })

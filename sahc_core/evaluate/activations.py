@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from sahc_core.errors import ModelError
-from sahc_core.evaluate.metrics import _row_cosine
+from sahc_core.metrics import mean_row_cosine
 from sahc_core.evaluate.model import _max_positions, _model_device
 from sahc_core.evaluate.perplexity import DEFAULT_WINDOW, _tokenize
 
@@ -111,8 +111,8 @@ def attention_output_cosine(model, tokenizer, text: str, weight_name: str, W_hat
     """Output cosine of the block holding ``weight_name`` (its parent: attention or MLP) with ``Ŵ``.
 
     The block runs once inside the model to capture its real inputs and output, then alone on those
-    inputs with ``W`` replaced by ``Ŵ``; the result is the mean per-token cosine of the two outputs.
-    The model's weights are restored afterwards.
+    inputs with ``W`` replaced by ``Ŵ`` (``torch.func.functional_call``: the model is not modified);
+    the result is the mean per-token cosine of the two outputs.
     """
     linear_name = weight_name.removesuffix(".weight")
     linear = _module(model, linear_name)
@@ -125,13 +125,13 @@ def attention_output_cosine(model, tokenizer, text: str, weight_name: str, W_hat
     block_name = linear_name.rsplit(".", 1)[0]
     calls = capture_block_io(model, tokenizer, text, block_name, n_tokens)
     block = _module(model, block_name)
-    original = linear.weight.data
-    linear.weight.data = W_hat.to(original.device, original.dtype)
-    try:
-        with torch.inference_mode():
-            outs = [_first_tensor(block(*c.args, **c.kwargs)) for c in calls]
-    finally:
-        linear.weight.data = original
+    local = linear_name[len(block_name) + 1:] + ".weight"
+    w_hat = W_hat.to(linear.weight.device, linear.weight.dtype)
+    # The block runs with Ŵ through functional_call: the model's own weights are never written, so a
+    # model shared between threads (the app's workspace) is never seen half-swapped.
+    with torch.inference_mode():
+        outs = [_first_tensor(torch.func.functional_call(block, {local: w_hat}, c.args, c.kwargs, strict=False))
+                for c in calls]
     ref = torch.cat([c.output.reshape(-1, c.output.shape[-1]) for c in calls])
     new = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])
-    return _row_cosine(ref, new)
+    return mean_row_cosine(ref, new)

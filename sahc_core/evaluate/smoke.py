@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from sahc_core.evaluate.activations import _capture_windows
 from sahc_core.evaluate.model import _model_device
-from sahc_core.evaluate.metrics import row_cosines
+from sahc_core.metrics import row_cosines
 
 
 def layer_output_cosines(model: nn.Module, tokenizer, text: str, weights: Mapping[str, Tensor],

@@ -1,8 +1,7 @@
-"""Budget page support: per-component choices <-> plan JSON, the bytes breakdown and the embedding wall.
+"""Budget page support: per-component configs -> plan JSON, the bytes breakdown and the embedding wall.
 
-The page edits one method choice per component (method, bits, group size, rank fraction, TT
-ranks); :func:`choice_to_config` turns one choice into the plan-JSON config dict and
-:func:`config_to_choice` goes back (to load a saved plan into the widgets). The figures take a
+The page edits one method config per component (its widgets come from the method registry's
+schemas); :func:`plan_dict` assembles the plan JSON. The figures take a
 :func:`sahc_core.plans.plan.project` result.
 """
 from __future__ import annotations
@@ -17,66 +16,21 @@ import plotly.graph_objects as go
 from sahc_core.figures.model import COMPONENT_COLORS
 from sahc_core.plans.plan import embedding_wall
 
-METHODS = ("keep", "int", "svd", "tt")
-#: Plan-JSON fallback configs offered by the page (label -> config dict or None = error).
+#: Plan-JSON fallback configs offered by the page (label -> config dict or None = the methods adapt
+#: themselves where they can, and a tensor nothing fits is an error).
 FALLBACKS: dict[str, dict | None] = {
     "keep 16-bit": {"method": "keep"},
     "int8 per row": {"method": "int", "bits": 8, "group_size": None},
     "int4 per row": {"method": "int", "bits": 4, "group_size": None},
-    "error": None,
+    "none (adapt, else error)": None,
 }
 _MB = 1e6
 
 
-def parse_tt_ranks(text: str | Sequence[int]) -> list[int]:
-    """``"64, 64"`` (inner ranks) or ``[1, 64, 64, 1]`` -> the full TT rank list with boundary 1s."""
-    if isinstance(text, str):
-        try:
-            inner = [int(t) for t in text.replace(";", ",").split(",") if t.strip()]
-        except ValueError:
-            raise ValueError(f"TT ranks must be comma-separated integers like '64, 64', got {text!r}.") from None
-    else:
-        inner = [int(t) for t in text]
-    if inner[:1] == [1] and inner[-1:] == [1] and len(inner) >= 2:
-        inner = inner[1:-1]
-    if not inner or any(r < 1 for r in inner):
-        raise ValueError(f"TT ranks need at least one positive inner rank, like '64, 64', got {text!r}.")
-    return [1, *inner, 1]
-
-
-def choice_to_config(method: str, bits: int = 4, group_size: int | None = 128, rank_fraction: float = 0.5,
-                     tt_ranks: str | Sequence[int] = "64, 64") -> dict:
-    """Plan-JSON config dict for one component choice (only the keys the method uses)."""
-    if method == "keep":
-        return {"method": "keep"}
-    if method == "int":
-        return {"method": "int", "bits": int(bits), "group_size": group_size, "scheme": "asym"}
-    if method == "svd":
-        return {"method": "svd", "rank_fraction": float(rank_fraction), "bits": int(bits), "group_size": group_size}
-    if method == "tt":
-        return {"method": "tt", "tt_ranks": parse_tt_ranks(tt_ranks), "bits": int(bits)}
-    raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}.")
-
-
-def config_to_choice(cfg: Mapping[str, Any]) -> dict:
-    """Inverse of :func:`choice_to_config` for the widget values (defaults for keys a config lacks)."""
-    out = {"method": cfg["method"], "bits": 4, "group_size": 128, "rank_fraction": 0.5, "tt_ranks": "64, 64"}
-    if cfg.get("bits") is not None:
-        out["bits"] = int(cfg["bits"])
-    if "group_size" in cfg:
-        out["group_size"] = cfg["group_size"]
-    if cfg.get("rank_fraction") is not None:
-        out["rank_fraction"] = float(cfg["rank_fraction"])
-    if cfg.get("tt_ranks"):
-        out["tt_ranks"] = ", ".join(str(r) for r in list(cfg["tt_ranks"])[1:-1])
-    return out
-
-
-def plan_dict(name: str, choices: Mapping[str, Mapping[str, Any]], overrides: Sequence[dict] = (),
+def plan_dict(name: str, components: Mapping[str, Mapping[str, Any]], overrides: Sequence[dict] = (),
               fallback: dict | None = None) -> dict:
     """Plan JSON with one config per component (no default: every component is chosen explicitly)."""
-    out: dict[str, Any] = {"name": name, "default": None,
-                           "components": {c: choice_to_config(**ch) for c, ch in choices.items()},
+    out: dict[str, Any] = {"name": name, "default": None, "components": {c: dict(v) for c, v in components.items()},
                            "overrides": list(overrides)}
     if fallback is not None:
         out["fallback"] = fallback

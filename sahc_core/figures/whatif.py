@@ -4,8 +4,18 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
-METHOD_COLORS = {"int": "#4C78A8", "svd": "#F58518", "tt": "#54A24B", "keep": "#999999"}
-METHOD_NAMES = {"int": "int-k (RTN)", "svd": "SVD + int-k factors", "tt": "Tensor-Train", "keep": "16-bit"}
+from sahc_core.methods import registry
+
+METRICS = {"rel_error": "relative error ‖W−Ŵ‖/‖W‖", "output_error": "output error ‖X(W−Ŵ)ᵀ‖/‖XWᵀ‖ (held-out)",
+           "weight_cosine": "weight cosine"}
+
+
+def _spec(method: str):
+    """The registry entry of a method name (its title and colour), or None for a name no longer registered."""
+    try:
+        return registry.get(method)
+    except ValueError:
+        return None
 
 
 def pareto_figure(df: pd.DataFrame, current: dict | None = None, metric: str = "rel_error") -> go.Figure:
@@ -18,31 +28,32 @@ def pareto_figure(df: pd.DataFrame, current: dict | None = None, metric: str = "
         ``rel_error``, ``weight_cosine``, ``frontier``).
     current : dict, optional
         The setting on the sliders (``bytes`` and ``metric`` keys): drawn as a star.
-    metric : {"rel_error", "weight_cosine"}
+    metric : {"rel_error", "output_error", "weight_cosine"}
     """
-    if metric not in ("rel_error", "weight_cosine"):
-        raise ValueError(f"metric must be 'rel_error' or 'weight_cosine', got {metric!r}.")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}.")
     fig = go.Figure()
     for method, part in df.groupby("method", sort=False):
         fig.add_trace(go.Scatter(
-            x=part["bytes"], y=part[metric], mode="markers", name=METHOD_NAMES.get(method, method),
-            marker=dict(color=METHOD_COLORS.get(method), size=8, opacity=0.85),
+            x=part["bytes"], y=part[metric], mode="markers", name=spec.title if (spec := _spec(method)) else method,
+            marker=dict(color=spec.color if spec else None, size=8, opacity=0.85),
             customdata=part[["label", "ratio", "bits_per_weight", "rel_error", "weight_cosine"]].to_numpy(),
             hovertemplate="%{customdata[0]}<br>%{x:,.0f} bytes · ratio %{customdata[1]:.2f}x · "
                           "%{customdata[2]:.2f} bits/weight<br>rel. error %{customdata[3]:.4f} · "
                           "weight cosine %{customdata[4]:.4f}<extra></extra>"))
-    front = df[df["frontier"]].sort_values("bytes") if "frontier" in df else df.iloc[:0]
+    col = "frontier_output" if metric == "output_error" else "frontier"
+    front = df[df[col]].sort_values("bytes") if col in df else df.iloc[:0]
     if not front.empty:
         fig.add_trace(go.Scatter(x=front["bytes"], y=front[metric], mode="lines", name="Pareto front",
                                  line=dict(color="#333", dash="dot", width=1), hoverinfo="skip"))
     if current is not None and metric in current:
         fig.add_trace(go.Scatter(x=[current["bytes"]], y=[current[metric]], mode="markers", name="current setting",
                                  marker=dict(symbol="star", size=16, color="#E45756", line=dict(color="#000", width=1))))
-    if metric == "rel_error":
+    if metric in ("rel_error", "output_error"):
         fig.add_hline(y=1.0, line=dict(color="#E45756", dash="dash", width=1),
                       annotation_text="zero matrix (error 1.0)", annotation_position="top left")
     fig.update_layout(xaxis=dict(title="stored bytes (log)", type="log"),
-                      yaxis=dict(title="relative error ‖W−Ŵ‖/‖W‖" if metric == "rel_error" else "weight cosine"),
+                      yaxis=dict(title=METRICS[metric]),
                       height=420, margin=dict(t=30, b=10), legend=dict(orientation="h", y=1.12))
     return fig
 

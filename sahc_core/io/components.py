@@ -226,3 +226,12 @@ def shares_from_shapes(shapes: dict[str, tuple[int, ...]], architecture: str, ti
         As :func:`component_shares`.
     """
     return component_shares(_table(((n, tuple(s), "", "") for n, s in shapes.items()), architecture, tied))
+
+
+def embedding_tensor(table: pd.DataFrame) -> str | None:
+    """The token embedding's name (or the LM head's when there is no embedding matrix), from the component map."""
+    for kind in ("embed_tokens", "lm_head"):
+        rows = table[table["kind"] == kind]
+        if len(rows):
+            return str(rows["name"].iloc[0])
+    return None

@@ -84,14 +84,6 @@ class SVDConfig:
         """The factor quantizer, or ``None`` for fp16 factors."""
         return optional_quant_config(self.bits, self.group_size, self.scheme)
 
-    def to_dict(self) -> dict:
-        """Plan JSON form, e.g. ``{"method": "svd", "rank": 256, "bits": 4, "group_size": 128, ...}``."""
-        d: dict = {"method": "svd"}
-        d.update({"rank": self.rank} if self.rank is not None else {"rank_fraction": self.rank_fraction})
-        d.update(bits=self.bits, group_size=self.group_size, scheme=self.scheme)
-        return d
-
-
 def _dims(shape: tuple[int, ...]) -> tuple[int, int]:
     if len(shape) < 2 or any(int(s) < 1 for s in shape):
         raise ValueError(f"low-rank SVD needs a matrix (2 or more non-empty dimensions), got shape {tuple(shape)}.")
@@ -183,7 +175,7 @@ class LowRankTensor:
         return {**part_state("u", self.u), **part_state("v", self.v)}
 
     def meta(self) -> dict:
-        return {"method": "svd", "config": self.config.to_dict(), "shape": list(self.shape), "rank": self.rank}
+        return {"method": "svd", "config": _plan_form(self.config), "shape": list(self.shape), "rank": self.rank}
 
     @property
     def nbytes(self) -> int:
@@ -231,20 +223,8 @@ def _load(state: dict[str, Tensor], meta: dict, cfg: SVDConfig) -> LowRankTensor
     return out
 
 
-def _measure_extras(W: Tensor, c: LowRankTensor, W_hat: Tensor) -> dict:
-    """rank, trunc_error (measured), eym_error (predicted), quant_error; see module docstring."""
-    from sahc_core.methods.registry import _sq_norm, rel_error
+def _plan_form(cfg) -> dict:
+    """The config's plan-JSON dict (the registry's generic form)."""
+    from sahc_core.methods.registry import config_to_dict
 
-    u, v, S = c.u_f32, c.v_f32, c.singular_values
-    if u is None or v is None or S is None:  # loaded from storage: recompute the unquantized factors
-        fresh = lowrank(W, c.config)
-        u, v, S = fresh.u_f32, fresh.v_f32, fresh.singular_values
-    Wd = W.detach().reshape(c.shape).to(device=u.device)
-    W_r = (u.T @ v).reshape(c.shape)
-    s2 = S.detach().to(torch.float64).square()
-    total = float(s2.sum())
-    eym = math.sqrt(float(s2[c.rank:].sum()) / total) if total > 0 else 1.0
-    norm2 = _sq_norm(Wd.to(torch.float32))
-    W_hat = W_hat.to(device=u.device, dtype=torch.float32).reshape(c.shape)
-    quant = math.sqrt(_sq_norm(W_r - W_hat) / norm2) if norm2 > 0 else 1.0
-    return {"rank": c.rank, "trunc_error": rel_error(Wd, W_r), "eym_error": eym, "quant_error": quant}
+    return config_to_dict(cfg)

@@ -79,10 +79,6 @@ class QuantConfig:
         if self.scheme not in _SCHEMES:
             raise ValueError(f"scheme must be 'sym' or 'asym', got {self.scheme!r}.")
 
-    def to_dict(self) -> dict:
-        """Plan JSON form, e.g. ``{"method": "int", "bits": 4, "group_size": 128, "scheme": "asym"}``."""
-        return {"method": "int", "bits": self.bits, "group_size": self.group_size, "scheme": self.scheme}
-
 
 def optional_quant_config(bits: int | None, group_size: int | None, scheme: str) -> QuantConfig | None:
     """The int-k quantizer of stored factors/cores, or ``None`` for fp16 storage (``bits=None``).
@@ -215,7 +211,7 @@ class QuantizedTensor:
 
     def meta(self) -> dict:
         """JSON-able description: method, config (plan form) and shape."""
-        return {"method": "int", "config": self.config.to_dict(), "shape": list(self.shape)}
+        return {"method": "int", "config": _plan_form(self.config), "shape": list(self.shape)}
 
     @property
     def nbytes(self) -> int:
@@ -381,3 +377,10 @@ def fake_quantize(W: Tensor, cfg: QuantConfig) -> Tensor:
     for c in fake_quant_chunks(W, cfg):
         out[c.rows] = c.w_hat
     return out.reshape(W.shape)
+
+
+def _plan_form(cfg) -> dict:
+    """The config's plan-JSON dict (the registry's generic form)."""
+    from sahc_core.methods.registry import config_to_dict
+
+    return config_to_dict(cfg)

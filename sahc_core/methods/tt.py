@@ -90,17 +90,6 @@ class TTConfig:
         """The core quantizer, or ``None`` for fp16 cores."""
         return optional_quant_config(self.bits, self.group_size, self.scheme)
 
-    def to_dict(self) -> dict:
-        """Plan JSON form, e.g. ``{"method": "tt", "tt_ranks": [1, 64, 64, 1], "bits": 8, ...}``."""
-        d: dict = {"method": "tt", "tt_ranks": list(self.ranks), "bits": self.bits,
-                   "group_size": self.group_size, "scheme": self.scheme}
-        if self.row_factors is not None:
-            d["row_factors"] = list(self.row_factors)
-        if self.col_factors is not None:
-            d["col_factors"] = list(self.col_factors)
-        return d
-
-
 def _divisors(n: int) -> list[int]:
     small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
     return sorted(set(small + [n // k for k in small]))
@@ -320,7 +309,7 @@ class TTMatrix:
         return {key: t for k, c in enumerate(self.cores) for key, t in part_state(f"core{k}", c).items()}
 
     def meta(self) -> dict:
-        return {"method": "tt", "config": self.config.to_dict(), "shape": list(self.shape), "tt_shape": self.tt_shape}
+        return {"method": "tt", "config": _plan_form(self.config), "shape": list(self.shape), "tt_shape": self.tt_shape}
 
     @property
     def nbytes(self) -> int:
@@ -365,5 +354,73 @@ def _load(state: dict[str, Tensor], meta: dict, cfg: TTConfig) -> TTMatrix:
     return out
 
 
-def _measure_extras(W: Tensor, c: TTMatrix, W_hat: Tensor) -> dict:
+def _extras(W: Tensor, c: TTMatrix, W_hat: Tensor) -> dict:
     return {"tt_shape": c.tt_shape, "padded_rows": c.padded_rows, "padded_cols": c.padded_cols}
+
+
+#: The reference study's TT sweep (section 4), smallest to largest ranks.
+STUDY_TT_RANKS: tuple[tuple[int, ...], ...] = (
+    (1, 8, 8, 1), (1, 16, 16, 1), (1, 32, 32, 1), (1, 64, 64, 1), (1, 128, 128, 1), (1, 256, 256, 1))
+
+
+def fitting(shape: tuple[int, ...], ranks_list, bits: int | None = None) -> list[TTConfig]:
+    """TT configs of ``ranks_list`` that the reshaping of ``shape`` can hold (the others are skipped)."""
+    out = []
+    for ranks in ranks_list:
+        cfg = TTConfig(ranks=tuple(int(r) for r in ranks), bits=bits)
+        try:
+            tt_bytes(tuple(shape), cfg)
+        except ValueError:
+            continue
+        out.append(cfg)
+    return out
+
+
+def rank_options(shape: tuple[int, ...], r1: int | None = None, cap: int = 1024) -> list[int]:
+    """Powers of two the 3-core TT layout of ``shape`` allows: for ``r1`` (``r1=None``) or for ``r2``."""
+    out = []
+    for p in (2**i for i in range(cap.bit_length())):
+        try:
+            tt_bytes(tuple(shape), TTConfig(ranks=(1, p, 1, 1) if r1 is None else (1, r1, p, 1)))
+        except ValueError:
+            break
+        out.append(p)
+    return out
+
+
+def _label(cfg: TTConfig) -> str:
+    return f"tt {list(cfg.ranks)}" + ("" if cfg.bits is None else f" int{cfg.bits}")
+
+
+def _register() -> None:
+    from sahc_core.methods.registry import MethodSpec, Param, register
+
+    register(MethodSpec(
+        name="tt", title="Tensor-Train", config=TTConfig,
+        compress=lambda W, cfg, calib=None: tt_decompose(W, cfg), nbytes=tt_bytes, load=_load,
+        params=(
+            Param("tt_ranks", "int_list", [1, 64, 64, 1], field="ranks", options=lambda shape: rank_options(shape),
+                  help="[1, r1, ..., 1]: TT ranks (a widget offers the powers of two the reshaping allows)"),
+            Param("bits", "int", None, min=2, max=8, nullable=True, null_label="fp16", choices=(4, 6, 8),
+                  aliases=("tt_bits",), help="core code width; fp16 = unquantized cores"),
+            Param("group_size", "int", None, min=1, nullable=True, null_label="per row", scope="plan"),
+            Param("scheme", "choice", "asym", choices=("asym", "sym"), scope="plan"),
+            Param("row_factors", "int_list", None, nullable=True, omit_if_none=True, scope="json",
+                  help="factors of the padded row count (automatic when omitted)"),
+            Param("col_factors", "int_list", None, nullable=True, omit_if_none=True, scope="json",
+                  help="factors of the padded column count (automatic when omitted)"),
+        ),
+        label=_label, components=frozenset({"embedding"}), min_ndim=2, extras=_extras,
+        candidates=lambda shape, component: fitting(shape, STUDY_TT_RANKS) if component == "embedding" else [],
+        color="#54A24B",
+        description="Tensor-Train matrix of the embedding / LM head (Oseledets 2011; Novikov et al. 2015)."))
+
+
+_register()
+
+
+def _plan_form(cfg) -> dict:
+    """The config's plan-JSON dict (the registry's generic form)."""
+    from sahc_core.methods.registry import config_to_dict
+
+    return config_to_dict(cfg)

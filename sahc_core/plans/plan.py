@@ -1,7 +1,7 @@
 """Whole-model compression plans: a method config per component -> exact projected bytes and ratio.
 
-A plan assigns one method config (``keep``/``int``/``svd``/``tt``, see :mod:`sahc_core.methods.registry`) to
-every stored tensor of a checkpoint. For each tensor the config is chosen by these rules, in order:
+A plan assigns one method config (any registered method: ``keep``/``int``/``svd``/``tt``/..., see
+:mod:`sahc_core.methods.registry`) to every stored tensor of a checkpoint. For each tensor the config is chosen by these rules, in order:
 
 1. **Overrides** (``"overrides": [{"pattern": "*.norm*", "method": "keep"}, ...]``): the first
    pattern that matches the full tensor name (``fnmatch.fnmatchcase``: case-sensitive shell
@@ -19,9 +19,11 @@ Then two explicit, counted adjustments (never silent; the ``rule`` column says w
   counted in ``n_forced_keep_1d``.
 - **Incompatible tensors** (a group size that does not divide the last dimension, an SVD rank above
   ``min(m, n)``, TT on a tensor outside the ``embedding`` component, ...) take the plan's
-  ``"fallback"`` config when there is one (recorded per tensor in ``fallback_reason``); without a
-  fallback, or when the fallback does not fit either, :func:`resolve` raises a :class:`PlanError`
-  listing them.
+  ``"fallback"`` config when it fits; otherwise the method adapts its own config where it can (a
+  group size becomes the largest divisor of the width within 2x below it, or per row: the registry's
+  ``fit_to_shape``), then the fallback's. Each such tensor records why in ``fallback_reason`` (rule
+  ``fallback from ...`` / ``adapted ...``). When nothing fits, :func:`resolve` raises a
+  :class:`PlanError` listing the tensors.
 
 Tied embeddings: the checkpoint normally stores a tied LM head once (as ``embed_tokens``); when it
 stores both and the config ties them, the ``lm_head`` row gets method ``"tied"`` and 0 bytes, so the
@@ -43,6 +45,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from sahc_core.methods import registry as methods
+from sahc_core.methods.keep import KeepConfig
 from sahc_core.io.components import Component
 from sahc_core.errors import PlanError
 
@@ -196,16 +199,25 @@ class CompressionPlan:
 
 
 # -- resolution ---------------------------------------------------------------------------------
-def _incompatibility(shape: tuple[int, ...], component: str, cfg: Any) -> str | None:
-    """Why ``cfg`` cannot take a tensor of ``shape`` in ``component`` (None when it can)."""
-    d = methods.config_to_dict(cfg)
-    if d["method"] == "tt" and component != Component.EMBEDDING.value:
-        return f"TT is for the embedding/LM head only, not a {component} tensor"
-    try:
-        methods.projected_bytes(shape, cfg)
-    except ValueError as exc:
-        return str(exc).rstrip(".")
-    return None
+def _fit(shape: tuple[int, ...], component: str, cfg: Any, fallback: Any) -> tuple[Any, str | None, str | None]:
+    """``(config, rule suffix, reason)`` for one tensor: ``cfg`` when it fits; else the plan's explicit
+    ``fallback`` when that fits; else ``cfg`` adapted by its method (``registry.fit_to_shape``: e.g. a
+    group size that does not divide the width becomes the largest divisor within 2x below it, or per
+    row); else the adapted fallback. ``(None, None, why)`` when nothing fits."""
+    why = methods.incompatibility(shape, component, cfg)
+    if why is None:
+        return cfg, None, None
+    if fallback is not None and methods.incompatibility(shape, component, fallback) is None:
+        return fallback, "fallback from", why
+    for base, what in ((cfg, "adapted"), (fallback, "adapted fallback of")):
+        if base is None:
+            continue
+        try:
+            adapted, note = methods.fit_to_shape(shape, component, base)
+        except ValueError:
+            continue
+        return adapted, what, f"{why}: {note}"
+    return None, None, why
 
 
 def _rule(plan: CompressionPlan, name: str, component: str) -> tuple[Any, str]:
@@ -271,17 +283,17 @@ def resolve(plan: CompressionPlan, table: pd.DataFrame, tied_embeddings: bool = 
                          "orig_bytes": 0, "bytes": 0})
             continue
         cfg, rule = _rule(plan, name, comp)
-        if len(shape) <= 1 and not isinstance(cfg, methods.KeepConfig):
-            cfg, rule = methods.KeepConfig(), "1-D keep"
+        if len(shape) <= 1 and not isinstance(cfg, KeepConfig):
+            cfg, rule = KeepConfig(), "1-D keep"
         if cfg is None:
             uncovered.append(name)
             continue
-        why = _incompatibility(shape, comp, cfg)
-        if why is not None:
-            if plan.fallback is None or _incompatibility(shape, comp, plan.fallback) is not None:
-                incompatible.append(f"{name} ({why})")
-                continue
-            cfg, rule, row["fallback_reason"] = plan.fallback, f"fallback from {rule}", why
+        cfg, how, why = _fit(shape, comp, cfg, plan.fallback)
+        if cfg is None:
+            incompatible.append(f"{name} ({why})")
+            continue
+        if how is not None:
+            rule, row["fallback_reason"] = f"{how} {rule}", why
         d = methods.config_to_dict(cfg)
         rows.append({**row, "method": d["method"], "config": d, "rule": rule,
                      "orig_bytes": ORIG_BYTES_PER_PARAM * params, "bytes": int(methods.projected_bytes(shape, cfg))})

@@ -246,15 +246,6 @@ def middle_tensor(table: pd.DataFrame, kind: str = "gate_proj", component: str =
     return str(rows[rows["layer"] == mid]["name"].iloc[0])
 
 
-def embedding_tensor(table: pd.DataFrame) -> str | None:
-    """The token embedding (or the LM head when there is no embedding matrix)."""
-    for kind in ("embed_tokens", "lm_head"):
-        rows = table[table["kind"] == kind]
-        if len(rows):
-            return str(rows["name"].iloc[0])
-    return None
-
-
 def pareto_points(source, name: str, cache=None, device: str = "auto",
                   progress: Progress | None = None) -> pd.DataFrame:
     """``sweeps.pareto`` on tensor ``name`` (cached measurements shared with the What-if page).

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 
 from sahc_core.figures import report as fr
+from sahc_core.io.components import embedding_tensor
 from sahc_core.report import build as rp
 from sahc_core.errors import SahcError
 
@@ -104,7 +105,7 @@ def build_sections(source, cache, device: str, target_ratio: float, pareto_tenso
     except (SahcError, ValueError) as exc:
         sections.append(_failed("spectrum", "2. Spectrum verdict", exc))
     if pareto_tensors is None:
-        pareto_tensors = [n for n in (rp.middle_tensor(table), rp.embedding_tensor(table)) if n]
+        pareto_tensors = [n for n in (rp.middle_tensor(table), embedding_tensor(table)) if n]
     for i, name in enumerate(pareto_tensors, start=1):
         try:
             sections.append(_pareto(source, name, cache, device, progress, i))

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from sahc_core.report.build import embedding_tensor, middle_tensor
+from sahc_core.io.components import embedding_tensor
+from sahc_core.report.build import middle_tensor
 
 STUDY_FULL_RANK = 4096          # full rank of the study's gate_proj [12288, 4096]
 SIGMA_INDICES = (1, 512, 1024, 2048)
