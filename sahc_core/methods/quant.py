@@ -287,15 +287,15 @@ def _grid(x: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor, Tensor | None]:
     return _round_to_grid(x, _safe_scale(scales)[..., None], z, cfg), scales, zeros
 
 
-def _grid_params(x: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor | None]:
+def _grid_params(x: Tensor, cfg: QuantConfig, dim: int = -1) -> tuple[Tensor, Tensor | None]:
     """The fp16 ``(scales, zeros)`` (``(rows, groups)``; zeros ``None`` for ``sym``) of the groups of ``x``.
 
-    ``x`` is float32 ``(rows, groups, g)``; the first half of :func:`_grid`, which GPTQ also calls on
-    its error-updated weights.
+    ``x`` is float32 ``(rows, groups, g)`` with the group along ``dim`` (GPTQ passes one group of its
+    transposed weights, ``(g, rows)`` with ``dim=0``); the first half of :func:`_grid`.
     """
     # NaN and ±Inf propagate through amin/amax, so checking the per-group extremes checks every element
     # (a full isfinite pass costs more than the whole quantization on a 28M-element embedding).
-    lo, hi = torch.aminmax(x, dim=-1)
+    lo, hi = torch.aminmax(x, dim=dim)
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError("the tensor contains NaN or Inf values and cannot be quantized.")
     if cfg.scheme == "sym":
