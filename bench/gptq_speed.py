@@ -8,8 +8,11 @@ matrix of that width. GPTQ's run time does not depend on the values. Only ``gptq
 (the reads of the weights are not). Target: all 210 in under 2 minutes on 2 CPU cores.
 
 Runs at ``nice 10`` with ``torch.set_num_threads(threads)``. Prints ONE JSON object on stdout
-(progress on stderr): total seconds, seconds per shape, threads, the config, and the mean ratio
-``‖X(W−Ŵ_gptq)ᵀ‖ / ‖X(W−Ŵ_rtn)ᵀ‖`` on the random activations as a sanity figure.
+(progress on stderr): total wall seconds, total CPU seconds of the process (user + system: on
+shared, busy cores the wall time mostly measures the neighbours, and with 2 threads OpenMP's
+waiting for a descheduled thread; the load average is reported next to it), seconds per shape,
+threads, the config, and the mean ratio ``‖X(W−Ŵ_gptq)ᵀ‖ / ‖X(W−Ŵ_rtn)ᵀ‖`` on the random
+activations as a sanity figure. One untimed call first warms MKL up.
 
     .venv/bin/python bench/gptq_speed.py                 # all 210 linears, 2 threads
     .venv/bin/python bench/gptq_speed.py --layers 2      # the first 2 layers only
@@ -30,10 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sahc_core.defaults import default_model_dir  # noqa: E402
+from sahc_core.io.default_model import default_model_dir  # noqa: E402
+from sahc_core.io.source import ModelSource  # noqa: E402
 from sahc_core.methods import quant  # noqa: E402
 from sahc_core.methods._gptq import gptq_quantize  # noqa: E402
-from sahc_core.model_io import ModelSource  # noqa: E402
 
 _LINEAR = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.\w+_proj\.weight$")
 
@@ -73,7 +76,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     acts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     per_shape: dict[str, dict] = defaultdict(lambda: {"count": 0, "seconds": 0.0})
-    ratios, total = [], 0.0
+    ratios, total, cpu = [], 0.0, 0.0
+    load_start = os.getloadavg()[0]
+    warm = torch.randn(64, 576, generator=gen)
+    gptq_quantize(warm, torch.eye(576, dtype=torch.float64), quant.QuantConfig(args.bits, args.group_size, args.scheme))
     for k, name in enumerate(names):
         W = source.read(name, dtype=torch.float32)
         n = W.shape[1]
@@ -81,10 +87,11 @@ def main() -> None:
             X = correlated_activations(args.tokens, n, gen)
             acts[n] = (X, (X.T.double() @ X.double()))
         X, H = acts[n]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = gptq_quantize(W, H, cfg, block_size=args.block_size, act_order=args.act_order)
         dt = time.perf_counter() - t0
         total += dt
+        cpu += time.process_time() - c0
         entry = per_shape["x".join(map(str, W.shape))]
         entry["count"] += 1
         entry["seconds"] += dt
@@ -92,14 +99,14 @@ def main() -> None:
         ratios.append(float(torch.linalg.norm(X @ (W - res.w_hat).T) / torch.linalg.norm(X @ (W - rtn).T)))
         log(f"[{k + 1}/{len(names)}] {name} {tuple(W.shape)} {dt:.2f}s (total {total:.1f}s)")
     out = {
-        "matrices": len(names), "total_seconds": round(total, 2),
+        "matrices": len(names), "total_seconds": round(total, 2), "total_cpu_seconds": round(cpu, 2),
         "per_shape": {s: {"count": e["count"], "seconds": round(e["seconds"], 2),
                           "mean_seconds": round(e["seconds"] / e["count"], 3)} for s, e in per_shape.items()},
         "threads": torch.get_num_threads(), "config": cfg.to_dict(), "block_size": args.block_size,
         "act_order": args.act_order, "tokens": args.tokens,
         "output_error_ratio_gptq_over_rtn_mean": round(sum(ratios) / len(ratios), 4),
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "load_avg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
     }
     print(json.dumps(out, indent=2))
 

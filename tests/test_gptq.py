@@ -101,8 +101,8 @@ def _replay_algorithm1(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, res, 
     return w_hat[:, np.argsort(order)], farther
 
 
-# block 5: groups of 8 / 16 / 48 span several blocks; 12: cut to 8 (a group never straddles two);
-# 128: one block. 8 bits: the finest grid, where the float32 drift matters most.
+# block 5: groups of 8 / 16 / 48 span several blocks; 12: blocks cut to 8 for groups of 8 and at group
+# starts for 16 / 48; 128: one block. 8 bits: the finest grid, where the float32 drift matters most.
 @pytest.mark.parametrize("bits,block_size", [(3, 5), (3, 12), (3, 128), (8, 12)])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [None, 8, 16])
@@ -171,7 +171,7 @@ def test_output_error_below_rtn(group_size: int | None, scheme: str, act_order: 
         ours = float(torch.linalg.norm(Xf @ (W - res.w_hat).T))
         rtn = float(torch.linalg.norm(Xf @ (W - quant.fake_quantize(W, cfg)).T))
         assert ours < (0.6 if bits in (3, 4) else 1.0) * rtn, (bits, ours / rtn)
-        # proxy loss = Σ OBS increments = ‖X Eᵀ‖² + λ‖E‖² exactly for a quadratic (λ = damp · mean diag H)
+        # proxy loss = Σ OBS increments = ‖X Eᵀ‖² + λ‖E‖² for a quadratic (λ = damp · mean diag H)
         E = (W - res.w_hat).double()
         lam = res.damp_used * float(H.diagonal().mean())
         assert res.proxy_loss == pytest.approx(float(torch.linalg.norm(X @ E.T)) ** 2 + lam * float((E ** 2).sum()),

@@ -10,14 +10,15 @@ round-to-nearest, so it is a drop-in alternative to ``quant.quantize``.
 What this implementation does, and where it deliberately differs from the public reference code
 (IST-DASLab ``gptq.py``, AutoGPTQ ``gptq.py``):
 
-- **Hessian.** ``H`` is validated and factorized in float64 (an unnormalised ``XᵀX`` of correlated
-  activations is far beyond float32's range of accurate inversion; after the 1 % dampening its
-  condition number is still up to about ``100·n``, 1.5e5 at ``n = 1536``, which would cost float32
-  five of its seven digits). ``damp · mean(diag H)`` is added to the diagonal, the mean taken over
-  the given diagonal, so scaling ``H`` by a constant does not change the result. If the Cholesky
-  factorization fails, it is retried with 10x the dampening (up to ``_RETRIES`` times, and not beyond
-  ``_MAX_DAMP = 1`` unless ``damp`` is larger: an ``H`` that needs more is not PSD and is rejected);
-  the fraction used is reported as ``damp_used``.
+- **Hessian.** ``H`` is validated and factorized in float64: after the 1 % dampening its condition
+  number can still reach ``100·n`` (``λ_max <= trace = n·mean``, ``λ_min >= 0.01·mean``), 1.5e5 at
+  ``n = 1536``, and float32's 6e-8 rounding times that is a 1 % error in ``H⁻¹``. (The float64
+  Cholesky and triangular inverse cost about 0.25 s of one core at ``n = 1536``.)
+  ``damp · mean(diag H)`` is added to the diagonal, the mean taken over the given diagonal (the
+  reference takes it after setting dead entries to 1), so scaling ``H`` by a constant does not change
+  the result. If the Cholesky factorization fails, it is retried with 10x the dampening (up to
+  ``_RETRIES`` times, and not beyond ``_MAX_DAMP = 1`` unless ``damp`` is larger: an ``H`` that needs
+  more is not PSD and is rejected); the fraction used is ``damp_used``.
 - **Upper Cholesky factor of H⁻¹** (section 3, "Cholesky reformulation"): ``U`` upper with
   ``H⁻¹ = UᵀU``. The reference codes factor ``H``, invert, and factor again; here one Cholesky of the
   reversed matrix gives it directly: ``J H J = L Lᵀ`` (``J`` the exchange matrix) implies
@@ -54,6 +55,7 @@ References
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 
@@ -134,18 +136,21 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig, *, damp: float = 0.01,
         semi-definite (also when the factorization fails after every retry), or bad parameters.
     """
     t0 = time.perf_counter()
-    m, n = _check_args(W, H, cfg, damp, block_size)
+    m, n, block_size = _check_args(W, H, cfg, damp, block_size)
     _, _, g = quant._layout((m, n), cfg)  # checks that the group size divides n
     dev = W.device
     H64, diag = _checked_hessian(H, n, dev)  # (n, n) float64 copy, (n,) its diagonal
     dead = diag == 0
     H64.diagonal()[dead] = 1.0
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
-    if perm is not None:
-        H64 = H64[perm][:, perm]
-    lam_unit = float(diag.mean())
-    U, damp_used = _inverse_cholesky_upper(H64, lam_unit, float(damp))  # (n, n) float64, H_d⁻¹ = UᵀU
-    u_diag = U.diagonal().clone()                                       # (n,) sqrt([H_F⁻¹]_ii)
+    rev = (perm if perm is not None else torch.arange(n, device=dev)).flip(0)
+    Hr = H64[rev[:, None], rev]  # J P H Pᵀ J: processing order, reversed (one copy)
+    del H64
+    L, damp_used = _damped_cholesky(Hr, float(diag.mean()), float(damp))  # J H_d J = L Lᵀ (Hr dampened)
+    del Hr  # at most three (n, n) float64 matrices are alive at once from here on
+    U = _reversed_inverse(L)       # (n, n) float64 upper, H_d⁻¹ = UᵀU
+    del L
+    u_diag = U.diagonal().clone()  # (n,) sqrt([H_F⁻¹]_ii)
     R = U.div_(u_diag[:, None]).to(torch.float32)  # row i: the feedback of column i per unit error, (n, n)
     del U
 
@@ -177,8 +182,8 @@ def gptq_quantize(W: Tensor, H: Tensor, cfg: QuantConfig, *, damp: float = 0.01,
     return GPTQResult(qt, Wh.T.contiguous(), damp_used, int(dead.sum()), time.perf_counter() - t0, proxy)
 
 
-def _check_args(W: Tensor, H: Tensor, cfg: QuantConfig, damp: float, block_size: int) -> tuple[int, int]:
-    """Validate the arguments of :func:`gptq_quantize`; return ``(m, n)``."""
+def _check_args(W: Tensor, H: Tensor, cfg: QuantConfig, damp: float, block_size: int) -> tuple[int, int, int]:
+    """Validate the arguments of :func:`gptq_quantize`; return ``(m, n, block_size)``."""
     if not isinstance(W, Tensor) or W.ndim != 2 or not W.is_floating_point():
         raise ValueError(f"W must be a 2-D float tensor (out_features, in_features), got {_describe(W)}.")
     m, n = W.shape
@@ -187,11 +192,11 @@ def _check_args(W: Tensor, H: Tensor, cfg: QuantConfig, damp: float, block_size:
                          f"got {_describe(H)}.")
     if not isinstance(cfg, QuantConfig):
         raise ValueError(f"cfg must be a QuantConfig, got {type(cfg).__name__}.")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (math.isfinite(damp) and damp > 0):
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not (math.isfinite(damp) and damp > 0):
         raise ValueError(f"damp must be a positive fraction of mean(diag H), e.g. 0.01, got {damp!r}.")
     if quant._as_int(block_size, "block_size") < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
-    return m, n
+    return m, n, quant._as_int(block_size, "block_size")
 
 
 def _describe(x: object) -> str:
@@ -221,28 +226,34 @@ def _checked_hessian(H: Tensor, n: int, dev: torch.device) -> tuple[Tensor, Tens
     return H64, diag
 
 
-def _inverse_cholesky_upper(H: Tensor, lam_unit: float, damp: float) -> tuple[Tensor, float]:
-    """Upper ``U`` with ``(H + damp·lam_unit·I)⁻¹ = UᵀU`` (float64), retrying with 10x ``damp`` on failure.
+def _damped_cholesky(Hr: Tensor, lam_unit: float, damp: float) -> tuple[Tensor, float]:
+    """Lower ``L`` with ``Hr + damp·lam_unit·I = L Lᵀ`` (float64) and the ``damp`` used.
 
-    One Cholesky of the reversed matrix (module docstring): ``J H J = L Lᵀ`` gives ``U = J L⁻¹ J``.
+    ``Hr`` (``J H J``, see :func:`_reversed_inverse`) is dampened in place; on failure ``damp`` is
+    multiplied by 10 and the factorization retried, until ``max(damp, _MAX_DAMP)`` would be passed.
     ``H`` must be finite (checked by :func:`_checked_hessian`), so a factorization that reports
-    success is finite. Retries stop before the dampening passes ``max(damp, _MAX_DAMP)``.
+    success is finite.
     """
-    n = H.shape[0]
-    Hf = H.flip(0, 1)  # J H J (a copy); its diagonal is H's, reversed
-    limit = max(damp, _MAX_DAMP)
+    limit, added = max(damp, _MAX_DAMP), 0.0
     for attempt in range(_RETRIES + 1):
-        Hd = Hf.clone()
-        Hd.diagonal().add_(damp * lam_unit)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        Hr.diagonal().add_(damp * lam_unit - added)
+        added = damp * lam_unit
+        L, info = torch.linalg.cholesky_ex(Hr)
         if int(info) == 0:
-            eye = torch.eye(n, dtype=H.dtype, device=H.device)
-            return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1), damp
+            return L, damp
         if attempt == _RETRIES or damp * 10 > limit * (1 + 1e-9):
             break
         damp *= 10
     raise ValueError(f"H is not positive semi-definite (its Cholesky factorization failed even with "
                      f"{damp:g} x mean(diag H) dampening); pass the second moment XᵀX of the layer inputs.")
+
+
+def _reversed_inverse(L: Tensor) -> Tensor:
+    """``U = J L⁻¹ J``: for ``J H J = L Lᵀ`` (``J`` the exchange matrix), the upper factor of ``H⁻¹ = UᵀU``."""
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    inv = torch.linalg.solve_triangular(L, eye, upper=False)
+    del eye
+    return inv.flip(0, 1)
 
 
 class _GroupGrids:
@@ -302,7 +313,7 @@ def _gptq_loop(Wt: Tensor, R: Tensor, grids: _GroupGrids, group_of: list[int], c
             q = quant._round_to_grid(w_r[i], s_div[k], z[k], cfg, out=q_r[i])
             quant._decode_values(q, s_mul[k], z[k], out=h_r[i])
             torch.sub(w_r[i], h_r[i], out=d_r[i])
-            # feedback inside the block, a rank-1 update as a k=1 GEMM (addr_ is up to 50x slower on 2
+            # feedback inside the block, a rank-1 update as a k=1 GEMM (addr_ was 70x slower on 2
             # busy cores: it spreads a 127x576 update over OpenMP threads; MKL's GEMM keeps it on one)
             W1[j + 1:].addmm_(R1[j, j + 1:, None], D[i:i + 1], alpha=-1)  # (b-j-1, m) -= (b-j-1, 1) @ (1, m)
         if i2 < n:  # lazy batch update of the rest: (n-i2, m) -= (n-i2, b) @ (b, m)

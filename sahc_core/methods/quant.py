@@ -288,10 +288,10 @@ def _grid(x: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor, Tensor | None]:
 
 
 def _grid_params(x: Tensor, cfg: QuantConfig, dim: int = -1) -> tuple[Tensor, Tensor | None]:
-    """The fp16 ``(scales, zeros)`` (``(rows, groups)``; zeros ``None`` for ``sym``) of the groups of ``x``.
+    """The fp16 ``(scales, zeros)`` (zeros ``None`` for ``sym``) of float32 ``x``, each group along ``dim``.
 
-    ``x`` is float32 ``(rows, groups, g)`` with the group along ``dim`` (GPTQ passes one group of its
-    transposed weights, ``(g, rows)`` with ``dim=0``); the first half of :func:`_grid`.
+    ``(rows, groups, g)`` gives ``(rows, groups)`` (the first half of :func:`_grid`); GPTQ passes one
+    group of its transposed weights, ``(g, rows)`` with ``dim=0``, which gives ``(rows,)``.
     """
     # NaN and ±Inf propagate through amin/amax, so checking the per-group extremes checks every element
     # (a full isfinite pass costs more than the whole quantization on a 28M-element embedding).
@@ -315,7 +315,8 @@ def _safe_scale(scales: Tensor) -> Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
-def _round_to_grid(x: Tensor, s_safe: Tensor, z: Tensor | None, cfg: QuantConfig, out: Tensor | None = None) -> Tensor:
+def _round_to_grid(x: Tensor, s_safe: Tensor, z: Tensor | None, cfg: QuantConfig,
+                   out: Tensor | None = None) -> Tensor:
     """The integer grid values (float32) of ``x`` for given scales: the second half of :func:`_grid`.
 
     ``s_safe`` (from :func:`_safe_scale`) and ``z`` (the float32 zeros, ``asym`` only) broadcast
