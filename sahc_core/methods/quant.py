@@ -278,33 +278,64 @@ def _grid(x: Tensor, cfg: QuantConfig) -> tuple[Tensor, Tensor, Tensor | None]:
     ``asym``: in ``[0, 2^k - 1]``), the fp16 scales and (``asym``) the fp16 zeros, both ``(rows, groups)``.
     Shared by :func:`quantize` (which packs ``q``) and :func:`fake_quantize` (which decodes it at once).
     """
+    scales, zeros = _grid_params(x, cfg)
+    z = None if zeros is None else zeros.float()[..., None]
+    return _round_to_grid(x, _safe_scale(scales)[..., None], z, cfg), scales, zeros
+
+
+def _grid_params(x: Tensor, cfg: QuantConfig, dim: int = -1) -> tuple[Tensor, Tensor | None]:
+    """The fp16 ``(scales, zeros)`` (zeros ``None`` for ``sym``) of float32 ``x``, each group along ``dim``.
+
+    ``(rows, groups, g)`` gives ``(rows, groups)`` (the first half of :func:`_grid`); GPTQ passes one
+    group of its transposed weights, ``(g, rows)`` with ``dim=0``, which gives ``(rows,)``.
+    """
     # NaN and ±Inf propagate through amin/amax, so checking the per-group extremes checks every element
     # (a full isfinite pass costs more than the whole quantization on a 28M-element embedding).
-    lo, hi = torch.aminmax(x, dim=-1)
+    lo, hi = torch.aminmax(x, dim=dim)
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise ValueError("the tensor contains NaN or Inf values and cannot be quantized.")
     if cfg.scheme == "sym":
-        qmax = 2 ** (cfg.bits - 1) - 1
-        scales = (torch.maximum(lo.abs(), hi.abs()) / qmax).to(torch.float16)
+        scales = (torch.maximum(lo.abs(), hi.abs()) / (2 ** (cfg.bits - 1) - 1)).to(torch.float16)
         _check_fp16(scales, "scales")
-        s = scales.float()
-        s_safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
-        return torch.div(x, s_safe).round_().clamp_(-qmax, qmax), scales, None  # one temporary, then in place
-    qmax = 2 ** cfg.bits - 1
+        return scales, None
     zeros = lo.to(torch.float16)
     _check_fp16(zeros, "zero points")
-    z = zeros.float()
-    scales = ((hi - z) / qmax).to(torch.float16)  # range from the stored zero
+    scales = ((hi - zeros.float()) / (2 ** cfg.bits - 1)).to(torch.float16)  # range from the stored zero
     _check_fp16(scales, "scales")
+    return scales, zeros
+
+
+def _safe_scale(scales: Tensor) -> Tensor:
+    """The float32 divisor of :func:`_round_to_grid`: the scale, or 1 where it is 0 (a zero-range group)."""
     s = scales.float()
-    s_safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
-    return torch.sub(x, z[..., None]).div_(s_safe).round_().clamp_(0, qmax), scales, zeros
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def _round_to_grid(x: Tensor, s_safe: Tensor, z: Tensor | None, cfg: QuantConfig,
+                   out: Tensor | None = None) -> Tensor:
+    """The integer grid values (float32) of ``x`` for given scales: the second half of :func:`_grid`.
+
+    ``s_safe`` (from :func:`_safe_scale`) and ``z`` (the float32 zeros, ``asym`` only) broadcast
+    against ``x``; ``out`` (optional) receives the result, as in torch's ``out=``.
+    """
+    if cfg.scheme == "sym":
+        qmax = 2 ** (cfg.bits - 1) - 1
+        return torch.div(x, s_safe, out=out).round_().clamp_(-qmax, qmax)  # one temporary, then in place
+    assert z is not None, "asym rounding without zeros"
+    return torch.sub(x, z, out=out).div_(s_safe).round_().clamp_(0, 2 ** cfg.bits - 1)
 
 
 def _decode(q: Tensor, scales: Tensor, zeros: Tensor | None) -> Tensor:
     """``ŵ = q * s (+ z)`` in float32, in place on ``q`` (``(rows, groups, g)`` float32 grid values)."""
-    w = q.mul_(scales.float()[..., None])
-    return w if zeros is None else w.add_(zeros.float()[..., None])
+    z = None if zeros is None else zeros.float()[..., None]
+    return _decode_values(q, scales.float()[..., None], z, out=q)
+
+
+def _decode_values(q: Tensor, s: Tensor, z: Tensor | None, out: Tensor) -> Tensor:
+    """``ŵ = q * s (+ z)`` with float32 ``s`` and ``z`` that broadcast against ``q``, written to ``out``
+    (which may be ``q``): the arithmetic of :func:`_decode`, which GPTQ also runs column by column."""
+    w = torch.mul(q, s, out=out)
+    return w if z is None else w.add_(z)
 
 
 def quantize(W: Tensor, cfg: QuantConfig) -> QuantizedTensor:
