@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sahc_core.defaults import default_model_dir  # noqa: E402
+from sahc_core.io.default_model import default_model_dir  # noqa: E402
 from sahc_core.device import resolve_device  # noqa: E402
 from sahc_core.methods._hqq import hqq_solve  # noqa: E402
-from sahc_core.model_io import ModelSource  # noqa: E402
-from sahc_core.quant import QuantConfig  # noqa: E402
+from sahc_core.io.source import ModelSource  # noqa: E402
+from sahc_core.methods.quant import QuantConfig  # noqa: E402
 
 CASES = [
     ("model.embed_tokens.weight", 4, 64),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sahc_core.methods._hqq import hqq_quantize, hqq_solve, shrink_lp
-from sahc_core.quant import QuantConfig, QuantizedTensor, dequantize, fake_quantize, quant_bytes, quantize, unpack_codes
+from sahc_core.methods.quant import QuantConfig, QuantizedTensor, dequantize, fake_quantize, quant_bytes, quantize, unpack_codes
 
 
 def _heavy(m: int, n: int, seed: int, df: float = 3.0) -> torch.Tensor:
@@ -168,8 +168,8 @@ def test_agrees_with_hqq_package(bits: int, g: int) -> None:
 @pytest.fixture(scope="module")
 def down_proj() -> torch.Tensor:
     """Layer 15's 576x1536 down projection of the embedded default model (SmolLM2-135M)."""
-    from sahc_core.defaults import default_model_dir
-    from sahc_core.model_io import ModelSource
+    from sahc_core.io.default_model import default_model_dir
+    from sahc_core.io.source import ModelSource
 
     return ModelSource.open(default_model_dir()).read("model.layers.15.mlp.down_proj.weight", dtype=torch.float32)
 
