@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from sahc_core.methods._hqq import hqq_quantize, hqq_solve, shrink_lp
-from sahc_core.methods.quant import QuantConfig, QuantizedTensor, dequantize, fake_quantize, quant_bytes, quantize, unpack_codes
+from sahc_core.methods.quant import (
+    QuantConfig,
+    QuantizedTensor,
+    dequantize,
+    fake_quantize,
+    quant_bytes,
+    quantize,
+    unpack_codes,
+)
 
 
 def _heavy(m: int, n: int, seed: int, df: float = 3.0) -> torch.Tensor:
@@ -41,7 +49,7 @@ def test_beats_rtn_on_heavy_tailed_weights(bits: int, g: int | None) -> None:
     rtn = _rel(W, fake_quantize(W, cfg))
     assert res.rtn_rel_error == pytest.approx(rtn, rel=1e-12)
     assert res.rel_error == pytest.approx(_rel(W, dequantize(res.quantized)), rel=1e-12)
-    # Measured: 2-5% lower than RTN at int3/int4 on these weights; 1% is the asserted margin.
+    # Measured: 4-17% lower than RTN at int3/int4 on these weights; 1% is the asserted margin.
     assert res.rel_error < 0.99 * rtn
     assert 1 <= res.iterations <= 20
 
@@ -100,7 +108,7 @@ def test_refuses_bad_input() -> None:
     W[3, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         hqq_quantize(W, QuantConfig(4, 32), device="cpu")
-    for kw in ({"iters": -1}, {"lp_norm": 1.5}, {"beta": 0.0}, {"kappa": 1.0}):
+    for kw in ({"iters": -1}, {"iters": 2.5}, {"lp_norm": 1.5}, {"lp_norm": "0.7"}, {"beta": 0.0}, {"kappa": 1.0}):
         with pytest.raises(ValueError):
             hqq_quantize(_heavy(8, 64, seed=0), QuantConfig(4, 32), device="cpu", **kw)
 
@@ -167,17 +175,18 @@ def test_agrees_with_hqq_package(bits: int, g: int) -> None:
 
 @pytest.fixture(scope="module")
 def down_proj() -> torch.Tensor:
-    """Layer 15's 576x1536 down projection of the embedded default model (SmolLM2-135M)."""
+    """Rows of layer 15's 576x1536 down projection of the embedded default model (SmolLM2-135M)."""
     from sahc_core.io.default_model import default_model_dir
     from sahc_core.io.source import ModelSource
 
-    return ModelSource.open(default_model_dir()).read("model.layers.15.mlp.down_proj.weight", dtype=torch.float32)
+    W = ModelSource.open(default_model_dir()).read("model.layers.15.mlp.down_proj.weight", dtype=torch.float32)
+    return W[:192].contiguous()  # a third of its rows keeps the test fast on a busy CPU
 
 
 @pytest.mark.parametrize("bits,g", [(4, 128), (3, 128), (4, 64)])
 def test_real_default_model_tensor(down_proj: torch.Tensor, bits: int, g: int) -> None:
     W = down_proj
     res = hqq_solve(W, QuantConfig(bits, g), device="cpu")
-    # Measured (int4 g128): 0.1015 vs RTN 0.1059, the hqq package 0.1014.
+    # Measured on these rows: int4 g128 0.1014 vs RTN 0.1058, int3 g128 0.2283 vs 0.2332 (-2.1%).
     assert res.rel_error < 0.985 * res.rtn_rel_error
     assert res.rtn_rel_error == pytest.approx(_rel(W, fake_quantize(W, QuantConfig(bits, g))), rel=1e-12)
