@@ -5,7 +5,9 @@ Cases: the 49152×576 embedding and a 1536×576 FFN projection at int4 g64 and i
 relative error, RTN's relative error (same grid) and iterations; with ``--with-hqq`` also the
 ``hqq`` package's seconds and relative error (its own float32 scale/zero, before any fp16 storage).
 
-Prints ONE JSON object on stdout (progress on stderr). Run under ``nice`` on a shared machine:
+Prints ONE JSON object on stdout (progress on stderr). Run under ``nice`` on a shared machine, and
+with ``--threads 1`` there: with other jobs on the cores, torch's intra-op threads wait for each
+other on every small op (measured: embedding int4 100 s with 2 threads against 5.7 s with 1).
 
     nice -n 10 .venv/bin/python bench/hqq_speed.py [--with-hqq] [--threads N] [--device cpu]
 """

@@ -29,9 +29,9 @@ deliberate change, to the stop rule:
   bit for bit the ``ŵ`` whose error :class:`HQQResult` reports.
 - Speed on CPU: a block of rows (2 MiB) stays in the cache through all its iterations (``hqq``
   sweeps the whole tensor per iteration), and the shrink's ``pow`` is evaluated only where the
-  shrink is non-zero. Measured with one thread (``bench/hqq_speed.py --with-hqq --threads 1``):
-  49152x576 embedding int4 g64 1.7 s against 50 s for ``hqq``; 576x1536 int4 g128 0.04 s against
-  0.13 s; errors within 0.1% of each other.
+  shrink is non-zero. Measured with one thread (``bench/hqq_speed.py --with-hqq --threads 1``, two
+  runs on a busy 2-core machine): 49152x576 embedding int4 g64 1.7-5.7 s against 50-62 s for
+  ``hqq``; 576x1536 int4 g128 0.04-0.07 s against 0.13-0.3 s; errors within 0.1% of each other.
 - No runtime dependency on ``hqq`` (2 s import, its own packing formats).
 
 The ``sym`` scheme has no zero point to optimise, so it is refused. Bytes are those of RTN asym
