@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -45,6 +46,11 @@ def main() -> None:
     parser.add_argument("--cross-check", action="store_true", help="also run method='milp' and compare")
     args = parser.parse_args()
 
+    # HiGHS 1.12 (scipy 1.17) prints a stray debug line on the C stdout now and then (HiGHS issue
+    # #2783); send the C stdout to stderr while solving so stdout carries only the JSON.
+    sys.stdout.flush()
+    stdout_fd = os.dup(1)
+    os.dup2(2, 1)
     out: dict = {"python": platform.python_version(), "machine": platform.machine(), "sizes": {}}
     for size in args.sizes:
         df, orig = synthetic_candidates(size, seed=args.seed)
@@ -65,6 +71,7 @@ def main() -> None:
         entry["max_seconds"] = max(v["seconds"] for v in entry["targets"].values())
         entry["max_rel_gap"] = max(v["rel_gap"] for v in entry["targets"].values())
         out["sizes"][size] = entry
+    os.dup2(stdout_fd, 1)
     print(json.dumps(out))
 
 

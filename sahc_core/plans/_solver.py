@@ -7,7 +7,7 @@ Given a tidy candidate table (one row per tensor x option with the columns :data
 
 a multiple-choice knapsack problem (MCKP) [1]_ [2]_. ``damage`` is a predicted Δloss contribution
 (additive across tensors), ``bytes`` the exact stored bytes (a tied LM head: 0), ``B`` the budget;
-``ratio = original_bytes / bytes`` with original = 2 bytes per parameter (:mod:`sahc_core.plan`).
+``ratio = original_bytes / bytes`` with original = 2 bytes per parameter (:mod:`sahc_core.plans.plan`).
 
 How: per tensor, dominated options are dropped; a Lagrangian relaxation over the lower convex hulls
 gives the LP lower bound and a plan that provably meets the budget; reduced-cost fixing shrinks the
@@ -39,7 +39,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from sahc_core.plan import TIED
+from sahc_core.plans.plan import TIED
 from sahc_core.plans import _mckp
 
 #: Columns a candidate table must have.
@@ -282,6 +282,10 @@ def _problem(candidates: pd.DataFrame | None, cons: Constraints, tab: _Table | N
     return _Problem(tab, cons, tuple(reds), sentences[0] if sentences else "", note)
 
 
+def _ratio(original: int, nbytes: int) -> float:
+    return original / nbytes if nbytes else math.inf
+
+
 def _min_bytes(prob: _Problem) -> int | None:
     return min((r.min_bytes for r in prob.reds), default=None)
 
@@ -302,10 +306,10 @@ def _infeasible(prob: _Problem, budget: int, original: int, t0: float) -> Soluti
                 and _fits(_problem(None, replace(prob.cons, **{name: getattr(defaults, name)}), prob.tab), budget)]
         free = _min_bytes(_problem(None, defaults, prob.tab))
         tail = (f"; without {' or '.join(lift)} it would be reachable" if lift else
-                f"; the constraints cost this, the gates alone allow {original / free:.2f}x" if free < mb else "")
+                f"; the constraints cost this, the gates alone allow {_ratio(original, free):.2f}x" if free < mb else "")
         msg = (f"The budget of {budget:,} bytes ({original / budget:.2f}x) is out of reach: the smallest plan "
                f"under the quality gates and constraints takes {mb:,} bytes, so the best reachable ratio is "
-               f"{original / mb:.2f}x{tail}.")
+               f"{_ratio(original, mb):.2f}x{tail}.")
     return Solution(choice=prob.tab.frame.iloc[:0], bytes=0, ratio=math.nan, damage=math.nan, lower_bound=math.nan,
                     gap=math.nan, status="infeasible", budget_bytes=budget, seconds=time.perf_counter() - t0,
                     solver="", message=msg)
@@ -328,11 +332,11 @@ def _solve_budget(prob: _Problem, budget: int, original: int, method: str, time_
     status = "optimal" if closed else f"feasible (gap {gap / best.damage:.2%})"
     msg = " ".join(s for s in (
         f"{best.solver} over {len(best.red.t)} Pareto options of {len(prob.tab.t)} candidates for "
-        f"{len(prob.tab.names)} tensors: {original / nbytes:.2f}x, damage {best.damage:.6g} "
+        f"{len(prob.tab.names)} tensors: {_ratio(original, nbytes):.2f}x, damage {best.damage:.6g} "
         f"(lower bound {lower:.6g}).", best.note,
         prob.note + (f"; group size {best.red.label} gives the least damage." if best.red.label else "."
                      ) if prob.note else "") if s)
-    return Solution(choice=choice, bytes=nbytes, ratio=original / nbytes, damage=best.damage, lower_bound=lower,
+    return Solution(choice=choice, bytes=nbytes, ratio=_ratio(original, nbytes), damage=best.damage, lower_bound=lower,
                     gap=gap, status=status, budget_bytes=budget, seconds=time.perf_counter() - t0,
                     solver=best.solver, message=msg)
 
