@@ -21,7 +21,7 @@ from synthetic_candidates import synthetic_candidates
 COMPS = ("ffn", "attention_full", "embedding")
 
 
-def _tiny(seed: int, n_tensors: int = 5, n_opts: int = 4) -> tuple[pd.DataFrame, int]:
+def _tiny(seed: int, n_tensors: int = 5, n_opts: int = 4, digits: int = 1) -> tuple[pd.DataFrame, int]:
     """Random candidates: a keep row per tensor plus random options (ties and dominated ones included)."""
     rng = np.random.default_rng(seed)
     rows, orig = [], 0
@@ -37,7 +37,7 @@ def _tiny(seed: int, n_tensors: int = 5, n_opts: int = 4) -> tuple[pd.DataFrame,
             group = np.nan if method == "svd" else float(rng.choice([32, 64, 128]))
             rows.append({**base, "method": method, "config": json.dumps({"method": method, "bits": bits}),
                          "bits": bits, "group_size": group, "bytes": int(rng.integers(1, 32)) * numel // 16,
-                         "damage": round(float(rng.exponential(1.0)), 1), "feasible": bool(rng.random() < 0.85)})
+                         "damage": round(float(rng.exponential(1.0)), digits), "feasible": bool(rng.random() < 0.85)})
     return pd.DataFrame(rows), orig
 
 
@@ -102,9 +102,10 @@ def _check_plan(df: pd.DataFrame, sol, budget: int, orig: int) -> None:
     assert sol.lower_bound <= sol.damage and sol.gap == pytest.approx(sol.damage - sol.lower_bound)
 
 
+@pytest.mark.parametrize("shape", [(5, 4, 1), (8, 4, 6)], ids=["5x4-ties", "8x4"])
 @pytest.mark.parametrize("seed", range(40))
-def test_solve_finds_the_brute_force_optimum(seed: int) -> None:
-    df, orig = _tiny(seed)
+def test_solve_finds_the_brute_force_optimum(seed: int, shape: tuple[int, int, int]) -> None:
+    df, orig = _tiny(seed, *shape)
     budget = _budget(df, seed)
     opt, _ = _brute(df, budget)
     for method in ("auto", "milp"):
@@ -196,6 +197,33 @@ def test_pareto_reduction_keeps_exactly_the_undominated_options() -> None:
         if not ((same & (b <= b[i]) & (d <= d[i]) & ((b < b[i]) | (d < d[i]))).any()):
             kept.add((t[i], b[i], d[i]))
     assert {(a, x, y) for a, x, y in zip(red.t, red.b, red.d)} == kept and len(red.t) == len(kept)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_reduced_cost_fixing_keeps_every_option_of_a_plan_within_the_bound(seed: int) -> None:
+    """An option is dropped only if no plan within the budget that uses it is as good as ``ub``."""
+    df, _ = _tiny(seed, n_tensors=6, n_opts=5, digits=6)
+    budget = _budget(df, seed)
+    ok = df[df["feasible"]]
+    t = pd.factorize(ok["tensor"])[0]
+    red = _mckp.reduce(t, ok["bytes"].to_numpy(np.int64), ok["damage"].to_numpy(float), t.max() + 1,
+                       np.ones(len(ok), bool))
+    n = len(red.start) - 1
+    combos = np.array(list(itertools.product(*[range(red.start[k], red.start[k + 1]) for k in range(n)])))
+    fits = red.b[combos].sum(1) <= budget
+    best = np.full(len(red.t), np.inf)  # least damage of a plan within budget using each option
+    np.minimum.at(best, combos[fits].ravel(), np.repeat(red.d[combos[fits]].sum(1), n))
+    lam = _mckp.lagrangian(red, budget)[2]
+    for lam_k in (lam, 0.5 * lam, 2.0 * lam + 1e-9):
+        for o in np.flatnonzero(np.isfinite(best)):
+            mask = _mckp.fixing(red, budget, lam_k, float(best[o]))
+            assert mask is not None and mask[o]
+        for o in range(len(red.t)):  # kept exactly when L(λ | x_o = 1), written out here, is within ub
+            others = [float(np.min(red.d[red.t == k] + lam_k * red.b[red.t == k])) for k in range(n) if k != red.t[o]]
+            bound = red.d[o] + lam_k * red.b[o] + sum(others) - lam_k * budget
+            keep = _mckp.fixing(red, budget, lam_k, bound + 1e-7 * abs(bound) + 1e-12)
+            drop = _mckp.fixing(red, budget, lam_k, bound - 1e-6 * abs(bound) - 1e-9)
+            assert keep is not None and keep[o] and (drop is None or not drop[o])
 
 
 def _two_tensor_table() -> tuple[pd.DataFrame, int]:

@@ -17,11 +17,13 @@ nothing of tensors, methods or constraints.
    the prefix plus the critical segment minus the least efficient earlier segments until it fits;
    each is then filled greedily. Every move is checked in exact integer bytes, so the plan provably
    meets the budget whenever the smallest plan does.
-3. :func:`solve_reduced`: if that plan is not already within the gap, options whose bound with
-   them forced, ``L(λ*) + d_ij + λ* b_ij - min_k (d_ik + λ* b_ik)``, exceeds the plan's damage are
-   removed (reduced-cost fixing [2]_, section 11.5) and HiGHS [4]_ solves the rest through
-   ``scipy.optimize.milp``: binary ``x_ij``, one equality row per tensor, one knapsack row in whole
-   bytes (so HiGHS's feasibility tolerance is below one byte; the plan is re-checked exactly).
+3. :func:`solve_reduced`: if that plan is not already within the gap, the search branches on the
+   critical tensor (a large one, e.g. the embedding, is what keeps the LP bound loose): one
+   Lagrangian bound and plan per option of it. In each branch whose bound is still below the best
+   plan, options whose bound with them forced, ``L(λ) + d_ij + λ b_ij - min_k (d_ik + λ b_ik)``,
+   exceeds the best plan's damage are removed (reduced-cost fixing [2]_) and HiGHS [4]_ solves the
+   rest through ``scipy.optimize.milp``: binary ``x_ij``, one equality row per tensor, one knapsack
+   row in units far below a byte of tolerance; its plan is re-checked in exact integer bytes.
 
 References
 ----------
@@ -57,6 +59,7 @@ class Reduced:
     seg_from: np.ndarray  # (s,) option index of the segment's lower (fewer bytes) end
     seg_to: np.ndarray  # (s,) option index of its upper end
     seg_db: np.ndarray  # (s,) int64 Δbytes > 0
+    seg_dd: np.ndarray  # (s,) Δdamage > 0
     seg_eff: np.ndarray  # (s,) Δdamage / Δbytes, non-increasing
     cum_db: np.ndarray  # (s,) int64 cumulative Δbytes
     cum_dd: np.ndarray  # (s,) cumulative Δdamage
@@ -109,8 +112,22 @@ def reduce(t: np.ndarray, b: np.ndarray, d: np.ndarray, n: int, allowed: np.ndar
     return Reduced(pos=pos, t=t[pos], b=b[pos].astype(np.int64), d=d[pos].astype(float),
                    start=np.r_[0, np.cumsum([len(p) for p in keep])].astype(np.int64),
                    seg_t=cat(seg_t)[order], seg_from=cat(seg_from)[order], seg_to=cat(seg_to)[order],
-                   seg_db=cat(seg_db)[order], seg_eff=seg_eff[order], cum_db=np.cumsum(cat(seg_db)[order]),
-                   cum_dd=np.cumsum(cat(seg_dd)[order]), label=label)
+                   seg_db=cat(seg_db)[order], seg_dd=cat(seg_dd)[order], seg_eff=seg_eff[order],
+                   cum_db=np.cumsum(cat(seg_db)[order]), cum_dd=np.cumsum(cat(seg_dd)[order]), label=label)
+
+
+def fix(red: Reduced, k: int, j: int) -> tuple[Reduced, np.ndarray]:
+    """``red`` with tensor ``k`` fixed to its option ``j`` (a branch), and each new option's old index."""
+    keep = (red.t != k) | (np.arange(len(red.t)) == j)
+    old = np.flatnonzero(keep)
+    new = np.cumsum(keep) - 1  # old option index -> new
+    seg = red.seg_t != k  # the other tensors' segments, still in greedy order
+    counts = np.bincount(red.t[old], minlength=len(red.start) - 1)
+    sub = Reduced(pos=red.pos[old], t=red.t[old], b=red.b[old], d=red.d[old], start=np.r_[0, np.cumsum(counts)],
+                  seg_t=red.seg_t[seg], seg_from=new[red.seg_from[seg]], seg_to=new[red.seg_to[seg]],
+                  seg_db=red.seg_db[seg], seg_dd=red.seg_dd[seg], seg_eff=red.seg_eff[seg],
+                  cum_db=np.cumsum(red.seg_db[seg]), cum_dd=np.cumsum(red.seg_dd[seg]), label=red.label)
+    return sub, old
 
 
 def fill(red: Reduced, cur: np.ndarray, budget: int) -> np.ndarray:
@@ -127,18 +144,18 @@ def fill(red: Reduced, cur: np.ndarray, budget: int) -> np.ndarray:
         cur[red.t[j]] = j
 
 
-def lagrangian(red: Reduced, budget: int) -> tuple[np.ndarray, float, float]:
-    """``(option per tensor, LP = Lagrangian bound, λ*)`` for ``budget >= red.min_bytes``."""
+def lagrangian(red: Reduced, budget: int) -> tuple[np.ndarray, float, float, int]:
+    """``(option per tensor, LP = Lagrangian bound, λ*, critical tensor or -1)``; ``budget >= min_bytes``."""
     slack = budget - red.min_bytes
     assert slack >= 0
     p = int(np.searchsorted(red.cum_db, slack, side="right"))  # segments that fit
     prefix = red.start[:-1].copy()
     np.maximum.at(prefix, red.seg_t[:p], red.seg_to[:p])
-    lb, lam, plans = float(red.d[red.start[:-1]].sum() - (red.cum_dd[p - 1] if p else 0.0)), 0.0, [prefix]
+    lb, lam, k, plans = float(red.d[red.start[:-1]].sum() - (red.cum_dd[p - 1] if p else 0.0)), 0.0, -1, [prefix]
     if p < len(red.cum_db):  # the critical segment p, taken fractionally in the LP
         lam = float(red.seg_eff[p])
         lb -= lam * (slack - (int(red.cum_db[p - 1]) if p else 0))
-        k, over = red.seg_t[p], int(red.cum_db[p]) - slack
+        k, over = int(red.seg_t[p]), int(red.cum_db[p]) - slack
         back = np.arange(p - 1, -1, -1)
         back = back[red.seg_t[back] != k]  # earlier segments of other tensors, least efficient first
         q = int(np.searchsorted(np.cumsum(red.seg_db[back]), over))  # undo back[:q + 1] to fit
@@ -148,7 +165,7 @@ def lagrangian(red: Reduced, budget: int) -> tuple[np.ndarray, float, float]:
             np.minimum.at(alt, red.seg_t[back[:q + 1]], red.seg_from[back[:q + 1]])
             plans.append(alt)
     plans = [fill(red, c, budget) for c in plans]
-    return min(plans, key=lambda c: float(red.d[c].sum())), lb, lam
+    return min(plans, key=lambda c: float(red.d[c].sum())), lb, lam, k
 
 
 def highs(red: Reduced, budget: int, mask: np.ndarray, ub: float, time_limit: float, rel_gap: float
@@ -212,27 +229,55 @@ def closed(red: Reduced, gap: float, damage: float, rel_gap: float) -> bool:
     return gap <= max(rel_gap * damage, 1e-12 * red.spread)
 
 
+def fixing(red: Reduced, budget: int, lam: float, ub: float) -> np.ndarray | None:
+    """Options that may be in a plan better than ``ub`` by their Lagrangian bound at ``lam``; None if none."""
+    v = red.d + lam * red.b  # Lagrangian cost of each option
+    vmin = np.minimum.reduceat(v, red.start[:-1])
+    mask = float(vmin.sum() - lam * budget) + (v - vmin[red.t]) <= ub + max(1e-9 * ub, 1e-12 * red.spread)
+    return mask if np.bincount(red.t[mask], minlength=len(red.start) - 1).all() else None
+
+
 def solve_reduced(red: Reduced, budget: int, method: str, deadline: float, rel_gap: float) -> Result:
-    """Best plan of ``red`` within ``budget`` (>= ``red.min_bytes``): method auto, milp or lagrangian."""
-    cur, lb, lam = lagrangian(red, budget)
+    """Best plan of ``red`` within ``budget`` (>= ``red.min_bytes``): method auto, milp or lagrangian.
+
+    ``auto`` with an open gap branches on the critical tensor (the one the LP takes fractionally,
+    whose choice the bound misses): one Lagrangian bound per option of it, and reduced-cost fixing +
+    HiGHS only in the branches whose bound is below the best plan so far.
+    """
+    cur, lb, lam, k = lagrangian(red, budget)
     ub = float(red.d[cur].sum())
-    if method == "lagrangian" or (method == "auto" and closed(red, ub - lb, ub, rel_gap)):
+    if method == "lagrangian" or k < 0 or closed(red, ub - lb, ub, rel_gap):  # k < 0: every segment fits
         return Result(red, cur, ub, min(lb, ub), "lagrangian", "")
-    note = ""
-    mask = np.ones(len(red.t), dtype=bool)
-    if method == "auto":
-        v = red.d + lam * red.b  # Lagrangian cost of each option at λ*
-        vmin = np.minimum.reduceat(v, red.start[:-1])
-        lagr = float(vmin.sum() - lam * budget)  # L(λ*), equal to lb up to rounding
-        lb = min(lb, lagr)
-        mask = lagr + (v - vmin[red.t]) <= ub + max(1e-9 * ub, 1e-12 * red.spread)
-        note = f"Reduced-cost fixing left {int(mask.sum())} of {len(mask)} options for HiGHS."
-    pick, bound, why = highs(red, budget, mask, ub, deadline - time.perf_counter(), rel_gap)
-    solver = "highs" if method == "milp" else "lagrangian+highs"
-    if pick is not None and float(red.d[pick].sum()) <= ub:
-        cur, ub = pick, float(red.d[pick].sum())
-    elif method == "milp":
-        solver, why = "lagrangian", f"{why} The Lagrangian plan stands in.".strip()
-    if np.isfinite(bound):  # a bound of the fixed problem: its optimum is the true one unless ub already is
-        lb = max(lb, min(bound, ub))
-    return Result(red, cur, ub, min(lb, ub), solver, " ".join(s for s in (note, why) if s))
+    if method == "milp":
+        pick, bound, why = highs(red, budget, np.ones(len(red.t), dtype=bool), ub, deadline - time.perf_counter(),
+                                 rel_gap)
+        if pick is not None and float(red.d[pick].sum()) <= ub:
+            cur, ub, solver = pick, float(red.d[pick].sum()), "highs"
+        else:
+            solver, why = "lagrangian", f"{why} The Lagrangian plan stands in.".strip()
+        lb = max(lb, min(bound, ub)) if np.isfinite(bound) else lb
+        return Result(red, cur, ub, min(lb, ub), solver, why)
+    branches = []
+    for j in range(red.start[k], red.start[k + 1]):
+        sub, old = fix(red, k, j)
+        if sub.min_bytes <= budget:
+            c, lb_j, lam_j, _ = lagrangian(sub, budget)
+            branches.append((lb_j, lam_j, sub, old))
+            if float(sub.d[c].sum()) < ub:
+                cur, ub = old[c], float(sub.d[c].sum())
+    lowers, n_milp, notes = [], 0, set()
+    for lb_j, lam_j, sub, old in sorted(branches, key=lambda br: br[0]):
+        mask = None if closed(red, ub - lb_j, ub, rel_gap) else fixing(sub, budget, lam_j, ub)
+        if mask is None:  # no plan of this branch beats the best one by more than the gap
+            lowers.append(min(lb_j, ub) if closed(red, ub - lb_j, ub, rel_gap) else ub)
+            continue
+        n_milp += 1
+        pick, bound, why = highs(sub, budget, mask, ub, deadline - time.perf_counter(), rel_gap)
+        notes.add(why)
+        lowers.append(max(lb_j, min(bound, ub)) if np.isfinite(bound) else lb_j)  # valid for plans below ub
+        if pick is not None and float(sub.d[pick].sum()) < ub:
+            cur, ub = old[pick], float(sub.d[pick].sum())
+    note = (f"Branching on the critical tensor's {len(branches)} option(s) left {n_milp} for reduced-cost fixing "
+            f"and HiGHS.")
+    return Result(red, cur, ub, min(min(lowers), ub), "lagrangian+highs" if n_milp else "lagrangian",
+                  " ".join([note, *sorted(n for n in notes if n)]))
