@@ -10,9 +10,10 @@ a multiple-choice knapsack problem (MCKP) [1]_ [2]_. ``damage`` is a predicted Î
 ``ratio = original_bytes / bytes`` with original = 2 bytes per parameter (:mod:`sahc_core.plans.plan`).
 
 How: per tensor, dominated options are dropped; a Lagrangian relaxation over the lower convex hulls
-gives the LP lower bound and a plan that provably meets the budget; reduced-cost fixing shrinks the
-rest, which HiGHS solves exactly as a MILP (``scipy.optimize.milp``) under a time limit and relative
-gap. :mod:`sahc_core.plans._mckp` has the algorithm and its references. ``method="milp"`` runs HiGHS on
+gives the LP lower bound and a plan that provably meets the budget; if the gap is open, the search
+branches on the critical tensor, reduced-cost fixing shrinks each open branch and HiGHS solves it
+exactly as a MILP (``scipy.optimize.milp``) under a time limit and relative gap;
+:mod:`sahc_core.plans._mckp` has the algorithm and its references. ``method="milp"`` runs HiGHS on
 the Pareto-reduced table alone (the cross-check; the Lagrangian plan stands in only when HiGHS
 finds none); ``method="lagrangian"`` stops after the relaxation.
 
@@ -306,7 +307,8 @@ def _infeasible(prob: _Problem, budget: int, original: int, t0: float) -> Soluti
                 and _fits(_problem(None, replace(prob.cons, **{name: getattr(defaults, name)}), prob.tab), budget)]
         free = _min_bytes(_problem(None, defaults, prob.tab))
         tail = (f"; without {' or '.join(lift)} it would be reachable" if lift else
-                f"; the constraints cost this, the gates alone allow {_ratio(original, free):.2f}x" if free < mb else "")
+                f"; the constraints cost this, the gates alone allow {_ratio(original, free):.2f}x"
+                if free < mb else "")
         msg = (f"The budget of {budget:,} bytes ({original / budget:.2f}x) is out of reach: the smallest plan "
                f"under the quality gates and constraints takes {mb:,} bytes, so the best reachable ratio is "
                f"{_ratio(original, mb):.2f}x{tail}.")
