@@ -107,4 +107,7 @@ def gate_badges(gates: list[dict]) -> None:
 
 def prequantized_note(source, name: str, measured: dict) -> None:
     """Say so when the tensor's values already lie on a low-bit grid (the error may be an artifact)."""
-    return None
+    note = measured.get("prequantized_note")
+    if note:
+        (st.warning if measured.get("prequantized_artifact") else st.info)(note[0].upper() + note[1:] + ".",
+                                                                          icon=":material/grid_on:")

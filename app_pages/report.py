@@ -97,7 +97,7 @@ else:
 
 try:
     if build:
-        from sahc_core.report.build import build_report
+        from sahc_core.report.sections import build_report
 
         bar = st.progress(0.0, text="building the report…")
         st.session_state["report"] = (fp, build_report(source, cache, target_ratio=target, progress=_progress_cb(bar)))

@@ -33,3 +33,11 @@ def tiny_llama_tok_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFa
     from tiny_models import with_word_tokenizer
 
     return with_word_tokenizer(tiny_llama_dir, tmp_path_factory.mktemp("llama_tok") / "m")
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The embedded default model's directory (SmolLM2-135M from its Q4_1 GGUF; converted once)."""
+    from sahc_core.io.default_model import default_model_dir
+
+    return default_model_dir()

@@ -15,9 +15,16 @@ from sahc_core.io.default_model import DEFAULT_MODEL_NOTE, MARKER_FILE, MODEL_NA
 from sahc_core.errors import ModelError
 
 
-def test_note_and_pip_line() -> None:
-    assert "4-bit" in DEFAULT_MODEL_NOTE and "Q4_1" in DEFAULT_MODEL_NOTE and "understate" in DEFAULT_MODEL_NOTE
-    assert defaults.gguf_path().name == defaults.GGUF_FILE
+def test_the_packaged_gguf_is_a_q4_1_gguf_file() -> None:
+    """The note says the weights come from a Q4_1 GGUF: the packaged file is one (magic bytes and the
+    tensor types gguf's own reader finds), so the note the UI shows is true."""
+    import gguf
+
+    path = defaults.gguf_path()
+    assert path.read_bytes()[:4] == b"GGUF"
+    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert "Q4_1" in types
+    assert "Q4_1" in DEFAULT_MODEL_NOTE and "understate" in DEFAULT_MODEL_NOTE
 
 
 def test_missing_package_gives_exact_pip_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

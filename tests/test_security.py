@@ -113,7 +113,16 @@ def test_streamlit_server_binds_localhost():
     assert cfg.get("client", {}).get("showErrorDetails") in {"none", False}
 
 
-def test_model_io_refuses_pickles_by_name():
-    from sahc_core.io.source import PICKLE_SUFFIXES
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".pkl", ".ckpt"])
+def test_pickle_only_checkpoints_are_refused_without_being_opened(suffix, tmp_path, monkeypatch):
+    """A directory holding only a pickle checkpoint is refused, and the file is never unpickled."""
+    import pickle
 
-    assert {".bin", ".pt", ".pth", ".pkl"} <= set(PICKLE_SUFFIXES)
+    from sahc_core.errors import ModelError
+    from sahc_core.io.source import ModelSource
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / f"weights{suffix}").write_bytes(b"\x80\x04not a pickle")
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("a pickle was opened"))
+    with pytest.raises(ModelError, match="pickle checkpoints .* refused"):
+        ModelSource.open(tmp_path)

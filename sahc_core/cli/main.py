@@ -10,65 +10,26 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from sahc_core.errors import SahcError
+from sahc_core.cli.common import _cache, _model_dir, _source, _tqdm_progress, _workspace
 from sahc_core.jsonutil import jsonable
 
 # Exit codes: 2 = bad input or parameters, 3 = out of memory, 130 = interrupted.
 EXIT_INPUT, EXIT_OOM, EXIT_INTERRUPT = 2, 3, 130
 
 
-def _model_dir(args: argparse.Namespace) -> Path:
-    if args.model:
-        return Path(args.model).expanduser().resolve()
-    from sahc_core.io.default_model import default_model_dir
-
-    return default_model_dir()
-
-
-def _source(args: argparse.Namespace):
-    from sahc_core.io.source import ModelSource
-
-    return ModelSource.open(_model_dir(args))
-
-
-def _cache(args: argparse.Namespace):
-    from sahc_core.cache import Cache
-
-    return None if args.no_cache else Cache(args.cache)
-
-
-def _tqdm_progress(desc: str, unit: str) -> tuple[Callable[..., None], Callable[[], None]]:
-    """A progress callback ``(done, total, *rest)`` drawing a tqdm bar on stderr, and its closer."""
-    from tqdm import tqdm
-
-    bar: dict[str, Any] = {}
-
-    def update(done: int, total: int, *_: Any, **__: Any) -> None:
-        if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
-        b = bar["bar"]
-        b.total = total
-        b.n = done
-        b.refresh()
-
-    def close() -> None:
-        if "bar" in bar:
-            bar["bar"].close()
-
-    return update, close
-
-
 # ----------------------------------------------------------------------------------- commands
 def cmd_inspect(args: argparse.Namespace) -> dict:
     from sahc_core.io.components import component_shares, is_known_architecture, tensor_table
+    from sahc_core.io.prequant import model_grids, summary
 
     source = _source(args)
     table = tensor_table(source)
     shares = component_shares(table)
     known = is_known_architecture(source.architecture)
+    grids = {} if args.no_prequant else model_grids(source, cache=_cache(args))
     return {
         "model": str(source.path),
         "architecture": source.architecture,
@@ -79,9 +40,11 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
         "tied_embeddings": source.tied_embeddings,
         "total_params": int(table["params"].sum()),
         "components": shares.to_dict(orient="records"),
+        "prequantized": summary(grids) if grids else None,
         "tensors": [
             {"name": r.name, "shape": list(r.shape), "dtype": r.dtype, "component": r.component,
-             "kind": r.kind, "params": int(r.params)}
+             "kind": r.kind, "params": int(r.params),
+             "prequantized": None if not grids.get(r.name) else {k: grids[r.name][k] for k in ("bits", "block")}}
             for r in table.itertuples()
         ],
     }
@@ -90,30 +53,25 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
 def cmd_spectrum(args: argparse.Namespace) -> dict:
     from sahc_core.spectra.spectrum import tensor_spectrum
 
-    return tensor_spectrum(_source(args), args.tensor, cache=_cache(args), device=args.device).to_json()
+    return tensor_spectrum(_source(args), args.tensor, cache=_cache(args), device=args.device,
+                           adaptive_threads=True).to_json()
 
 
 def cmd_scan(args: argparse.Namespace) -> dict:
     import time
 
-    from sahc_core.spectra.spectrum import scan
+    from sahc_core.spectra.scan import scan
 
     source = _source(args)
     update, close = _tqdm_progress("scan", "tensor")
     t0 = time.perf_counter()
     try:
-        df = scan(source, component=args.component, cache=_cache(args), device=args.device, progress=update)
+        df = scan(source, component=args.component, cache=_cache(args), device=args.device, progress=update,
+                  adaptive_threads=True)
     finally:
         close()
     return {"model": str(source.path), "component": args.component, "n_tensors": len(df),
             "seconds": time.perf_counter() - t0, "rows": df.to_dict(orient="records")}
-
-
-def _workspace():
-    """The CLI process's workspace (it owns the process, so computations may tune torch's threads)."""
-    from sahc_core.workspace import Workspace
-
-    return Workspace(adaptive_threads=True)
 
 
 def cmd_measure(args: argparse.Namespace) -> dict:
@@ -232,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
-    add("inspect", cmd_inspect, "architecture, components and their parameter shares, tensor list")
+    sp = add("inspect", cmd_inspect, "architecture, components and their parameter shares, tensor list")
+    sp.add_argument("--no-prequant", action="store_true",
+                    help="skip the pre-quantized grid check (reads a sample of rows of every tensor; cached)")
     sp = add("spectrum", cmd_spectrum, "singular values, statistics and rank-vs-error curve of one tensor")
     sp.add_argument("--tensor", required=True)
     sp = add("scan", cmd_scan, "spectrum statistics of every 2-D weight (resumable, cached)")

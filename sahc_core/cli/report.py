@@ -12,10 +12,10 @@ import argparse
 
 def cmd_report(args: argparse.Namespace) -> dict:
     """Build, optionally add the study tables, and write every export; returns the written paths."""
-    from sahc_core.cli.main import _cache, _source, _tqdm_progress
+    from sahc_core.cli.common import _cache, _source, _tqdm_progress
     from sahc_core.report.export import write_report
     from sahc_core.gates import audit_log
-    from sahc_core.report.build import build_report
+    from sahc_core.report.sections import build_report
 
     if args.target_ratio is not None and not args.target_ratio > 0:
         raise ValueError(f"--target-ratio must be positive, got {args.target_ratio}.")

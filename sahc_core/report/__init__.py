@@ -2,7 +2,8 @@
 from sahc_core._lazy import lazy_exports
 
 __getattr__, __all__ = lazy_exports(__name__, {
-    "build": ("Report", "ReportSection", "build_report"),
+    "build": ("Report", "ReportSection"),
+    "sections": ("build_report",),
     "study": ("StudyTables", "reproduce_study"),
     "export": ("write_report", "report_html"),
 })

@@ -13,7 +13,6 @@ that error, whatever the factors are quantized to (the dense matrix can be quant
 """
 from __future__ import annotations
 
-import datetime as _dt
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -99,7 +98,7 @@ def spectrum_verdict(scan: pd.DataFrame, eps: float = ERROR_TARGET) -> tuple[pd.
     Parameters
     ----------
     scan : DataFrame
-        ``spectrum.scan`` rows merged with the tensor table: name, component, kind, layer, shape and
+        ``spectra.scan.scan`` rows merged with the tensor table: name, component, kind, layer, shape and
         ``min_rank_{eps}``.
 
     Returns
@@ -272,16 +271,3 @@ def pareto_mask(ratio, error) -> list[bool]:
                         for j in range(len(ratio)) if j != i)
         out.append(not dominated)
     return out
-
-
-def build_report(source, cache=None, device: str = "auto", target_ratio: float = TARGET_RATIO,
-                 pareto_tensors: Sequence[str] | None = None, progress: Progress | None = None) -> Report:
-    """Compute (or read from the cache) every section of the report for ``source``."""
-    from sahc_core.report.sections import build_sections
-
-    sections = build_sections(source, cache, device, target_ratio, pareto_tensors, progress)
-    now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    return Report(title=f"SAHC report: {source.path.name}",
-                  subtitle=(f"{source.architecture} · {source.num_params:,} parameters · fingerprint "
-                            f"{source.fingerprint[:12]} · {now}"),
-                  model=str(source.path), fingerprint=source.fingerprint, sections=tuple(sections))

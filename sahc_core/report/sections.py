@@ -6,6 +6,7 @@ caption, so a gap is visible and never silent.
 """
 from __future__ import annotations
 
+import datetime as _dt
 from collections.abc import Callable, Sequence
 
 import pandas as pd
@@ -29,7 +30,7 @@ def _shares(source, table: pd.DataFrame) -> rp.ReportSection:
 
 def _spectrum(source, table, cache, device, progress) -> rp.ReportSection:
     from sahc_core.figures.spectrum import layer_heatmap
-    from sahc_core.spectra.spectrum import scan
+    from sahc_core.spectra.scan import scan
 
     def prog(done, total, *_):
         if progress:
@@ -120,3 +121,14 @@ def build_sections(source, cache, device: str, target_ratio: float, pareto_tenso
         sections.append(_failed("budget", "4. Byte budget and the embedding wall", exc))
     sections.append(_runs(runs))
     return sections
+
+
+def build_report(source, cache=None, device: str = "auto", target_ratio: float = rp.TARGET_RATIO,
+                 pareto_tensors: Sequence[str] | None = None, progress=None) -> rp.Report:
+    """Compute (or read from the cache) every section of the report for ``source``."""
+    sections = build_sections(source, cache, device, target_ratio, pareto_tensors, progress)
+    now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    return rp.Report(title=f"SAHC report: {source.path.name}",
+                     subtitle=(f"{source.architecture} · {source.num_params:,} parameters · fingerprint "
+                               f"{source.fingerprint[:12]} · {now}"),
+                     model=str(source.path), fingerprint=source.fingerprint, sections=tuple(sections))

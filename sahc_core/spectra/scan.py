@@ -69,7 +69,7 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def scan(source: ModelSource, component: str | None = None, cache: Cache | None = None, device: str = "auto",
-         progress: Progress | None = None) -> pd.DataFrame:
+         progress: Progress | None = None, adaptive_threads: bool = False) -> pd.DataFrame:
     """Spectrum statistics of every 2-D weight (1-D norms and biases are skipped).
 
     Parameters
@@ -103,7 +103,8 @@ def scan(source: ModelSource, component: str | None = None, cache: Cache | None 
         if meta["name"] in stored:
             result = SpectrumResult.from_value(meta["name"], stored[meta["name"]], True, time.perf_counter() - t0)
         else:
-            result = tensor_spectrum(source, meta["name"], cache=cache, device=device)
+            result = tensor_spectrum(source, meta["name"], cache=cache, device=device,
+                                     adaptive_threads=adaptive_threads)
         rows.append(result_row(meta, result))
         if not result.cached:
             spent_cost += _cost(meta["shape"])

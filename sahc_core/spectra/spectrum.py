@@ -42,8 +42,6 @@ from sahc_core.device import resolve_device
 from sahc_core.errors import ModelError
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from sahc_core.cache import Cache
     from sahc_core.io.source import ModelSource
 
@@ -168,11 +166,15 @@ def _machine_idle() -> bool:
     return running - own <= 0
 
 
-def _eigvalsh(G: torch.Tensor) -> torch.Tensor:
-    """Ascending eigenvalues of a symmetric matrix (serial on CPU for n <= ``_EIGH_SERIAL_MAX_N``
-    unless the machine is idle and n >= ``_EIGH_PARALLEL_MIN_N``)."""
+def _eigvalsh(G: torch.Tensor, adaptive_threads: bool = False) -> torch.Tensor:
+    """Ascending eigenvalues of a symmetric matrix.
+
+    With ``adaptive_threads`` (only an entry point that owns the process sets it: the CLI; torch's
+    thread count is process-wide, so a page thread never does): serial on CPU for
+    n <= ``_EIGH_SERIAL_MAX_N`` unless the machine is idle and n >= ``_EIGH_PARALLEL_MIN_N``.
+    """
     n = G.shape[0]
-    serial = (G.device.type == "cpu" and n <= _EIGH_SERIAL_MAX_N
+    serial = (adaptive_threads and G.device.type == "cpu" and n <= _EIGH_SERIAL_MAX_N
               and not (n >= _EIGH_PARALLEL_MIN_N and _machine_idle()))
     with _cpu_threads(1 if serial else None):
         return torch.linalg.eigvalsh(G, UPLO="U")
@@ -187,7 +189,8 @@ def _gram_error_estimate(s: np.ndarray, shape: tuple[int, int]) -> float:
     return float(np.max(d_lambda / (s + math.sqrt(d_lambda)))) / float(s[0])
 
 
-def _singular_values(W: torch.Tensor, device: str = "auto", method: str = "auto") -> tuple[np.ndarray, str]:
+def _singular_values(W: torch.Tensor, device: str = "auto", method: str = "auto",
+                     adaptive_threads: bool = False) -> tuple[np.ndarray, str]:
     """Singular values (float64, descending) and the method actually used."""
     if method not in METHODS:
         raise ValueError(f"unknown spectrum method {method!r}; use one of {', '.join(METHODS)}.")
@@ -199,7 +202,7 @@ def _singular_values(W: torch.Tensor, device: str = "auto", method: str = "auto"
     if not M.dtype.is_floating_point or M.dtype not in (torch.float32, torch.float64):
         M = M.to(torch.float32)  # bf16 / fp16 / ints: exact in float32
     if method in ("auto", "gram64"):
-        lam = _eigvalsh(_gram64(M))  # ascending, float64
+        lam = _eigvalsh(_gram64(M), adaptive_threads)  # ascending, float64
         s = torch.sqrt(torch.clamp(lam, min=0.0)).flip(0).cpu().numpy()
         if method == "gram64" or _gram_error_estimate(s, tuple(M.shape)) <= _GRAM_TOL:
             return s, "gram64"
@@ -384,8 +387,11 @@ def cache_key(name: str, method: str = "auto") -> str:
 
 
 def tensor_spectrum(source: ModelSource, name: str, cache: Cache | None = None, device: str = "auto",
-                    method: str = "auto") -> SpectrumResult:
+                    method: str = "auto", adaptive_threads: bool = False) -> SpectrumResult:
     """Spectrum and statistics of ONE tensor of ``source`` (the only tensor read), cached.
+
+    ``adaptive_threads``: let the eigensolver pick its CPU thread count (see :func:`_eigvalsh`); only
+    the CLI, which owns its process, sets it.
 
     The cache key is (``"spectrum"``, ``source.fingerprint``, tensor name, ``SPECTRUM_VERSION``):
     a changed model file changes the fingerprint, so a stale spectrum is never served.
@@ -409,7 +415,7 @@ def tensor_spectrum(source: ModelSource, name: str, cache: Cache | None = None, 
     W = source.read(name, device=dev)
     M, note = as_matrix(W)
     mean = float(M.mean(dtype=torch.float64)) if M.dtype.is_floating_point else float(M.double().mean())
-    s, used = _singular_values(M, dev, method)
+    s, used = _singular_values(M, dev, method, adaptive_threads)
     del W, M
     value = {"shape": [int(d) for d in _matrix_shape(info.shape)], "note": note, "device": dev, "method": used,
              "compute_seconds": time.perf_counter() - t0, "dtype": info.dtype,
@@ -424,11 +430,3 @@ def tensor_spectrum(source: ModelSource, name: str, cache: Cache | None = None, 
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     """The (rows, cols) that :func:`as_matrix` gives an N-D shape."""
     return int(shape[0]), int(np.prod(shape[1:]))
-
-
-def scan(source: ModelSource, component: str | None = None, cache: Cache | None = None, device: str = "auto",
-         progress=None) -> pd.DataFrame:
-    """Statistics of every 2-D weight of a model or component; see :func:`sahc_core.spectra.scan.scan`."""
-    from sahc_core.spectra.scan import scan as _scan  # scan.py imports this module; import at call time
-
-    return _scan(source, component=component, cache=cache, device=device, progress=progress)

@@ -179,7 +179,8 @@ def measure_tensor(source: ModelSource, name: str, cfg: Any, cache: Cache | None
         ``tensor``, ``shape``, ``config``, ``bytes``, ``ratio``, ``bits_per_weight``, ``rel_error``,
         ``weight_cosine``, ``output_error`` (with ``calib``), ``gates`` (list of dicts), ``seconds``,
         ``cached``, the fitting keys (``note``, ``group_size_requested``, ``group_size``) when the
-        setting was adapted, plus method keys (int: ``quant_error``, ``predicted_error``; svd:
+        setting was adapted, ``prequantized`` / ``prequantized_artifact`` / ``prequantized_note`` when
+        the tensor already lies on a low-bit grid (``io.prequant``), plus method keys (int: ``quant_error``, ``predicted_error``; svd:
         ``rank``, ``trunc_error``, ``quant_error``, ``eym_error``; tt: ``tt_shape``).
     """
     info = source.info(name)
@@ -203,9 +204,11 @@ def measure_tensor(source: ModelSource, name: str, cfg: Any, cache: Cache | None
     if heldout is not None and fit_stats is not None:
         m["output_error_tokens"] = int(getattr(heldout, "n_tokens", 0))
     gates = tensor_gates(name, m)
+    from sahc_core.io.prequant import artifact_note, tensor_grid
+
     out = {"tensor": name, "shape": list(info.shape), "config": registry.config_to_dict(cfg),
-           "label": registry.label(cfg), **m, "gates": [g.to_dict() for g in gates],
-           "seconds": time.perf_counter() - t0, "cached": False}
+           "label": registry.label(cfg), **m, **artifact_note(tensor_grid(source, name), cfg),
+           "gates": [g.to_dict() for g in gates], "seconds": time.perf_counter() - t0, "cached": False}
     if cache is not None:
         cache.put(_KIND_MEASURE, source.fingerprint, key, MEASURE_VERSION, out)
         if log:

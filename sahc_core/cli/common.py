@@ -1,0 +1,60 @@
+"""Helpers every sub-command shares: the model directory, the cache, the workspace, a progress bar.
+
+Kept apart from :mod:`sahc_core.cli.main` so that sub-command modules (``cli.report``) import them
+without importing the parser that imports them (no import circle).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    if args.model:
+        return Path(args.model).expanduser().resolve()
+    from sahc_core.io.default_model import default_model_dir
+
+    return default_model_dir()
+
+
+def _source(args: argparse.Namespace):
+    from sahc_core.io.source import ModelSource
+
+    return ModelSource.open(_model_dir(args))
+
+
+def _cache(args: argparse.Namespace):
+    from sahc_core.cache import Cache
+
+    return None if args.no_cache else Cache(args.cache)
+
+
+def _tqdm_progress(desc: str, unit: str) -> tuple[Callable[..., None], Callable[[], None]]:
+    """A progress callback ``(done, total, *rest)`` drawing a tqdm bar on stderr, and its closer."""
+    from tqdm import tqdm
+
+    bar: dict[str, Any] = {}
+
+    def update(done: int, total: int, *_: Any, **__: Any) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+        b = bar["bar"]
+        b.total = total
+        b.n = done
+        b.refresh()
+
+    def close() -> None:
+        if "bar" in bar:
+            bar["bar"].close()
+
+    return update, close
+
+
+def _workspace():
+    """The CLI process's workspace (it owns the process, so computations may tune torch's threads)."""
+    from sahc_core.workspace import Workspace
+
+    return Workspace(adaptive_threads=True)
