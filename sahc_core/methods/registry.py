@@ -35,7 +35,7 @@ from sahc_core import metrics
 from sahc_core.errors import SahcError
 
 #: Modules of the built-in methods, imported (and so registered) on first use of the registry.
-BUILTIN_MODULES = ("rtn", "svd", "tt", "keep")
+BUILTIN_MODULES = ("rtn", "hqq", "gptq", "svd", "wsvd", "tt", "keep")
 _PARAM_KINDS = ("int", "float", "choice", "int_list")
 _SCOPES = ("both", "tensor", "plan", "json")
 
@@ -58,6 +58,43 @@ class Compressed(Protocol):
 
     @property
     def nbytes(self) -> int: ...
+
+
+@dataclass(frozen=True, eq=False)
+class Tagged:
+    """A compressed tensor stored in another method's format, labelled with its own method and config.
+
+    GPTQ and HQQ store exactly RTN's codes, scales and zeros, whitened SVD exactly plain SVD's
+    factors: ``Tagged`` keeps their storage (``state``, ``nbytes``, ``reconstruct``) and makes
+    ``meta()`` name the method that produced it, so a checkpoint's manifest says "gptq" and reloads
+    through the gptq spec.
+    """
+
+    inner: Any
+    method: str
+    config: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.inner.shape
+
+    def reconstruct(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.inner.reconstruct(dtype)
+
+    def state(self) -> dict[str, Tensor]:
+        return self.inner.state()
+
+    def meta(self) -> dict:
+        return {**self.inner.meta(), "method": self.method, "config": config_to_dict(self.config)}
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.inner.nbytes)
+
+    def __getattr__(self, name: str) -> Any:  # scales, rank, u_f32, ... of the stored format
+        if name in ("inner", "method", "config"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
 
 @dataclass(frozen=True)
@@ -131,20 +168,25 @@ class Param:
         """A value from command-line text (``none`` / the null label for ``None``; ``0`` = per row
         for a nullable group size, as before)."""
         t = text.strip()
+        flag = "--" + self.name.replace("_", "-")
         if self.nullable and t.lower() in {"none", "null", self.null_label.lower()}:
             return None
+        if self.kind == "choice":
+            for c in self.choices:
+                if str(c).lower() == t.lower():
+                    return c
+            raise ValueError(f"{flag} takes one of {', '.join(str(c) for c in self.choices)}, got {text!r}.")
         try:
             if self.kind == "int":
                 v = int(t)
                 return None if (self.nullable and v == 0 and self.name == "group_size") else v
             if self.kind == "float":
                 return float(t)
-            if self.kind == "int_list":
-                return [int(x) for x in t.replace(";", ",").replace(" ", ",").split(",") if x]
+            return [int(x) for x in t.replace(";", ",").replace(" ", ",").split(",") if x]  # int_list
         except ValueError:
-            raise ValueError(f"--{self.name.replace('_', '-')} takes {'an integer' if self.kind == 'int' else 'a number'}"
-                             f"{' or ' + repr(self.null_label) if self.nullable else ''}, got {text!r}.") from None
-        return t
+            what = {"int": "an integer", "float": "a number"}.get(self.kind, "integers like 1,64,64,1")
+            raise ValueError(f"{flag} takes {what}{' or ' + repr(self.null_label) if self.nullable else ''}, "
+                             f"got {text!r}.") from None
 
     def to_json(self) -> dict:
         """The schema entry ``methods --json`` prints."""

@@ -1,0 +1,81 @@
+"""The calibration-aware methods as registry entries: gptq, wsvd (need XᵀX), hqq (calibration-free):
+round trip through storage with exact bytes, the manifest names the method, refusal without statistics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from sahc_core.methods import registry
+from sahc_core.methods.gptq import GPTQConfig
+from sahc_core.methods.hqq import HQQConfig
+from sahc_core.methods.quant import QuantConfig, quant_bytes
+from sahc_core.methods.wsvd import WSVDConfig
+from sahc_core.metrics import output_error
+
+
+@dataclass(frozen=True)
+class Stats:
+    xtx: torch.Tensor
+    n_tokens: int
+    key: str = "synthetic"
+
+
+def _data(m=48, n=64, tokens=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    X = torch.randn(tokens, n, generator=g) @ torch.diag(torch.logspace(0, -2, n)) @ Q.T  # correlated inputs
+    W = torch.randn(m, n, generator=g) * 0.05
+    return W, X, Stats(X.double().T @ X.double(), tokens)
+
+
+@pytest.mark.parametrize("cfg", [GPTQConfig(4, 16), GPTQConfig(3, None, "sym", act_order=True),
+                                 WSVDConfig(rank=12, bits=None), WSVDConfig(rank_fraction=0.5, bits=8, group_size=16),
+                                 HQQConfig(4, 16), HQQConfig(3, None)], ids=repr)
+def test_round_trip_exact_bytes_and_own_name(cfg):
+    W, _, stats = _data()
+    c = registry.compress(W, cfg, stats)
+    assert c.nbytes == registry.projected_bytes(W.shape, cfg)
+    meta = c.meta()
+    assert meta["method"] == registry.spec_of(cfg).name and registry.config_from_dict(meta["config"]) == cfg
+    back = registry.load_compressed(c.state(), meta)
+    assert torch.equal(back.reconstruct(), c.reconstruct())
+
+
+def test_int_like_methods_store_exactly_rtn_bytes():
+    shape = (48, 64)
+    assert registry.projected_bytes(shape, GPTQConfig(4, 16)) == quant_bytes(shape, QuantConfig(4, 16))
+    assert registry.projected_bytes(shape, HQQConfig(4, 16)) == quant_bytes(shape, QuantConfig(4, 16, "asym"))
+
+
+@pytest.mark.parametrize("cfg", [GPTQConfig(), WSVDConfig(rank=4)], ids=repr)
+def test_calibration_methods_refuse_without_statistics(cfg):
+    W, _, _ = _data()
+    with pytest.raises(registry.CalibrationRequired, match="calibration statistics"):
+        registry.compress(W, cfg)
+
+
+def test_output_error_order_gptq_beats_rtn_and_wsvd_beats_svd():
+    """On the calibration activations themselves (computed from X, independent of the trace form)."""
+    from sahc_core.methods.lowrank import SVDConfig
+
+    W, X, stats = _data()
+    Y = X @ W.T
+
+    def err(cfg, calib=None):
+        W_hat = registry.compress(W, cfg, calib).reconstruct()
+        e = float((X @ W_hat.T - Y).norm() / Y.norm())
+        assert e == pytest.approx(output_error(W, W_hat, stats.xtx), rel=1e-6)  # trace form = direct form
+        return e
+
+    assert err(GPTQConfig(3, 16), stats) < 0.8 * err(QuantConfig(3, 16))
+    assert err(WSVDConfig(rank=12, bits=None), stats) < 0.8 * err(SVDConfig(rank=12, bits=None))
+
+
+def test_measure_cli_names_the_missing_statistics(tiny_llama_dir, tmp_path, capsys):
+    from sahc_core.cli.main import main
+
+    rc = main(["measure", "--model", str(tiny_llama_dir), "--tensor", "model.layers.0.self_attn.q_proj.weight",
+               "--method", "gptq", "--cache", str(tmp_path / "c.duckdb")])
+    assert rc == 2 and "calibration statistics" in capsys.readouterr().err
