@@ -11,7 +11,7 @@ import torch
 
 import sahc_core.calib.store as store
 from sahc_core.cache import Cache
-from sahc_core.calib.stats import CalibConfig
+from sahc_core.calib.stats import CalibConfig, pack_symmetric, unpack_symmetric
 from sahc_core.calib.store import KIND, calibration_stats, stats_dir
 from sahc_core.errors import CorpusError
 from sahc_core.evaluate.activations import capture_inputs
@@ -92,7 +92,8 @@ def test_shared_inputs_are_stored_once(stats) -> None:
     assert {stats.input_of(p + f"self_attn.{k}_proj.weight") for k in "qkv"} == {p + "self_attn.q_proj"}
     assert {stats.input_of(p + f"mlp.{k}_proj.weight") for k in ("gate", "up")} == {p + "mlp.gate_proj"}
     assert len({stats.input_of(w) for w in stats.weights()}) == 2 * 4 + 1  # 4 inputs per layer + the LM head
-    assert stats.for_weight(p + "self_attn.k_proj.weight") is stats.for_weight(p + "self_attn.v_proj.weight")
+    k, v = stats.for_weight(p + "self_attn.k_proj.weight"), stats.for_weight(p + "self_attn.v_proj.weight")
+    assert torch.equal(k.xtx, v.xtx) and k.xtx.data_ptr() != v.xtx.data_ptr()  # one stored copy, fresh reads
     assert stats.for_weight(p + "input_layernorm.weight") is None and stats.for_weight("nope") is None
     # tied LM head: the embedding's stored name answers with the LM head's input
     assert stats.input_of("model.embed_tokens.weight") == "lm_head"
@@ -147,6 +148,28 @@ def test_output_error_pure_formula(monkeypatch: pytest.MonkeyPatch) -> None:
         output_error(W, W_hat[:, :3], H)
 
 
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_symmetric_packing_round_trip(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    H = A @ A.T
+    packed = pack_symmetric(H)
+    assert packed.shape == (n * (n + 1) // 2,)
+    assert torch.equal(packed[:n], H[0])  # the first row comes first, whole
+    assert torch.equal(unpack_symmetric(packed, n), H.triu() + H.triu(1).T)
+    assert unpack_symmetric(packed.float(), n).dtype == torch.float64
+
+
+def test_stored_size_is_the_packed_float32_triangle(stats) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(stats.path / "model.layers.1.safetensors"), framework="pt") as fh:
+        shapes = {k: (fh.get_slice(k).get_shape(), fh.get_slice(k).get_dtype()) for k in fh.keys()}
+    assert shapes["fit/model.layers.1.mlp.down_proj"] == ([128 * 129 // 2], "F32")
+    assert shapes["heldout/model.layers.1.self_attn.q_proj"] == ([64 * 65 // 2], "F32")
+    assert shapes["fit/model.layers.1.mlp.gate_proj/abs_max"] == ([64], "F32")
+
+
 def test_second_call_is_a_lookup(stats, tiny_llama_tok_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = Cache(stats.path.parents[2] / "sahc.duckdb")
     source = ModelSource.open(tiny_llama_tok_dir)
@@ -191,6 +214,10 @@ def test_too_short_text_and_bad_config_are_refused(net, tiny_llama_tok_dir: Path
     with pytest.raises(CorpusError, match=f"{n} tokens but {n - 99} fitting \\+ 100 held-out"):
         calibration_stats(src, cache, TEXT, CalibConfig(tokens=n - 99, heldout_tokens=100), model=model, tokenizer=tok)
     assert not list(tmp_path.glob("calib/*/*"))  # nothing half-written is left
+    with pytest.raises(ValueError, match="runs in torch.float32 but the config asks for bfloat16"):
+        calibration_stats(src, cache, TEXT, CalibConfig(tokens=64, dtype="bfloat16"), model=model, tokenizer=tok)
+    with pytest.raises(ValueError, match="give both model and tokenizer"):
+        calibration_stats(src, cache, TEXT, CalibConfig(tokens=64), model=model)
     for bad in (dict(tokens=0), dict(heldout_tokens=-1), dict(store_dtype="float16"), dict(extras=("mean",))):
         with pytest.raises(ValueError):
             CalibConfig(**bad)

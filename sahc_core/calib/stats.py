@@ -11,10 +11,11 @@ text; ``heldout``: the next ``heldout_tokens``, never overlapping):
 
 On disk (one folder): ``index.json`` + one safetensors shard per decoder layer (plus the LM head's
 and the embedding's). ``H`` is accumulated in float64 (per-window products formed in float32, see
-:mod:`sahc_core.calib.capture`) and stored in ``store_dtype`` (default float32: the 9B reference
-model's 12,288-wide down_proj input alone is 1.2 GB per split in float64; the one rounding to float32
-is 6e-8 relative per entry, far below the sampling noise of a few thousand tokens). It is read back
-as float64.
+:mod:`sahc_core.calib.capture`) and stored as its upper triangle, row by row (:func:`pack_symmetric`,
+``n(n+1)/2`` values), in ``store_dtype`` (default float32). Why: the 9B reference model's 12,288-wide
+down_proj input is 1.2 GB per split as a full float64 matrix, 302 MB packed in float32, and SmolLM2's
+statistics take 404 MB instead of 1.6 GB; the one rounding to float32 is 6e-8 relative per entry, far
+below the sampling noise of a few thousand tokens. It is read back as a full float64 matrix.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from sahc_core.evaluate.model import DTYPES
 
 #: Bumped when what is captured or how it is stored changes (part of the cache row's version).
 FORMAT_VERSION = 1
+#: How ``XᵀX`` is laid out in a shard (recorded in the index).
+LAYOUT = "triu-rows"
 INDEX_FILE = "index.json"
 SPLITS = ("fit", "heldout")
 STORE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
@@ -47,9 +50,9 @@ class CalibConfig:
     ----------
     tokens : int
         Fitting tokens: the first ``tokens`` tokens of the calibration text (default 8192: four
-        2048-token windows; on SmolLM2-135M the capture with the held-out split takes about a minute
-        on two CPU cores, see ``bench/calib.py``). Models wider than ``tokens`` get a rank-deficient
-        ``XᵀX``; give them more.
+        2048-token windows; on SmolLM2-135M the capture with the held-out split costs 108 s of CPU
+        time on two cores, about a minute of wall time when they are free, and 405 MB on disk; see
+        ``bench/calib.py``). Inputs wider than ``tokens`` get a rank-deficient ``XᵀX``; give more.
     heldout_tokens : int
         Held-out tokens taken right after the fitting tokens (default 2048; 0: no held-out split).
     window : int, optional
@@ -57,7 +60,7 @@ class CalibConfig:
     dtype : str
         Precision the model runs in during capture (``float32|bfloat16|float16``).
     store_dtype : str
-        Precision of ``XᵀX`` on disk (``float32`` or ``float64``); read back as float64 either way.
+        Precision of ``XᵀX`` on disk (``float32`` or ``float64``, upper triangle); read back as float64.
     extras : tuple of str
         Per-channel statistics to capture besides ``XᵀX`` (names from :data:`EXTRAS`).
     """
@@ -117,6 +120,25 @@ class LinearStats:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
+def pack_symmetric(H: Tensor) -> Tensor:
+    """The upper triangle of a symmetric ``(n, n)`` matrix, row by row: ``(n(n+1)/2,)``."""
+    assert H.dim() == 2 and H.shape[0] == H.shape[1]
+    return torch.cat([H[i, i:] for i in range(H.shape[0])])
+
+
+def unpack_symmetric(packed: Tensor, n: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Inverse of :func:`pack_symmetric`: the full ``(n, n)`` matrix (both triangles) in ``dtype``."""
+    assert packed.shape == (n * (n + 1) // 2,), f"a packed {n} x {n} matrix has {n * (n + 1) // 2} values"
+    H = torch.empty(n, n, dtype=dtype)
+    offset = 0
+    for i in range(n):  # one row and one column per step: no n x n temporary besides H
+        row = packed[offset : offset + n - i]
+        H[i, i:] = row
+        H[i:, i] = row
+        offset += n - i
+    return H
+
+
 class CalibStats:
     """A stored statistics folder, read lazily one tensor at a time (one split's view).
 
@@ -134,7 +156,6 @@ class CalibStats:
         self.path = Path(path)
         self.split = split
         self._index = index if index is not None else read_index(self.path)
-        self._last: tuple[str, LinearStats] | None = None  # q/k/v ask for one input in a row
 
     def __repr__(self) -> str:
         return f"CalibStats({str(self.path)!r}, split={self.split!r}, tokens={self.n_tokens})"
@@ -173,23 +194,20 @@ class CalibStats:
         """``XᵀX`` of the input of the linear layer(s) using ``weight_name``; None when there is none.
 
         A tied LM head (``lm_head.weight`` aliasing the embedding) answers for both names with the LM
-        head's input; the embedding lookup's own statistics are :attr:`token_counts`.
+        head's input; the embedding lookup's own statistics are :attr:`token_counts`. Every call reads
+        a fresh copy (a method may add damping to ``xtx`` in place).
         """
         group = self.input_of(weight_name)
         if group is None:
             return None
-        if self._last is not None and self._last[0] == group:
-            return self._last[1]
         info = self._index["inputs"][group]
         tensors = self._read(info["shard"], [f"{self.split}/{group}"] +
                              [f"{self.split}/{group}/{e}" for e in self._index["meta"]["config"]["extras"]])
         prefix = f"{self.split}/{group}/"
-        stats = LinearStats(
-            xtx=tensors.pop(f"{self.split}/{group}").double(), n_tokens=int(info["tokens"][self.split]),
+        return LinearStats(
+            xtx=unpack_symmetric(tensors.pop(f"{self.split}/{group}"), int(info["in_features"])), n_tokens=int(info["tokens"][self.split]),
             split=self.split, input=group, extras={k.removeprefix(prefix): v.double() for k, v in tensors.items()},
         )
-        self._last = (group, stats)
-        return stats
 
     @property
     def token_counts(self) -> Tensor:
@@ -224,7 +242,7 @@ def read_index(path: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise CacheError(f"calibration statistics index {index_path} is missing or unreadable; capture them "
                          "again.") from exc
-    if not isinstance(index, dict) or index.get("format") != FORMAT_VERSION:
+    if not isinstance(index, dict) or index.get("format") != FORMAT_VERSION or index.get("layout") != LAYOUT:
         raise CacheError(f"calibration statistics index {index_path} has another format; capture them again.")
     for name, size in index["files"].items():
         f = Path(path) / name

@@ -32,9 +32,10 @@ from torch import Tensor, nn
 
 from sahc_core.cache import Cache, utcnow
 from sahc_core.calib.capture import capture_stats
-from sahc_core.calib.stats import FORMAT_VERSION, INDEX_FILE, STORE_DTYPES, CalibConfig, CalibStats, read_index
+from sahc_core.calib.stats import (FORMAT_VERSION, INDEX_FILE, LAYOUT, SPLITS, STORE_DTYPES, CalibConfig, CalibStats,
+                                   pack_symmetric, read_index)
 from sahc_core.errors import CacheError, CorpusError
-from sahc_core.evaluate.model import _max_positions, _model_device
+from sahc_core.evaluate.model import DTYPES, _max_positions, _model_device
 from sahc_core.evaluate.perplexity import DEFAULT_WINDOW, _tokenize
 from sahc_core.io.source import ModelSource
 
@@ -86,6 +87,9 @@ def calibration_stats(source: ModelSource, cache: Cache, text: str | None = None
     """
     if (model is None) != (tokenizer is None):
         raise ValueError("give both model and tokenizer (as load_model returns them), or neither.")
+    if model is not None and next(model.parameters()).dtype != DTYPES[cfg.dtype]:
+        raise ValueError(f"the model runs in {next(model.parameters()).dtype} but the config asks for {cfg.dtype}; "
+                         "load it in that dtype or change CalibConfig.dtype.")
     if text is None:
         from sahc_core.io.corpus import default_corpus
 
@@ -93,7 +97,7 @@ def calibration_stats(source: ModelSource, cache: Cache, text: str | None = None
     key = cfg.key(text_sha256(text))
     row = cache.get(KIND, source.fingerprint, key, FORMAT_VERSION)
     folder = cache.path.parent / row["dir"] if row else stats_dir(cache, source.fingerprint, key)
-    stats = _open(folder)
+    stats = _open(folder, key)
     if stats is None:
         if model is None:
             from sahc_core.evaluate.model import load_model
@@ -107,12 +111,14 @@ def calibration_stats(source: ModelSource, cache: Cache, text: str | None = None
     return stats
 
 
-def _open(folder: Path) -> CalibStats | None:
-    """The stored statistics in ``folder``, or None when it is missing, incomplete or corrupt."""
+def _open(folder: Path, key: str) -> CalibStats | None:
+    """The statistics with ``key`` stored in ``folder``, or None when it is missing, incomplete, corrupt
+    or holds other statistics."""
     try:
-        return CalibStats(folder, index=read_index(folder))
+        stats = CalibStats(folder, index=read_index(folder))
     except CacheError:
         return None
+    return stats if stats.meta.get("key") == key else None
 
 
 def _windows(ids: Tensor, window: int) -> list[Tensor]:
@@ -169,11 +175,13 @@ def _capture(folder: Path, source: ModelSource, text: str, key: str, cfg: CalibC
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    index: dict[str, Any] = {"format": FORMAT_VERSION, "inputs": {}, "weights": {}, "files": {}}
+    index: dict[str, Any] = {"format": FORMAT_VERSION, "layout": LAYOUT, "inputs": {}, "weights": {}, "files": {}}
 
     def write(_index: int, name: str, tensors: dict[str, Tensor], inputs: dict[str, dict[str, Any]]) -> None:
         shard = f"{name}.safetensors"
-        save_file({k: v.to(store).contiguous() for k, v in tensors.items()}, str(tmp / shard))
+        xtx = {f"{s}/{g}" for s in SPLITS for g in inputs}  # the rest are per-channel extras
+        save_file({k: (pack_symmetric(v.to(store)) if k in xtx else v.to(store)).contiguous()
+                   for k, v in tensors.items()}, str(tmp / shard))
         index["files"][shard] = (tmp / shard).stat().st_size
         for group, info in inputs.items():
             index["inputs"][group] = {"shard": shard, "in_features": info["in_features"], "tokens": info["tokens"]}
@@ -201,23 +209,23 @@ def _capture(folder: Path, source: ModelSource, text: str, key: str, cfg: CalibC
             "created_at": utcnow().isoformat(),
         }
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True), encoding="utf-8")
-        _install(tmp, folder)
+        _install(tmp, folder, key)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    stats = _open(folder)
+    stats = _open(folder, key)
     assert stats is not None, "a freshly installed statistics folder must open"
     return stats
 
 
-def _install(tmp: Path, folder: Path) -> None:
+def _install(tmp: Path, folder: Path, key: str) -> None:
     """Rename the complete ``tmp`` into ``folder``; a valid folder already there (a concurrent capture) wins."""
     if folder.exists():
-        if _open(folder) is not None:
+        if _open(folder, key) is not None:
             return
         shutil.rmtree(folder)  # incomplete or corrupt: replaced by the fresh capture
     try:
         tmp.rename(folder)
     except OSError:  # another process renamed its copy in between
-        if _open(folder) is None:
+        if _open(folder, key) is None:
             raise
