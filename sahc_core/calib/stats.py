@@ -111,6 +111,8 @@ class LinearStats:
         linears with one ``input`` share one ``xtx``.
     extras : dict
         Requested per-channel vectors (``(n,)`` float64): ``abs_mean``, ``abs_max``.
+    key : str
+        Identity of these numbers for result caches: the statistics' key, the split and the input.
     """
 
     xtx: Tensor
@@ -118,6 +120,7 @@ class LinearStats:
     split: str
     input: str
     extras: dict[str, Tensor] = field(default_factory=dict)
+    key: str = ""
 
 
 def pack_symmetric(H: Tensor) -> Tensor:
@@ -166,6 +169,11 @@ class CalibStats:
         return dict(self._index["meta"])
 
     @property
+    def key(self) -> str:
+        """The cache key these statistics were captured under (text hash + config; the model is the row's)."""
+        return str(self._index["meta"]["key"])
+
+    @property
     def n_tokens(self) -> int:
         """Tokens of this view's split."""
         return int(self._index["splits"][self.split]["tokens"])
@@ -181,6 +189,11 @@ class CalibStats:
     def fit(self) -> CalibStats:
         """The fitting split's view."""
         return self if self.split == "fit" else CalibStats(self.path, "fit", self._index)
+
+    def heldout_for_weight(self, weight_name: str) -> LinearStats | None:
+        """:meth:`for_weight` on the held-out split (None without one)."""
+        held = self.heldout
+        return None if held is None else held.for_weight(weight_name)
 
     def weights(self) -> list[str]:
         """Weight names (state-dict names, tied aliases included) that have linear-input statistics."""
@@ -207,6 +220,7 @@ class CalibStats:
         return LinearStats(
             xtx=unpack_symmetric(tensors.pop(f"{self.split}/{group}"), int(info["in_features"])), n_tokens=int(info["tokens"][self.split]),
             split=self.split, input=group, extras={k.removeprefix(prefix): v.double() for k, v in tensors.items()},
+            key=f"{self.key};split={self.split};input={group}",
         )
 
     @property
