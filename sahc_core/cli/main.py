@@ -128,6 +128,27 @@ def cmd_ppl(args: argparse.Namespace) -> dict:
     return {**res.to_dict(), "corpus": corpus.name, "model": str(_model_dir(args))}
 
 
+def cmd_calib(args: argparse.Namespace) -> dict:
+    from sahc_core.cache import Cache, utcnow
+    from sahc_core.calib.stats import CalibConfig
+    from sahc_core.calib.store import calibration_stats
+    from sahc_core.io.corpus import load_corpus
+
+    cfg = CalibConfig(tokens=args.tokens, heldout_tokens=args.heldout_tokens, window=args.window)
+    text = load_corpus(args.corpus).calib_text if args.corpus else None
+    update, close = _tqdm_progress("calibration", "layer")
+    started = utcnow().isoformat()
+    try:
+        stats = calibration_stats(_source(args), Cache(args.cache), text, cfg, progress=update, device=args.device)
+    finally:
+        close()
+    meta = stats.meta
+    return {"dir": str(stats.path), "tokens": meta["tokens"], "heldout_tokens": meta["heldout_tokens"],
+            "window": meta["window"], "seconds": meta["seconds"], "bytes": meta["bytes"],
+            "inputs": len({stats.input_of(w) for w in stats.weights()}), "weights": len(stats.weights()),
+            "created_at": meta["created_at"], "cached": meta["created_at"] < started, "text_sha256": meta["text_sha256"]}
+
+
 def cmd_plan(args: argparse.Namespace) -> dict:
     from sahc_core.plans.plan import CompressionPlan, project
 
@@ -224,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sp.add_argument("--plan", required=True, help="plan JSON file")
             sp.add_argument("--run-id", help=argparse.SUPPRESS)
+
+    sp = add("calib", cmd_calib, "capture (once) and store calibration statistics XᵀX of every linear input")
+    sp.add_argument("--tokens", type=int, default=8192, help="fitting tokens (default 8192)")
+    sp.add_argument("--heldout-tokens", type=int, default=2048, help="held-out tokens after them (default 2048)")
+    sp.add_argument("--window", type=int, help="tokens per window (default min(2048, model max))")
+    sp.add_argument("--corpus", help="text file or directory (its calibration text; default: Shakespeare calib split)")
 
     sp = add("plan", cmd_plan, "projected bytes and ratio of a plan file")
     sp.add_argument("--plan", required=True)

@@ -5,6 +5,7 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "model": ("load_model", "load_state"),
     "perplexity": ("PplConfig", "PplResult", "perplexity"),
     "activations": ("capture_inputs", "capture_block_io", "attention_output_cosine"),
+    "layerwise": ("run_layerwise", "capture_layer_inputs", "decoder_layers", "LayerTurn"),
     "smoke": ("layer_output_cosines",),
     "allocator": ("retain_freed_memory",),
 })
