@@ -92,8 +92,31 @@ def current_workspace():
 
 
 def calibration_ui(source, cache, key: str):
-    """A checkbox for calibration statistics; returns them (captured once, then read from disk) or None."""
-    return None
+    """A checkbox for calibration statistics; returns them (captured once, then read from disk) or None.
+
+    The statistics (each linear layer's XᵀX on the calibration text, a fitting and a held-out split)
+    are what GPTQ and whitened SVD need, and they give every method an output error on held-out tokens.
+    """
+    if cache is None:
+        return None
+    on = st.checkbox("Use calibration statistics (XᵀX of every layer's inputs; captured once, about a minute "
+                     "on the default model, then read from the cache)", key=key)
+    if not on:
+        return None
+    from sahc_core.calib.store import calibration_stats
+
+    bar = st.progress(0.0, text="Calibration statistics…")
+    try:
+        stats = current_workspace().calibration(
+            (source.fingerprint, str(cache.path)),
+            lambda: calibration_stats(source, cache, progress=lambda d, t: bar.progress(d / t, text=f"layer {d}/{t}")))
+    except SahcError as exc:
+        st.error(str(exc))
+        return None
+    finally:
+        bar.empty()
+    st.caption(f"Calibration: {stats.meta['tokens']:,} fitting + {stats.meta['heldout_tokens']:,} held-out tokens.")
+    return stats
 
 
 def gate_badges(gates: list[dict]) -> None:

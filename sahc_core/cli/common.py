@@ -58,3 +58,23 @@ def _workspace():
     from sahc_core.workspace import Workspace
 
     return Workspace(adaptive_threads=True)
+
+
+
+def _calib(args: argparse.Namespace, source: Any):
+    """Calibration statistics of ``source`` (captured once, then read from the cache folder), or None
+    when ``--calib`` was not given."""
+    if not getattr(args, "calib", False):
+        return None
+    from sahc_core.cache import Cache
+    from sahc_core.calib.store import calibration_stats
+    from sahc_core.io.corpus import load_corpus
+
+    if args.no_cache:
+        raise ValueError("--calib keeps its statistics beside the cache; drop --no-cache to use it.")
+    text = load_corpus(args.corpus).calib_text if getattr(args, "corpus", None) else None
+    update, close = _tqdm_progress("calibration", "layer")
+    try:
+        return calibration_stats(source, Cache(args.cache), text, progress=update, device=args.device)
+    finally:
+        close()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sahc_core.errors import SahcError
-from sahc_core.cli.common import _cache, _model_dir, _source, _tqdm_progress, _workspace
+from sahc_core.cli.common import _cache, _calib, _model_dir, _source, _tqdm_progress, _workspace
 from sahc_core.jsonutil import jsonable
 
 # Exit codes: 2 = bad input or parameters, 3 = out of memory, 130 = interrupted.
@@ -78,8 +78,9 @@ def cmd_measure(args: argparse.Namespace) -> dict:
     from sahc_core.cli.method_flags import config_from_args
     from sahc_core.whatif.measure import measure_tensor
 
-    return measure_tensor(_source(args), args.tensor, config_from_args(args), cache=_cache(args), device=args.device,
-                          workspace=_workspace())
+    source, cfg = _source(args), config_from_args(args)
+    return measure_tensor(source, args.tensor, cfg, cache=_cache(args), device=args.device, workspace=_workspace(),
+                          calib=_calib(args, source))
 
 
 def cmd_methods(args: argparse.Namespace) -> dict:
@@ -224,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sahc_core.cli.method_flags import add_method_flags
 
     add_method_flags(sp)
+    sp.add_argument("--calib", action="store_true",
+                    help="use calibration statistics (captured once on the calibration text, then cached): needed "
+                         "by gptq/wsvd, and adds output_error on held-out tokens for every method")
+    sp.add_argument("--corpus", help="calibration text file or folder for --calib (default: the Shakespeare split)")
     add("methods", cmd_methods, "the registered compression methods and their parameter schemas")
 
     sp = add("sweep", cmd_sweep, "Tensor-Train rank sweep of an embedding (the study's table)")

@@ -112,7 +112,7 @@ def _disk_error(exc: Exception, out_dir: Path) -> SahcError:
 
 def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Callable | None = None,
              check_cancel: Callable[[], bool] | None = None, shard_bytes: int = SHARD_BYTES,
-             overwrite: bool = False, device: str = "auto") -> dict:
+             overwrite: bool = False, device: str = "auto", calib: Any = None) -> dict:
     """Compress every tensor of ``source`` by ``plan`` and write the checkpoint to ``out_dir``.
 
     Parameters
@@ -132,6 +132,9 @@ def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Calla
     device : str
         Where each tensor is compressed (``"auto"``: the GPU when there is one); states are
         written from CPU.
+    calib : calibration statistics, optional
+        ``for_weight(name)`` gives each tensor's statistics to its method (needed by calibration-aware
+        methods such as gptq and wsvd; a plan that uses one without statistics is refused up front).
 
     Returns
     -------
@@ -150,13 +153,18 @@ def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Calla
     if out.exists() and not overwrite:
         raise SahcError(f"output directory {out} already exists; choose another one or pass overwrite=True.")
     df = resolve(plan, tensor_table(source), tied_embeddings=bool(source.tied_embeddings))
+    needing = [r.name for r in df.itertuples() if r.method != TIED and methods.get(r.method).needs_calibration]
+    if needing and calib is None:
+        raise methods.CalibrationRequired(
+            f"plan {plan.name!r} uses calibration-aware methods on {len(needing)} tensor(s) (e.g. {needing[0]}); "
+            "assemble it with calibration statistics (a run captures them itself).")
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     t0 = time.perf_counter()
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        entries = _write_tensors(source, df, tmp, progress, check_cancel, shard_bytes, dev)
+        entries = _write_tensors(source, df, tmp, progress, check_cancel, shard_bytes, dev, calib)
         files = sorted(p.name for p in tmp.glob("*.safetensors"))
         manifest = {
             "format": "sahc-compressed", "format_version": FORMAT_VERSION, "plan": plan.to_dict(),
@@ -178,7 +186,8 @@ def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Calla
     return _summary(out, df, entries, files, time.perf_counter() - t0)
 
 
-def _write_tensors(source, df, root: Path, progress, check_cancel, shard_bytes: int, device: str) -> dict[str, dict]:
+def _write_tensors(source, df, root: Path, progress, check_cancel, shard_bytes: int, device: str,
+                   calib: Any = None) -> dict[str, dict]:
     writer = _ShardWriter(root, shard_bytes)
     entries: dict[str, dict] = {}
     total = len(df)
@@ -194,7 +203,8 @@ def _write_tensors(source, df, root: Path, progress, check_cancel, shard_bytes: 
         else:
             cfg = methods.config_from_dict(row.config)
             W = source.read(row.name, device=device, dtype=torch.float32)
-            c = methods.compress(W, cfg)
+            stats = calib.for_weight(row.name) if calib is not None and methods.spec_of(cfg).needs_calibration else None
+            c = methods.compress(W, cfg, stats)
             del W
             state = c.state()
             keyed = {f"{row.name}{SEP}{k}": t for k, t in state.items()}

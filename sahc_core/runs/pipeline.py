@@ -1,6 +1,8 @@
 """One whole run: project a plan, assemble the checkpoint, load it back, gate it, perplexity vs baseline.
 
-Stages (written to the run's progress): ``project`` -> ``assemble`` (tensors) -> ``gates`` (tensors:
+Stages (written to the run's progress): ``project`` -> ``calibration`` (only for a plan that uses a
+calibration-aware method: the statistics are captured once per model and text, then read from the
+cache folder; never on the test text) -> ``assemble`` (tensors) -> ``gates`` (tensors:
 every stored tensor of the written checkpoint is measured against the source through
 ``methods.measure`` and ``gates.tensor_gates``, plus the model-level shape, coverage gates, and the
 forward smoke test: each layer's output cosine with W vs Ŵ on calibration text, ``sahc_core.evaluate.smoke``) ->
@@ -57,7 +59,29 @@ def baseline_key(corpus, ppl_cfg, device: str) -> str:
                        "dtype": ppl_cfg.dtype, "device": device.split(":")[0]}, sort_keys=True)
 
 
-def measure_checkpoint(source, out_dir: str | Path, progress=None) -> tuple[list, list[dict], dict]:
+def _calibration_text(corpus) -> tuple[str, str]:
+    """``(text, description)`` the calibration statistics of a run are captured on.
+
+    Never the test text: a corpus without a calibration file of its own (a single text file) gets
+    the embedded Shakespeare calibration split, and the run says so (calibrating on the text the
+    perplexity is measured on would make calibration-aware methods look better than they are).
+    """
+    if set(corpus.calib_files) & set(corpus.test_files):
+        from sahc_core.io.corpus import default_corpus
+
+        return default_corpus().calib_text, "the embedded Shakespeare calibration split (the corpus has none apart)"
+    return corpus.calib_text, f"{corpus.name} calibration files"
+
+
+def _needs_calibration(tensors) -> bool:
+    """True when a resolved plan table uses a calibration-aware method on some tensor."""
+    from sahc_core.methods import registry
+    from sahc_core.plans.plan import TIED
+
+    return any(registry.get(m).needs_calibration for m in set(tensors["method"]) if m != TIED)
+
+
+def measure_checkpoint(source, out_dir: str | Path, progress=None, calib=None) -> tuple[list, list[dict], dict]:
     """Per-tensor gates of an assembled checkpoint against its source, and the rebuilt weights.
 
     Each stored tensor is loaded back from the files (``assemble.iter_assembled``), rebuilt ONCE and
@@ -81,12 +105,14 @@ def measure_checkpoint(source, out_dir: str | Path, progress=None) -> tuple[list
     for i, (name, e, c) in enumerate(iter_assembled(out_dir, manifest)):
         W_hat = c.reconstruct(torch.float32)
         W = source.read(name, dtype=torch.float32)
-        m = methods.measure(W, methods.config_from_dict(e["config"]), compressed=c, w_hat=W_hat)
+        held = calib.heldout_for_weight(name) if calib is not None else None
+        m = methods.measure(W, methods.config_from_dict(e["config"]), compressed=c, w_hat=W_hat, calib=held)
         del W, c
         state[name] = W_hat
         gates += tensor_gates(name, {**m, "config": e["config"]})
         rows.append({"name": name, "component": e["component"], "method": e["method"], "bytes": m["bytes"],
-                     "rel_error": m["rel_error"], "weight_cosine": m["weight_cosine"]})
+                     "rel_error": m["rel_error"], "weight_cosine": m["weight_cosine"],
+                     "output_error": m.get("output_error")})
         if progress is not None:
             progress(i + 1, n_stored)
     return gates, rows, tie_aliases(manifest, state)
@@ -104,7 +130,9 @@ def _components(projected: dict, assembled: dict, rows: list[dict]) -> list[dict
                     "ratio_payload": comp["original_bytes"] / payload if payload else float("nan"),
                     "n_tensors": comp.get("n_tensors"),
                     "max_rel_error": max((r["rel_error"] for r in errs), default=None),
-                    "min_weight_cosine": min((r["weight_cosine"] for r in errs), default=None)})
+                    "min_weight_cosine": min((r["weight_cosine"] for r in errs), default=None),
+                    "max_output_error": max((r["output_error"] for r in errs if r.get("output_error") is not None),
+                                            default=None)})
     return out
 
 
@@ -200,17 +228,28 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
     projected = project(plan, source)
     corpus = _as_corpus(corpus)  # fail early on a bad corpus, before minutes of assembly
 
+    calib, calib_text_name = None, None
+    if _needs_calibration(projected["tensors"]):
+        from sahc_core.calib.store import calibration_stats
+
+        reporter.stage("calibration")
+        t0 = time.perf_counter()
+        calib_text, calib_text_name = _calibration_text(corpus)
+        calib = calibration_stats(source, cache, calib_text, device=device,
+                                  progress=lambda d, t: reporter.progress(layers_done=d, layers_total=t))
+        seconds["calibration"] = time.perf_counter() - t0
+
     reporter.stage("assemble")
     out = Path(out_dir) if out_dir is not None else cache.path.parent / "runs" / run_id
     t0 = time.perf_counter()
-    assembled = assemble(source, plan, out, overwrite=True, check_cancel=reporter.cancel_requested,
+    assembled = assemble(source, plan, out, overwrite=True, check_cancel=reporter.cancel_requested, calib=calib,
                          progress=lambda d, t, name: reporter.progress(tensors_done=d, tensors_total=t, tensor=name))
     seconds["assemble"] = time.perf_counter() - t0
 
     reporter.stage("gates")
     t0 = time.perf_counter()
     gates, rows, state = measure_checkpoint(
-        source, out, progress=lambda d, t: reporter.progress(tensors_done=d, tensors_total=t))
+        source, out, progress=lambda d, t: reporter.progress(tensors_done=d, tensors_total=t), calib=calib)
     infos = source.tensors()
     gates.append(shape_gate({i.name: tuple(i.shape) for i in infos}, {n: tuple(t.shape) for n, t in state.items()}))
     gates.append(coverage_gate([i.name for i in infos], [t["name"] for t in assembled["tensors"]]))
@@ -262,6 +301,8 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
         "gates": [g.to_dict() for g in gates], "gates_passed": len(gates) - n_failed, "gates_failed": n_failed,
         "components": _components(projected, assembled, rows), "seconds": seconds,
         "baseline_cached": baseline_cached, "out_dir": str(out),
+        "calibration": None if calib is None else {"text": calib_text_name, "tokens": calib.meta["tokens"],
+                                                    "heldout_tokens": calib.meta["heldout_tokens"], "dir": str(calib.path)},
     }
     reporter.stage("done")
     reporter.finish(result)

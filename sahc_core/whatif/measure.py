@@ -98,14 +98,20 @@ class _Context:
 
         return self.ws.compressed.get_or_make(key, make)
 
+    @property
+    def _eval_stats(self) -> Any:
+        return self._heldout if self._heldout is not None else self.calib
+
     def xtx(self) -> Tensor:
-        """The evaluation second moment: the held-out split when there is one, else the fitting one."""
-        stats = self._heldout if self._heldout is not None else self.calib
-        return stats.xtx
+        """The evaluation second moment: the held-out split when there is one, else the fitting one
+        (read once per tensor and split, then kept with the tensor's other constants)."""
+        stats = self._eval_stats
+        return self.cached(f"xtx:{getattr(stats, 'key', id(stats))}", lambda: stats.xtx)
 
     def wHw(self) -> float:
-        return self.cached(f"wHw:{id(self.xtx())}",
-                           lambda: float(((self.W.double() @ self.xtx().double()) * self.W.double()).sum()))
+        stats = self._eval_stats
+        return self.cached(f"wHw:{getattr(stats, 'key', id(stats))}",
+                           lambda: float(((self.W.double() @ self.xtx()) * self.W.double()).sum()))
 
 
 def _key(name: str, cfg: Any, calib_key: str | None) -> str:
@@ -189,8 +195,8 @@ def measure_tensor(source: ModelSource, name: str, cfg: Any, cache: Cache | None
     spec = registry.spec_of(cfg)
     if spec.needs_calibration and fit_stats is None:
         raise registry.CalibrationRequired(
-            f"method {spec.name!r} needs calibration statistics for {name}; capture them with "
-            "`python -m sahc_core calib` (or tick 'use calibration statistics' on the page).")
+            f"method {spec.name!r} needs calibration statistics for {name}; add --calib (captured once, then "
+            "cached) or tick 'use calibration statistics' on the page.")
     calib_key = getattr(calib, "key", None) if (fit_stats is not None or heldout is not None) else None
     key = _key(name, cfg, calib_key)
     if cache is not None:
