@@ -7,7 +7,8 @@ import torch
 
 import app_state
 from sahc_core.errors import SahcError
-from sahc_core.figures.spectrum import energy_figure, layer_heatmap, rank_error_figure, sigma_figure
+from sahc_core.figures.spectrum import (energy_figure, layer_heatmap, output_rank_figure, rank_error_figure,
+                                        sigma_figure)
 from sahc_core.spectra.scan import cached_scan, matrix_table, results_frame, scan
 from sahc_core.spectra.spectrum import tensor_spectrum
 
@@ -103,6 +104,30 @@ left.plotly_chart(sigma_figure(results), width="stretch", key="sp_fig_sigma")
 right.plotly_chart(sigma_figure(results, normalized=True), width="stretch", key="sp_fig_norm")
 left.plotly_chart(rank_error_figure(results), width="stretch", key="sp_fig_err")
 right.plotly_chart(energy_figure(results), width="stretch", key="sp_fig_energy")
+
+st.subheader("Low-rank where the data lives?")
+calib = app_state.calibration_ui(source, cache, key="sp_calib")
+if calib is not None:
+    from sahc_core.spectra.whitened import output_rank_curve
+
+    try:
+        curves = [output_rank_curve(source, r.tensor, calib, cache=cache) for r in results
+                  if calib.for_weight(r.tensor) is not None]
+    except (SahcError, ValueError) as exc:
+        app_state.show_error(exc)
+        curves = []
+    if curves:
+        st.plotly_chart(output_rank_figure(curves), width="stretch", key="sp_fig_output")
+        st.dataframe(pd.DataFrame([{"tensor": _short(c["tensor"]), **{f"weight r@{e}": c["min_rank"][e]
+                                                                      for e in c["min_rank"]},
+                                    **{f"output r@{e}": c["min_rank_output"][e] for e in c["min_rank_output"]}}
+                                   for c in curves]), hide_index=True, width="stretch")
+        st.caption(f"Output error on {curves[0]['n_tokens']:,} calibration tokens: the best rank-r output error "
+                   "is the EYM curve of W·S with S Sᵀ = XᵀX (SVD-LLM's whitening).")
+    else:
+        st.info("None of the selected tensors is a linear layer the model runs on calibration text.")
+else:
+    st.caption("Tick the box to compare each tensor's weight spectrum with its spectrum on real activations.")
 
 st.subheader("Statistics")
 stats = results_frame(results)

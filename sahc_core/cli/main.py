@@ -53,8 +53,17 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
 def cmd_spectrum(args: argparse.Namespace) -> dict:
     from sahc_core.spectra.spectrum import tensor_spectrum
 
-    return tensor_spectrum(_source(args), args.tensor, cache=_cache(args), device=args.device,
-                           adaptive_threads=True).to_json()
+    source = _source(args)
+    out = tensor_spectrum(source, args.tensor, cache=_cache(args), device=args.device, adaptive_threads=True).to_json()
+    calib = _calib(args, source)
+    if calib is not None:  # the rank-vs-OUTPUT-error curve on calibration activations (whitened EYM)
+        from sahc_core.spectra.whitened import output_rank_curve
+
+        curve = output_rank_curve(source, args.tensor, calib, cache=_cache(args), device=args.device)
+        out["output_rank_error"] = {"ranks": list(range(len(curve["output_error"]))),
+                                    "rel_error": curve["output_error"]}
+        out["min_rank_output"] = curve["min_rank_output"]
+    return out
 
 
 def cmd_scan(args: argparse.Namespace) -> dict:
@@ -217,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip the pre-quantized grid check (reads a sample of rows of every tensor; cached)")
     sp = add("spectrum", cmd_spectrum, "singular values, statistics and rank-vs-error curve of one tensor")
     sp.add_argument("--tensor", required=True)
+    sp.add_argument("--calib", action="store_true",
+                    help="also the rank-vs-output-error curve on calibration activations (whitened EYM)")
+    sp.add_argument("--corpus", help="calibration text for --calib (default: the Shakespeare calibration split)")
     sp = add("scan", cmd_scan, "spectrum statistics of every 2-D weight (resumable, cached)")
     sp.add_argument("--component", help="only this component (ffn, attention_full, ...)")
 

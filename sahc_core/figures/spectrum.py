@@ -99,3 +99,21 @@ def layer_heatmap(scan_df: pd.DataFrame, value: str, title: str, percent: bool =
                                colorscale="Viridis", colorbar=dict(title="%" if percent else ""),
                                hovertemplate="layer %{x} · %{y}<br>" + value + " = %{z:.3g}<extra></extra>"))
     return _layout(fig, title, "layer", "projection", height=max(240, 40 * len(grid.index) + 120))
+
+
+def output_rank_figure(curves: Sequence[dict]) -> go.Figure:
+    """Per tensor: the plain rank-vs-weight-error curve (solid) beside the whitened rank-vs-output-error
+    curve on calibration activations (dashed), from :func:`sahc_core.spectra.whitened.output_rank_curve`."""
+    fig = go.Figure()
+    for k, c in enumerate(curves):
+        color = _PALETTE[k % len(_PALETTE)]
+        w, o = np.asarray(c["weight_error"]), np.asarray(c["output_error"])
+        fig.add_trace(go.Scatter(x=np.arange(w.size), y=w, mode="lines", line=dict(color=color),
+                                 name=f"{_label(c['tensor'])}: weight error"))
+        fig.add_trace(go.Scatter(x=np.arange(o.size), y=o, mode="lines", line=dict(color=color, dash="dash"),
+                                 name=f"{_label(c['tensor'])}: output error (whitened)"))
+    for eps in ERROR_LEVELS:
+        fig.add_hline(y=eps, line_dash=_LEVEL_DASH[eps], line_color="grey", annotation_text=f"{eps:g}",
+                      annotation_position="right")
+    return _layout(fig, "Rank vs error: weights (EYM) and outputs on calibration activations (whitened EYM)",
+                   "rank r", "relative error")
