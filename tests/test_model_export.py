@@ -13,14 +13,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sahc_core.assemble import assemble, load_assembled, read_manifest
 from sahc_core.cache import Cache, to_json
 from sahc_core.errors import JobError, ModelError, SahcError
-from sahc_core.evaluate import PplConfig, load_model, perplexity
-from sahc_core.model_io import ModelSource
-from sahc_core.plan import CompressionPlan
+from sahc_core.evaluate.model import load_model
+from sahc_core.evaluate.perplexity import PplConfig, perplexity
+from sahc_core.io.source import ModelSource
+from sahc_core.methods.quant import QuantConfig, quantize, unpack_codes
+from sahc_core.plans.assemble import assemble, load_assembled, read_manifest
 from sahc_core.plans.export import ExportRefused, export_checkpoint, export_run
-from sahc_core.quant import QuantConfig, quantize, unpack_codes
+from sahc_core.plans.plan import CompressionPlan
 from tiny_models import TINY_TEXT
 
 PPL = PplConfig(window=32, device="cpu")

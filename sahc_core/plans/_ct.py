@@ -43,9 +43,9 @@ from collections import Counter
 import torch
 from torch import Tensor
 
-from sahc_core import methods
+from sahc_core.methods import registry as methods
 from sahc_core.plans.export import ExportJob, ExportRefused, ShardWriter, config_with_dtype, copy_model_files
-from sahc_core.quant import QuantConfig, QuantizedTensor, unpack_codes
+from sahc_core.methods.quant import QuantConfig, QuantizedTensor, unpack_codes
 
 FORMAT = "pack-quantized"
 _LOWRANK = ("svd", "tt")

@@ -16,7 +16,7 @@ int5 asym     Q5_1      ``d``, ``m = z``, 5-bit ``n = q``               ``d * n 
 Block bytes are laid out as ``gguf.quants`` writes them (low nibbles of weights 0-15, high nibbles of
 16-31; Q5 high bits little-endian in ``qh``) from the run's codes, not re-quantized. ggml and
 ``gguf.quants.dequantize`` (what transformers loads GGUF with) compute ``d * n (+ m)`` in float32,
-the product exactly, as :func:`sahc_core.quant.dequantize` does, so the weights match bit for bit.
+the product exactly, as :func:`sahc_core.methods.quant.dequantize` does, so the weights match bit for bit.
 Refused (naming the tensor and the setting): other bit widths (2, 3, 6, 7 have no GGML type with a
 plain fp16 scale), other group sizes (K-quants use 256-weight super-blocks with quantized sub-scales),
 int-k 1-D tensors, architectures other than llama, rope scaling. Kept 2-D tensors are written as
@@ -40,9 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sahc_core import methods
+from sahc_core.methods import registry as methods
 from sahc_core.plans.export import ExportJob, ExportRefused
-from sahc_core.quant import QuantizedTensor, unpack_codes
+from sahc_core.plans.plan import TIED
+from sahc_core.methods.quant import QuantizedTensor, unpack_codes
 
 FILE = "model.gguf"
 BLOCK = 32
@@ -60,7 +61,8 @@ def ggml_type(name: str, entry: dict) -> str:
         return ""  # SVD/TT: dense in the export dtype
     cfg = methods.config_from_dict(entry["config"])
     g = cfg.group_size or shape[-1]
-    what = f"int{cfg.bits} {cfg.scheme} with {'one group per row of ' + str(g) if cfg.group_size is None else f'groups of {g}'}"
+    groups = f"one group per row of {g}" if cfg.group_size is None else f"groups of {g}"
+    what = f"int{cfg.bits} {cfg.scheme} with {groups}"
     if len(shape) != 2:
         raise ExportRefused(f"GGUF cannot store {name} exactly: it is a {len(shape)}-D int-k tensor; keep it in "
                             "16-bit in the plan (llama.cpp keeps 1-D tensors in float) or export as 'dense'.")
@@ -124,7 +126,7 @@ def _names(job: ExportJob) -> dict[str, str]:
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, _hparams(job)["layers"])
     out = {}
     for name, e in job.tensors.items():
-        if e["method"] == "tied":
+        if e["method"] == TIED:
             continue
         g = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if g is None:
@@ -140,7 +142,7 @@ def check(job: ExportJob) -> None:
                             f"metadata), and {job.model_dir} is {job.architecture!r}; export as 'dense'.")
     _names(job)
     for name, e in job.tensors.items():
-        if e["method"] != "tied":
+        if e["method"] != TIED:
             ggml_type(name, e)
 
 

@@ -1,7 +1,7 @@
 """Export an assembled run checkpoint as a dense Hugging Face model, a compressed-tensors model or GGUF.
 
 Not to be confused with ``sahc_core.export`` (the REPORT export). Input: the run's assembled
-directory (``manifest.json`` + ``compressed-*.safetensors``, :mod:`sahc_core.assemble`) and the
+directory (``manifest.json`` + ``compressed-*.safetensors``, :mod:`sahc_core.plans.assemble`) and the
 original model directory it was assembled from (config, tokenizer; checked by fingerprint). Output:
 an ordinary model directory that loads with ``transformers`` alone.
 
@@ -12,7 +12,7 @@ Formats (``fmt``):
   ``model.safetensors`` or ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``
   (a shard is closed before it would pass ``shard_bytes``, default :data:`SHARD_BYTES` = 5 GB, the
   Hugging Face Hub's long-standing ``max_shard_size``). ``dtype="float32"`` loads bit for bit as
-  :func:`sahc_core.assemble.load_assembled` returns the weights.
+  :func:`sahc_core.plans.assemble.load_assembled` returns the weights.
 - ``"compressed-tensors"``: int-k tensors keep the run's codes and fp16 scales (pack-quantized,
   sym only); see :mod:`sahc_core.plans._ct` for the decisions (asym refused, embeddings and SVD/TT
   dense) and the exact-load conditions.
@@ -45,14 +45,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from sahc_core.assemble import MANIFEST, iter_assembled, read_manifest
+from sahc_core.plans.assemble import MANIFEST, iter_assembled, read_manifest
+from sahc_core.plans.plan import TIED
 from sahc_core.errors import JobError, ModelError, SahcError
 
 ExportFormat = Literal["compressed-tensors", "dense", "gguf"]
 #: Largest dense/compressed-tensors shard: the Hugging Face Hub's long-standing ``max_shard_size``.
 SHARD_BYTES = 5 * 10**9
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_TIED = "tied"  # sahc_core.plan.TIED, the manifest's method of a tied alias
 #: Files of the model directory that are weights (never copied) or describe weights that are not exported.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack")
 _NOT_COPIED = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "sahc_conversion.json"}
@@ -85,7 +85,7 @@ class ExportJob:
 
     def aliases(self) -> dict[str, str]:
         """``{tied alias: the tensor it is tied to}`` (a tied LM head the source stored)."""
-        return {n: e["tied_to"] for n, e in self.tensors.items() if e["method"] == _TIED}
+        return {n: e["tied_to"] for n, e in self.tensors.items() if e["method"] == TIED}
 
     def items(self) -> Iterator[tuple[str, dict, Any]]:
         """``(name, entry, compressed)`` of every tensor the source stored; tied aliases come last,
@@ -179,7 +179,7 @@ def export_checkpoint(run_dir_or_manifest_dir: str | Path, model_dir: str | Path
 
 
 def _job(run_dir: Path, model_dir: Path, dtype: str, shard_bytes: int, progress) -> ExportJob:
-    from sahc_core.model_io import ModelSource
+    from sahc_core.io.source import ModelSource
 
     manifest = read_manifest(run_dir)
     source = ModelSource.open(model_dir)
@@ -355,7 +355,7 @@ def export_run(cache, run_id: str, out_dir: str | Path, fmt: ExportFormat, *, mo
     re-create them). ``model_dir`` defaults to the run's model. The result adds ``run_id``,
     ``run_bytes_actual``, ``run_ppl`` and ``run_protocol`` (the run's own numbers).
     """
-    from sahc_core.jobs import ACTIVE, jobs_dir, run_files, run_status
+    from sahc_core.runs.jobs import ACTIVE, jobs_dir, run_files, run_status
 
     row = run_status(cache, run_id)
     status = row["status"]
