@@ -172,6 +172,17 @@ def test_refusals_write_nothing(runs, model_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g64", "keep"]
 
 
+def test_compressed_tensors_writes_an_asym_embedding_dense(model_dir, tmp_path):
+    """asym is refused only where it would be packed: an asym int8 embedding is written dense anyway."""
+    d = SYM.to_dict()
+    plan = CompressionPlan.from_dict({**d, "components": {"embedding": {"method": "int", "bits": 8, "group_size": None,
+                                                                        "scheme": "asym"}}})
+    run = assemble(ModelSource.open(model_dir), plan, tmp_path / "r")["out_dir"]
+    res = export_checkpoint(run, model_dir, tmp_path / "ct", "compressed-tensors", dtype="float32")
+    assert list(res["dense_fallback"]) == ["model.embed_tokens.weight"] and len(res["packed"]) == 14
+    assert _differing(_load(Path(res["out"])), load_assembled(run)) == []
+
+
 def test_gguf_refuses_other_architectures(tiny_qwen35_dir, tmp_path):
     keep = CompressionPlan.from_dict({"name": "k", "default": {"method": "keep"}})
     run = assemble(ModelSource.open(tiny_qwen35_dir), keep, tmp_path / "q", device="cpu")["out_dir"]
@@ -239,6 +250,20 @@ def test_gguf_every_exact_type_loads_bit_for_bit(runs, model_dir, tmp_path):
     assert model.config.tie_word_embeddings and _differing(model, ref) == []  # q/k rows un-permuted exactly
     assert _ppl(model, out) == _reference_ppl(model_dir, run)
     assert res["bytes_weights"] < res["bytes_run"]
+
+
+def test_gguf_stores_svd_and_tt_dense(runs, model_dir, tmp_path):
+    plan = CompressionPlan.from_dict({**MIXED.to_dict(), "overrides": [NORMS]})
+    run = assemble(ModelSource.open(model_dir), plan, tmp_path / "m")["out_dir"]
+    seen = []
+    res = export_checkpoint(Path(run) / "manifest.json", model_dir, tmp_path / "g", "gguf",
+                            progress=lambda d, t, n: seen.append((d, t)))
+    assert res["ggml_types"] == {"Q4_0": 8, "BF16": 7, "F32": 5} and seen[-1] == (20, 20) and len(seen) == 20
+    assert any("SVD/TT" in n for n in res["notes"])
+    f32, bf16 = load_assembled(run), load_assembled(run, dtype=torch.bfloat16)
+    lowrank = {n for n, e in read_manifest(run)["tensors"].items() if e["method"] in ("svd", "tt")}
+    ref = {n: bf16[n] if n in lowrank else t for n, t in f32.items()}
+    assert _differing(_load(Path(res["out"]), gguf_file="model.gguf"), ref) == []
 
 
 def test_existing_output_force_and_protected_paths(runs, model_dir, tiny_qwen35_dir, tmp_path):

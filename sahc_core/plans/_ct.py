@@ -11,9 +11,10 @@ gets the ``quantization_config`` from ``ModelCompressor.update_config``.
 
 Decisions (compressed-tensors 0.20.1, transformers 5.24):
 
-- **asym is refused.** Our asym stores an fp16 *float* zero ``z`` (``ŵ = q·s + z``); compressed-tensors
-  dequantizes ``(q - zp)·s`` with an *integer* zero point (``zp_dtype`` int8; pack-quantized packs it
-  with ``pack_to_int32``, which raises for any non-int8 tensor). ``zp = -z/s`` is an integer in only
+- **asym is refused** for every tensor that would be packed (an asym tensor written dense anyway,
+  e.g. an embedding, is written dense). Our asym stores an fp16 *float* zero ``z`` (``ŵ = q·s + z``);
+  compressed-tensors dequantizes ``(q - zp)·s`` with an *integer* zero point (``zp_dtype`` int8;
+  pack-quantized packs it with ``pack_to_int32``, which raises for any non-int8 tensor). ``zp = -z/s`` is an integer in only
   0.3-0.5 % of the groups of SmolLM2's layer-0 ``down_proj``; even a float zero point (possible only
   unpacked, ``naive-quantized``) gives ``fl(fl(q + z/s)·s) != fl(q·s + z)`` for 60-75 % of the
   weights (float32 ``zp``; 20-23 % with float64). The refusal names ``"scheme": "sym"``.
@@ -105,25 +106,28 @@ def _module_kinds(job: ExportJob) -> tuple[str, dict[str, str]]:
     return type(model).__name__, {f"{n}.weight": type(m).__name__ for n, m in model.named_modules() if n}
 
 
-def _plan_configs(job: ExportJob) -> dict[str, QuantConfig]:
-    return {n: methods.config_from_dict(e["config"]) for n, e in job.tensors.items() if e["method"] == "int"}
+def _packable(name: str, entry: dict, kinds: dict[str, str]) -> bool:
+    """Only the 2-D weight of an ``nn.Linear`` is packed (see the module docstring)."""
+    return entry["method"] == "int" and kinds.get(name) == "Linear" and len(entry["shape"]) == 2
 
 
 def check(job: ExportJob) -> None:
-    """Refuse asym int tensors and a plan with no int-k ``nn.Linear`` weight to pack."""
-    cfgs = _plan_configs(job)
-    asym = sorted(n for n, c in cfgs.items() if c.scheme == "asym")
-    if asym:
-        c = cfgs[asym[0]]
-        raise ExportRefused(
-            f"compressed-tensors cannot store {asym[0]} exactly (and {len(asym) - 1} more asym tensors): the plan "
-            f"quantizes it int{c.bits} asym with an fp16 float zero point (w = q*s + z) while compressed-tensors "
-            "stores integer zero points (w = (q - zp)*s); re-run the plan with \"scheme\": \"sym\" for an exact "
-            "compressed-tensors export, or export it as 'dense'.")
+    """Refuse a plan with no int-k ``nn.Linear`` weight to pack, and asym int tensors that would be packed."""
     _, kinds = _module_kinds(job)
-    if not any(kinds.get(n) == "Linear" and len(job.tensors[n]["shape"]) == 2 for n in cfgs):
+    packable = sorted(n for n, e in job.tensors.items() if _packable(n, e, kinds))
+    if not packable:
         raise ExportRefused("the plan quantizes no nn.Linear weight, so a compressed-tensors export would hold "
                             "no packed tensor; export it as 'dense' instead.")
+    cfgs = {n: methods.config_from_dict(job.tensors[n]["config"]) for n in packable}
+    asym = [n for n in packable if cfgs[n].scheme == "asym"]
+    if asym:
+        c = cfgs[asym[0]]
+        more = f" (and {len(asym) - 1} more asym tensors)" if len(asym) > 1 else ""
+        raise ExportRefused(
+            f"compressed-tensors cannot store {asym[0]} exactly{more}: the plan quantizes it int{c.bits} asym with "
+            "an fp16 float zero point (w = q*s + z) while compressed-tensors stores integer zero points "
+            "(w = (q - zp)*s); re-run the plan with \"scheme\": \"sym\" for an exact compressed-tensors export, "
+            "or export it as 'dense'.")
 
 
 def _fallback_reason(name: str, entry: dict, kinds: dict[str, str], cls: str) -> str:
@@ -149,8 +153,7 @@ def write(job: ExportJob, tmp) -> dict:
     extra = Counter()  # bytes beyond the run's checkpoint, by cause
     for name, e, c in job.items():
         target = aliases.get(name, name)
-        linear = kinds.get(name) == "Linear" and len(e["shape"]) == 2
-        if e["method"] == "int" and linear and (target == name or target in packed):
+        if _packable(name, e, kinds) and (target == name or target in packed):
             state = pack_tensor(c)
             module = name.removesuffix(".weight")
             for key, t in state.items():
@@ -183,9 +186,9 @@ def write(job: ExportJob, tmp) -> dict:
 def _notes(job: ExportJob, groups: dict, fallback: dict[str, str], overhead: dict) -> list[str]:
     kinds = ", ".join(f"int{b} {'per-row' if not g else f'g{g}'} ({len(m)})" for (b, g), m in sorted(groups.items()))
     notes = [f"{sum(len(m) for m in groups.values())} int tensors are stored {FORMAT} with the run's codes and fp16 "
-             f"scales: {kinds}; every packed row is padded to whole int32 words "
-             f"({overhead['packing_padding_bytes']} bytes) and carries an int64 weight_shape "
-             f"({overhead['weight_shape_bytes']} bytes)."]
+             f"scales: {kinds}; each packed row is padded to whole int32 words "
+             f"({overhead['packing_padding_bytes']} bytes in all) and each packed tensor carries an int64 "
+             f"weight_shape ({overhead['weight_shape_bytes']} bytes in all)."]
     by_reason: dict[str, list[str]] = {}
     for name, reason in fallback.items():
         by_reason.setdefault(reason, []).append(name)

@@ -177,6 +177,7 @@ def write(job: ExportJob, tmp: Path) -> dict:
     writer.add_rope_freq_base(hp["theta"])
     writer.add_layer_norm_rms_eps(hp["eps"])
     writer.add_vocab_size(hp["vocab"])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     notes = [_tokenizer(writer, job.model_dir, hp["vocab"])]
     types: dict[str, int] = {}
     for name, e, c in job.items():

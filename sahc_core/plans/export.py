@@ -112,7 +112,7 @@ class ExportJob:
 
 @dataclass(frozen=True)
 class _Format:
-    check: Callable[[ExportJob], None]        # refuse before anything is written (manifest only)
+    check: Callable[[ExportJob], None]        # refuse before anything is written (no tensor data read)
     write: Callable[[ExportJob, Path], dict]  # write into the staging directory; notes and counts
 
 
@@ -125,7 +125,7 @@ def export_checkpoint(run_dir_or_manifest_dir: str | Path, model_dir: str | Path
     Parameters
     ----------
     run_dir_or_manifest_dir : str or Path
-        The assembled directory (holds ``manifest.json``).
+        The assembled directory (holds ``manifest.json``), or that ``manifest.json`` itself.
     model_dir : str or Path
         The original model it was assembled from (its fingerprint must match the manifest's).
     out_dir : str or Path
@@ -162,8 +162,9 @@ def export_checkpoint(run_dir_or_manifest_dir: str | Path, model_dir: str | Path
     if shard_bytes <= 0:
         raise ValueError(f"shard_bytes must be positive, got {shard_bytes}.")
     t0 = time.perf_counter()
-    job = _job(Path(run_dir_or_manifest_dir).expanduser().resolve(), Path(model_dir).expanduser().resolve(),
-               dtype, shard_bytes, progress)
+    run = Path(run_dir_or_manifest_dir).expanduser().resolve()
+    run = run.parent if run.name == MANIFEST and run.is_file() else run
+    job = _job(run, Path(model_dir).expanduser().resolve(), dtype, shard_bytes, progress)
     out = _check_out(Path(out_dir).expanduser().resolve(), force, (job.run_dir, job.model_dir))
     spec = _LOADERS[fmt]()
     spec.check(job)
@@ -347,7 +348,8 @@ FORMATS: tuple[str, ...] = tuple(_LOADERS)
 
 
 def export_run(cache, run_id: str, out_dir: str | Path, fmt: ExportFormat, *, model_dir: str | Path | None = None,
-               **kwargs: Any) -> dict:
+               dtype: str = "bfloat16", force: bool = False, progress: Callable[[int, int, str], None] | None = None,
+               shard_bytes: int = SHARD_BYTES) -> dict:
     """Export the checkpoint of a finished run (looked up with ``jobs.run_status``) with :func:`export_checkpoint`.
 
     Refuses (``JobError``): an unknown run, a run still queued/running, a failed or cancelled run,
@@ -375,6 +377,7 @@ def export_run(cache, run_id: str, out_dir: str | Path, fmt: ExportFormat, *, mo
                        f"again (python -m sahc_core run --plan {plan} --model {model}) and export the new run.")
     if not model:
         raise JobError(f"run {run_id} records no model directory; pass model_dir (the model it was run on).")
-    res = export_checkpoint(path, model, out_dir, fmt, **kwargs)
+    res = export_checkpoint(path, model, out_dir, fmt, dtype=dtype, force=force, progress=progress,
+                            shard_bytes=shard_bytes)
     return {**res, "run_id": run_id, "run_bytes_actual": result.get("bytes_actual"), "run_ppl": result.get("ppl"),
             "run_protocol": result.get("protocol")}
