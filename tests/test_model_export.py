@@ -327,3 +327,28 @@ def test_export_run_checks_the_run_row(runs, model_dir, tmp_path):
     with pytest.raises(JobError, match=r"were deleted; re-create them .*python -m sahc_core run --plan"):
         export_run(cache, "gone", tmp_path / "x", "dense")
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_export_of_a_run_and_its_refusals(runs, model_dir, tmp_path, capsys):
+    """`python -m sahc_core export --run ID --format F --out DIR --json`: the dense export in the run's own
+    dtype (auto = float32 here) loads with transformers and equals the assembled weights; a non-empty
+    output directory is refused with exit 2 unless --force; an asym plan is refused for compressed-tensors."""
+    import json
+
+    from sahc_core.cli.main import main
+    from sahc_core.plans.assemble import load_assembled
+
+    cache = Cache(tmp_path / "c.duckdb")
+    ok = {"out_dir": str(runs["sym"]), "model_path": str(model_dir), "bytes_actual": 1, "ppl": 2.0,
+          "protocol": {"dtype": "float32"}}
+    cache.execute("INSERT INTO runs (run_id, status, result, model_path) VALUES ('r1', 'done', ?, ?)",
+                  [to_json(ok), str(model_dir)])
+    argv = ["export", "--run", "r1", "--format", "dense", "--out", str(tmp_path / "d"), "--cache", str(cache.path),
+            "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["format"] == "dense" and out["dtype"] == "float32" and out["bytes"] > 0
+    ref = load_assembled(runs["sym"])
+    assert _differing(_load(Path(out["out"])), ref) == []
+    assert main(argv) == 2 and "not empty" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0

@@ -159,6 +159,18 @@ def cmd_calib(args: argparse.Namespace) -> dict:
             "created_at": meta["created_at"], "cached": meta["created_at"] < started, "text_sha256": meta["text_sha256"]}
 
 
+def cmd_export(args: argparse.Namespace) -> dict:
+    from sahc_core.cache import Cache
+    from sahc_core.plans.export import export_run
+
+    update, close = _tqdm_progress(f"export {args.format}", "tensor")
+    try:
+        return export_run(Cache(args.cache), args.run, args.out, args.format, dtype=args.dtype, force=args.force,
+                          progress=update, model_dir=args.model)
+    finally:
+        close()
+
+
 def cmd_plan(args: argparse.Namespace) -> dict:
     from sahc_core.plans.plan import CompressionPlan, project
 
@@ -269,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--window", type=int, help="tokens per window (default min(2048, model max))")
     sp.add_argument("--corpus", help="text file or directory (its calibration text; default: Shakespeare calib split)")
 
+    sp = add("export", cmd_export, "export a finished run's checkpoint as compressed-tensors, a dense HF model or GGUF")
+    sp.add_argument("--run", required=True, metavar="RUN_ID")
+    sp.add_argument("--format", required=True, choices=["compressed-tensors", "dense", "gguf"])
+    sp.add_argument("--out", required=True, help="output directory (refused when not empty, unless --force)")
+    sp.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                    help="dtype of 16-bit/dense tensors (auto: the dtype the run's perplexity was measured in)")
+    sp.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     sp = add("plan", cmd_plan, "projected bytes and ratio of a plan file")
     sp.add_argument("--plan", required=True)
     sp.add_argument("--tensors", action="store_true", help="include the per-tensor table")

@@ -5,4 +5,5 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "plan": ("CompressionPlan", "Override", "resolve", "summarize", "project", "embedding_wall", "example_plans",
              "load_plans", "save_plan"),
     "assemble": ("read_manifest", "iter_assembled", "load_assembled"),
+    "export": ("export_checkpoint", "export_run", "ExportRefused"),
 })
