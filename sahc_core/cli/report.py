@@ -29,7 +29,10 @@ def cmd_report(args: argparse.Namespace) -> dict:
         if args.study:
             from sahc_core.report.study import reproduce_study
 
-            study = reproduce_study(source, cache=cache, device=args.device, progress=update, with_tt=not args.no_tt)
+            from sahc_core.cli.common import _calib
+
+            study = reproduce_study(source, cache=cache, device=args.device, progress=update, with_tt=not args.no_tt,
+                                    calib=_calib(args, source))
     finally:
         close()
     audit = audit_log(cache, model_fp=source.fingerprint) if cache is not None else None
@@ -49,6 +52,8 @@ def add_report_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     sp.add_argument("--out", required=True, help="output folder (created): report.html, tables/, figures/")
     sp.add_argument("--study", action="store_true", help="also reproduce the reference study's tables")
     sp.add_argument("--no-tt", action="store_true", help="skip the Tensor-Train sweep in the study tables")
+    sp.add_argument("--calib", action="store_true", help="add GPTQ and whitened-SVD columns and output errors to the "
+                    "study tables (calibration statistics captured once, then cached)")
     sp.add_argument("--no-images", action="store_true", help="skip PNG/SVG export (needs Chromium)")
     sp.add_argument("--target-ratio", type=float, default=5.0, help="total ratio for the embedding wall (default 5)")
     sp.add_argument("--tensor", action="append", help="tensor for the Pareto section (repeatable; default: the "

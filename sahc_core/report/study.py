@@ -83,12 +83,41 @@ def summarize_svd(rows: pd.DataFrame) -> pd.DataFrame:
     """Aggregate per-tensor SVD+int4 / int4 measurements into the study's summary (metric per column).
 
     ``rows``: one row per FFN tensor with layer, svd_ratio, svd_bytes, orig_bytes, trunc_error,
-    total_error, eym_error, int4_bytes, int4_error.
+    total_error, eym_error, int4_bytes, int4_error; with calibration statistics also the whitened SVD
+    and GPTQ columns (``wsvd_*``, ``gptq4_*``) and the output errors, which add two columns and two rows.
     """
     worse = rows["total_error"] >= 1.0
     layers = rows["layer"].nunique()
     bad_layers = rows.loc[worse, "layer"].nunique()
     int_worse = rows["int4_error"] >= 1.0
+    base = _summary_rows(rows, worse, int_worse, layers, bad_layers)
+    if "wsvd_error" not in rows:
+        return base
+    w_worse, g_worse = rows["wsvd_error"] >= 1.0, rows["gptq4_error"] >= 1.0
+    twin = pd.DataFrame([
+        {"whitened SVD + int4": rows["orig_bytes"].sum() / rows["wsvd_bytes"].sum(),
+         "GPTQ int4": rows["orig_bytes"].sum() / rows["gptq4_bytes"].sum()},
+        {"whitened SVD + int4": None, "GPTQ int4": 0.0},
+        {"whitened SVD + int4": None, "GPTQ int4": 0.0},
+        {"whitened SVD + int4": rows["wsvd_error"].mean(), "GPTQ int4": rows["gptq4_error"].mean()},
+        {"whitened SVD + int4": f"{int(w_worse.sum())} of {len(rows)}", "GPTQ int4": f"{int(g_worse.sum())} of {len(rows)}"},
+        {"whitened SVD + int4": f"{rows.loc[w_worse, 'layer'].nunique()} of {layers}",
+         "GPTQ int4": f"{rows.loc[g_worse, 'layer'].nunique()} of {layers}"},
+    ])
+    out = pd.concat([base, twin], axis=1)
+    extra = pd.DataFrame([
+        {"metric": "mean output error (held-out calibration tokens)", "SVD + int4": rows["svd_output_error"].mean(),
+         "direct int4": rows["int4_output_error"].mean(), "whitened SVD + int4": rows["wsvd_output_error"].mean(),
+         "GPTQ int4": rows["gptq4_output_error"].mean()},
+        {"metric": "tensors where the calibration-aware twin has the lower output error", "SVD + int4": "",
+         "direct int4": "", "whitened SVD + int4": f"{int((rows['wsvd_output_error'] < rows['svd_output_error']).sum())} "
+                                                     f"of {len(rows)} (vs SVD)",
+         "GPTQ int4": f"{int((rows['gptq4_output_error'] < rows['int4_output_error']).sum())} of {len(rows)} (vs int4)"},
+    ])
+    return pd.concat([out, extra], ignore_index=True)
+
+
+def _summary_rows(rows, worse, int_worse, layers, bad_layers) -> pd.DataFrame:
     return pd.DataFrame([
         {"metric": "compression ratio (projected)", "SVD + int4": rows["orig_bytes"].sum() / rows["svd_bytes"].sum(),
          "direct int4": rows["orig_bytes"].sum() / rows["int4_bytes"].sum()},
@@ -102,24 +131,39 @@ def summarize_svd(rows: pd.DataFrame) -> pd.DataFrame:
     ])
 
 
-def _svd_rows(source, table, cache, device, progress) -> pd.DataFrame:
+def _svd_rows(source, table, cache, device, progress, calib=None) -> pd.DataFrame:
+    """Per FFN tensor: SVD + int4 factors and direct int4 (the study's pair), and with calibration
+    statistics also their calibration-aware twins at the same bytes (whitened SVD, GPTQ) and every
+    setting's output error on held-out calibration tokens."""
+    from sahc_core.methods.gptq import GPTQConfig
     from sahc_core.methods.lowrank import SVDConfig
     from sahc_core.methods.quant import QuantConfig
+    from sahc_core.methods.wsvd import WSVDConfig
     from sahc_core.whatif.measure import measure_tensor
+    from sahc_core.workspace import Workspace
 
     ffn = table[(table["component"] == "ffn") & table["shape"].map(len).eq(2)]
     svd_cfg = SVDConfig(rank_fraction=SVD_RANK_FRACTION, bits=4, group_size=None)
     int_cfg = QuantConfig(bits=4, group_size=None)
-    rows = []
+    twins = {"wsvd": WSVDConfig(rank_fraction=SVD_RANK_FRACTION, bits=4, group_size=None),
+             "gptq4": GPTQConfig(bits=4, group_size=None)}
+    ws, rows = Workspace(), []
     for i, rec in enumerate(ffn.itertuples()):
         if progress:
             progress(i, len(ffn), f"SVD + int4 on {rec.name}")
-        sv = measure_tensor(source, rec.name, svd_cfg, cache=cache, device=device)
-        iq = measure_tensor(source, rec.name, int_cfg, cache=cache, device=device)
-        rows.append({"tensor": rec.name, "layer": rec.layer, "kind": rec.kind, "rank": sv.get("rank"),
-                     "orig_bytes": 2 * math.prod(rec.shape), "svd_bytes": sv["bytes"], "svd_ratio": sv["ratio"],
-                     "trunc_error": sv["trunc_error"], "eym_error": sv["eym_error"], "total_error": sv["rel_error"],
-                     "int4_bytes": iq["bytes"], "int4_error": iq["rel_error"]})
+        sv = measure_tensor(source, rec.name, svd_cfg, cache=cache, device=device, workspace=ws, calib=calib)
+        iq = measure_tensor(source, rec.name, int_cfg, cache=cache, device=device, workspace=ws, calib=calib)
+        row = {"tensor": rec.name, "layer": rec.layer, "kind": rec.kind, "rank": sv.get("rank"),
+               "orig_bytes": 2 * math.prod(rec.shape), "svd_bytes": sv["bytes"], "svd_ratio": sv["ratio"],
+               "trunc_error": sv["trunc_error"], "eym_error": sv["eym_error"], "total_error": sv["rel_error"],
+               "int4_bytes": iq["bytes"], "int4_error": iq["rel_error"]}
+        if calib is not None:
+            row.update(svd_output_error=sv.get("output_error"), int4_output_error=iq.get("output_error"))
+            for tag, cfg in twins.items():
+                m = measure_tensor(source, rec.name, cfg, cache=cache, device=device, workspace=ws, calib=calib)
+                row.update({f"{tag}_bytes": m["bytes"], f"{tag}_error": m["rel_error"],
+                            f"{tag}_output_error": m.get("output_error")})
+        rows.append(row)
     if progress:
         progress(len(ffn), len(ffn), "SVD + int4 done")
     return pd.DataFrame(rows)
@@ -172,8 +216,13 @@ def architecture_share_rows(table: pd.DataFrame) -> list[dict]:
 
 
 def reproduce_study(source, cache=None, device: str = "auto", progress: Progress | None = None,
-                    with_tt: bool = True) -> StudyTables:
-    """Compute (or read from the cache) the study's tables for ``source``; see the module docstring."""
+                    with_tt: bool = True, calib=None) -> StudyTables:
+    """Compute (or read from the cache) the study's tables for ``source``; see the module docstring.
+
+    With calibration statistics (``calib``), the SVD tables gain the calibration-aware columns the
+    study did not run: whitened SVD (SVD-LLM) beside SVD and GPTQ beside int4, at the same bytes, and
+    every setting's output error on held-out calibration tokens.
+    """
     from sahc_core.io.components import tensor_table
     from sahc_core.spectra.spectrum import min_rank, tensor_spectrum
 
@@ -209,12 +258,14 @@ def reproduce_study(source, cache=None, device: str = "auto", progress: Progress
         t["Minimum rank for SVD error < 0.10"] = pd.DataFrame(rows)
         n["Minimum rank for SVD error < 0.10"] = "Eckart–Young–Mirsky: smallest r with sqrt(Σ_{i>r} σ_i² / Σ σ_i²) ≤ 0.10."
 
-        per = _svd_rows(source, table, cache, device, progress)
+        per = _svd_rows(source, table, cache, device, progress, calib)
         title = "SVD rank 1/8 of full (the study's r512) + int4 factors, over FFN tensors"
         t[title] = summarize_svd(per).round(4)
         t["SVD + int4 per FFN tensor"] = per.round(5)
         n[title] = (f"{len(per)} FFN tensors, rank {SVD_RANK_FRACTION:g} of each tensor's full rank, factors int4 "
-                    "one scale per row; a zero matrix has error 1.0, so error ≥ 1.0 is worse than deleting the tensor.")
+                    "one scale per row; a zero matrix has error 1.0, so error ≥ 1.0 is worse than deleting the tensor."
+                    + ("" if calib is None else f" Output errors on {calib.meta['heldout_tokens']:,} held-out "
+                       "calibration tokens; whitened SVD and GPTQ use the fitting split's XᵀX."))
 
     emb = embedding_tensor(table)
     if with_tt and emb is not None:
