@@ -265,8 +265,10 @@ def test_eigvalsh_threads_follow_size_and_machine_load(monkeypatch, n, idle, thr
     real = sp._cpu_threads
     monkeypatch.setattr(sp, "_cpu_threads", lambda k: used.append(k) or real(k))
     A = torch.randn(n + 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
-    lam = sp._eigvalsh(A.T @ A)
+    lam = sp._eigvalsh(A.T @ A, adaptive_threads=True)
     assert used == [threads]
+    used.clear()
+    assert torch.equal(sp._eigvalsh(A.T @ A), lam) and used == [None]  # without the opt-in: threads untouched
     assert np.allclose(lam.numpy(), np.linalg.eigvalsh((A.T @ A).numpy()), rtol=1e-10, atol=1e-9)
 
 

@@ -190,8 +190,9 @@ def test_pareto_grid_and_frontier(source):
     done = []
     df = sweeps.pareto(source, Q, progress=lambda i, n: done.append((i, n)))
     assert done[-1] == (len(df), len(df))
-    assert set(df.method) == {"keep", "int", "svd"}  # TT only for the embedding
+    assert set(df.method) == {"keep", "int", "hqq", "svd"}  # TT only for the embedding; no gptq/wsvd without stats
     assert len(df[df.method == "int"]) == 7 * 3  # bits 2..8 x groups 32, 64, per row (128 does not divide 64)
+    assert len(df[df.method == "hqq"]) == 4 * 3  # bits 2, 3, 4, 8 x the same groups
     front = df[df.frontier]
     for _, p in front.iterrows():  # nothing strictly better on both axes
         assert not ((df.bytes <= p.bytes) & (df.rel_error < p.rel_error)).any()

@@ -39,7 +39,12 @@ _INDEX_TOL = 1e-3
 
 
 def _block_bits(x: torch.Tensor, max_bits: int) -> torch.Tensor:
-    """Per block (rows of ``x``, float64): the grid width in bits, or ``max_bits + 1`` when off-grid."""
+    """Per block (rows of ``x``, float64): the grid width in bits, or ``max_bits + 1`` when off-grid.
+
+    The grid step is the smallest gap between distinct values divided by k = 1..8: a few values drawn
+    from a fine grid can have a smallest gap of several steps (gaps 2Δ and 3Δ: the step is their gcd,
+    Δ), and the first k that puts every value on the grid within ``2^max_bits`` levels wins.
+    """
     v, _ = torch.sort(x, dim=1)
     gaps = v[:, 1:] - v[:, :-1]
     scale = v.abs().amax(dim=1).clamp_min(1e-30)
@@ -47,12 +52,15 @@ def _block_bits(x: torch.Tensor, max_bits: int) -> torch.Tensor:
     big = torch.where(distinct, gaps, torch.full_like(gaps, math.inf))
     step = big.amin(dim=1)                            # smallest gap between distinct values
     flat = torch.isinf(step)                          # a constant block: any grid holds it
-    idx = (v - v[:, :1]) / torch.where(flat, torch.ones_like(step), step)[:, None]
-    on_grid = ((idx - idx.round()).abs() <= _INDEX_TOL).all(dim=1)
-    levels = idx[:, -1].round() + 1
-    bits = torch.ceil(torch.log2(levels.clamp_min(1)))
-    bits = torch.where(flat, torch.zeros_like(bits), bits)
-    return torch.where(on_grid, bits, torch.full_like(bits, max_bits + 1))
+    step = torch.where(flat, torch.ones_like(step), step)
+    bits = torch.full_like(step, max_bits + 1)
+    for k in range(8, 0, -1):  # the smallest k that works ends up in bits (written last)
+        idx = (v - v[:, :1]) * (k / step)[:, None]
+        on_grid = ((idx - idx.round()).abs() <= _INDEX_TOL).all(dim=1)
+        levels = idx[:, -1].round() + 1
+        b_k = torch.ceil(torch.log2(levels.clamp_min(1)))
+        bits = torch.where(on_grid & (b_k <= max_bits), b_k, bits)
+    return torch.where(flat, torch.zeros_like(bits), bits)
 
 
 def detect_grid(W: torch.Tensor, max_bits: int = 8, blocks: tuple[int, ...] = BLOCKS) -> dict | None:
@@ -77,6 +85,15 @@ def detect_grid(W: torch.Tensor, max_bits: int = 8, blocks: tuple[int, ...] = BL
     n = int(W.shape[-1])
     x = W.detach().reshape(-1, n).to(torch.float64)
     if not torch.isfinite(x).all():
+        return None
+    # Quick refusal: a grid per block of b is also a grid on every sub-block, so if a small sample of
+    # the smallest blocks is off-grid, no block size can pass (an ordinary tensor costs one tiny sort).
+    smallest = min((b for b in blocks if n % b == 0 and b <= n), default=None)
+    if smallest is None:
+        return None
+    quick = x.reshape(-1, smallest)
+    quick = quick[torch.linspace(0, quick.shape[0] - 1, min(64, quick.shape[0])).long()]
+    if float((_block_bits(quick, max_bits) <= max_bits).double().mean()) < 0.9:
         return None
     for b in blocks:
         if n % b or b > n:
