@@ -15,7 +15,8 @@ full-size embedding (248,320 x 4,096), FFN, vision tower and MTP head, but ``--l
 
 ``gram64-*`` / ``gram32-*`` run ``sahc_core.spectra._blocked.spectrum_blocked`` (float64 / float32
 block products) in a child the same way; ``comparisons`` gives max |Δσ| / σ_max between any two of
-gram64, gram32 and the ``spectrum`` command for the same tensor that ran in this invocation.
+gram64, gram32 and the ``spectrum`` command for the same tensor (σ are kept in ``<dir>-spectra/``
+across invocations, per checkpoint fingerprint).
 Prints ONE JSON object on stdout (progress on stderr); ``--out FILE`` also merges it into FILE.
 
     .venv/bin/python bench/scale.py --list
@@ -50,8 +51,8 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def commands(model: Path, work: Path, block_bytes: int) -> dict[str, list[str]]:
-    """Every measurable command: name -> argv of the child (without ``nice``)."""
+def commands(model: Path, spectra: Path, block_bytes: int) -> dict[str, list[str]]:
+    """Every measurable command: name -> argv of the child (without ``nice``); gram children save σ in ``spectra``."""
     cli = [sys.executable, "-m", "sahc_core"]
     common = ["--model", str(model), "--json", "--no-cache", "--device", "cpu"]
     out: dict[str, list[str]] = {
@@ -71,7 +72,7 @@ def commands(model: Path, work: Path, block_bytes: int) -> dict[str, list[str]]:
     for what, tensor in (("embedding", EMBEDDING), ("ffn", FFN)):
         for bits in ("64", "32"):
             out[f"gram{bits}-{what}"] = [sys.executable, str(Path(__file__).resolve()), "--child-gram", str(model),
-                                         tensor, f"float{bits}", str(block_bytes), str(work / f"gram{bits}-{what}.npy")]
+                                         tensor, f"float{bits}", str(block_bytes), str(spectra / f"gram{bits}-{what}.npy")]
     return out
 
 
@@ -160,18 +161,14 @@ def ensure_model(directory: Path, layers: int, tied: bool, timeout: float) -> di
     return {"cached": False, **rec, **(synthetic_params(directory) or {})}
 
 
-def compare(results: dict, work: Path) -> dict:
-    """max |Δσ| / σ_max between the spectra of the same tensor computed in this invocation."""
+def compare(results: dict, spectra_dir: Path) -> dict:
+    """max |Δσ| / σ_max between the spectra of one tensor: this run's and earlier runs' on the same checkpoint."""
     out = {}
     for what in ("embedding", "ffn"):
-        spectra = {}
-        for bits in ("64", "32"):
-            f = work / f"gram{bits}-{what}.npy"
-            if f.is_file():
-                spectra[f"gram{bits}"] = np.load(f)
         answer = results.get(f"spectrum-{what}", {}).pop("answer", None)
         if isinstance(answer, dict) and "singular_values" in answer:
-            spectra["spectrum"] = np.asarray(answer["singular_values"], dtype=np.float64)
+            np.save(spectra_dir / f"spectrum-{what}.npy", np.asarray(answer["singular_values"], dtype=np.float64))
+        spectra = {f.stem.split("-")[0]: np.load(f) for f in sorted(spectra_dir.glob(f"*-{what}.npy"))}
         names = sorted(spectra)
         for i, a in enumerate(names):
             for b in names[i + 1:]:
@@ -210,12 +207,11 @@ def main() -> None:
     args = parser.parse_args()
     load_at_start = os.getloadavg()
 
-    work = Path(tempfile.mkdtemp(prefix="sahc-scale-"))
-    table = commands(args.dir, work, args.block_mib * 2**20)
+    names = list(commands(args.dir, Path(), 0))
     if args.list:
-        print("\n".join(table))
+        print("\n".join(names))
         return
-    chosen = [n for n in table if not args.only or any(n.startswith(p) for p in args.only)]
+    chosen = [n for n in names if not args.only or any(n.startswith(p) for p in args.only)]
     if not chosen:
         raise SystemExit(f"no command matches {args.only}; see --list.")
     generated = ensure_model(args.dir, args.layers, args.tied, args.timeout)
@@ -223,6 +219,9 @@ def main() -> None:
     from sahc_core.model_io import ModelSource
 
     source = ModelSource.open(args.dir)
+    spectra = Path(f"{args.dir}-spectra") / source.fingerprint[:16]  # σ kept across runs, per checkpoint
+    spectra.mkdir(parents=True, exist_ok=True)
+    table = commands(args.dir, spectra, args.block_mib * 2**20)
     largest = max(source.tensors(), key=lambda t: t.numel)
     bound_gb = 2.5 * largest.numel * 2 / GB + 1.5
     results: dict[str, dict] = {}
@@ -234,7 +233,7 @@ def main() -> None:
         results[name] = rec
         log(f"{name}: rc {rec['rc']}, {rec['seconds']} s, peak {rec['peak_rss_gb']} GB (bound {bound_gb:.2f})"
             + (f" - {rec['stderr_tail']}" if rec["rc"] else ""))
-    comparisons = compare(results, work)
+    comparisons = compare(results, spectra)
     for rec in results.values():
         rec.pop("answer", None)
     report = {"model_dir": str(args.dir), "generated": generated, "largest_tensor": largest.name,

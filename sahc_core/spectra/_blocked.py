@@ -20,15 +20,21 @@ Precision of the block products (the accuracy contract of :mod:`sahc_core.spectr
 * ``"float64"``: float64 products accumulated in float64, the ``gram64`` path of
   :mod:`sahc_core.spectrum`, with its a-posteriori estimate ``_gram_error_estimate``.
 * ``"float32"``: float32 block products (exact inputs: bf16/f16/f32 are exact in float32) added
-  into a float64 Gram; 2.4x less CPU time than float64 (OpenBLAS ssyrk vs dsyrk on 8192 x 4096,
-  this machine). Its eigenvalue error is modelled as δλ ≈ C·ε₃₂·‖W‖_F²/√k: measured on bf16
+  into a float64 Gram; 2.4x less CPU time than float64 for the products (OpenBLAS ssyrk vs dsyrk,
+  8192 x 4096, this machine). Its eigenvalue error is modelled as δλ ≈ C·ε₃₂·‖W‖_F²/√k: on bf16
   matrices of 1024-32768 x 512-4096 (iid, iid + mean, rotated power laws σ_i = i^-0.5 and i^-1.5,
-  rank-deficient), the smallest δλ that bounds every |Δσ_i| was 0.06-0.84 x ε₃₂‖W‖_F²/√k, so
-  ``C = 4`` over-estimates by >= 4.8x; accepted when the resulting max_i δλ/(σ_i + √δλ)/σ_max <= 1e-5.
-* ``"auto"`` (:func:`spectrum_blocked`): float32; if its estimate exceeds 1e-5 the float64 Gram is
-  formed (a second pass); if that estimate exceeds ``spectrum._GRAM_TOL``, a float64 SVD of the
-  whole tensor when its float64 copy is <= ``svd_max_bytes`` (not memory-bounded, which is why it
-  is capped), else the float64 Gram result with ``within_contract=False``.
+  rank-deficient) the smallest δλ that bounds every |Δσ_i| was 0.04-0.84 x ε₃₂‖W‖_F²/√k, so
+  ``C = 4`` over-estimates by >= 4.8x; accepted when max_i δλ/(σ_i + √δλ)/σ_max <= 1e-5. On the
+  trained weights of SmolLM2-135M (43 matrices) float32 products MISS the contract for every q_proj
+  and o_proj (σ_max/σ_min 3e3-5e4: errors 1.4e-5 to 1.2e-4, each flagged: estimate 8-31x the
+  error) and meet it elsewhere (<= 4.5e-7; estimate 60-230x the error, so flagged too often).
+* ``"auto"``: float32; if its estimate exceeds 1e-5 the float64 Gram is formed (a second pass);
+  if that estimate exceeds ``spectrum._GRAM_TOL``, a float64 SVD of the whole tensor when its
+  float64 copy is <= ``svd_max_bytes`` (not memory-bounded, hence the cap), else the float64 Gram
+  result with ``within_contract=False``. Because the float32 estimate is pessimistic, ``auto``
+  kept float32 for 2 of SmolLM2's 43 matrices and for neither the synthetic 9B embedding nor FFN
+  (actual float32 errors 3.2e-7 and 4.6e-7 there): it then costs more than ``"float64"``, the
+  default.
 
 References
 ----------
@@ -278,7 +284,7 @@ def _sigma(G: torch.Tensor) -> np.ndarray:
 
 
 def spectrum_blocked(source: ModelSource, name: str, *, block_bytes: int = DEFAULT_BLOCK_BYTES, device: str = "cpu",
-                     precision: str = "auto", svd_max_bytes: int = DEFAULT_SVD_MAX_BYTES) -> BlockedSpectrum:
+                     precision: str = "float64", svd_max_bytes: int = DEFAULT_SVD_MAX_BYTES) -> BlockedSpectrum:
     """Singular values of one stored tensor from its blocked Gram, with the method and its error estimate.
 
     Parameters
@@ -286,8 +292,8 @@ def spectrum_blocked(source: ModelSource, name: str, *, block_bytes: int = DEFAU
     source, name, block_bytes, device
         As :func:`gram_blocked`.
     precision : str
-        ``"auto"`` (float32 products, falling back as the module docstring says), ``"float32"`` or
-        ``"float64"`` (no fallback; ``within_contract`` tells whether the estimate meets the contract).
+        ``"float64"`` or ``"float32"`` (no fallback; ``within_contract`` tells whether the estimate
+        meets the contract), or ``"auto"`` (float32, falling back as the module docstring says).
     svd_max_bytes : int
         ``"auto"`` only: the largest float64 copy of the tensor its last-resort full SVD may make.
 
@@ -320,6 +326,6 @@ def spectrum_blocked(source: ModelSource, name: str, *, block_bytes: int = DEFAU
 
 
 def singular_values_blocked(source: ModelSource, name: str, *, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                            device: str = "cpu", precision: str = "auto") -> np.ndarray:
+                            device: str = "cpu", precision: str = "float64") -> np.ndarray:
     """All min(m, n) singular values of one stored tensor, float64, descending (see :func:`spectrum_blocked`)."""
     return spectrum_blocked(source, name, block_bytes=block_bytes, device=device, precision=precision).singular_values
