@@ -5,7 +5,8 @@ full-size embedding (248,320 x 4,096), FFN, vision tower and MTP head, but ``--l
 (default 4: ~7.2 GB bf16; ``sahc_core.io.synthetic``), then runs each command as a child process
 (``nice -n 10 python -m sahc_core ... --json --no-cache --device cpu``) and records per command
 
-* ``seconds``      wall time of the child;
+* ``seconds``      wall time of the child; ``cpu_seconds`` its user + system CPU time (steadier than
+                   wall time on a shared machine);
 * ``peak_rss_gb``  its peak resident set (``ru_maxrss`` from ``os.wait4`` of that one child: VmHWM,
                    file-backed mapped pages included), 1 GB = 1e9 bytes;
 * ``tree_rss_gb``  the largest sum of VmRSS over the child and its descendants, sampled every 0.2 s;
@@ -131,7 +132,8 @@ def run_measured(argv: list[str], timeout: float) -> dict:
     last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     if last.startswith("{"):
         answer = json.loads(last)
-    return {"seconds": round(seconds, 2), "peak_rss_gb": round(usage.ru_maxrss * 1024 / GB, 3),
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_gb": round(usage.ru_maxrss * 1024 / GB, 3),
             "tree_rss_gb": round(tree_peak * 1024 / GB, 3), "rc": proc.returncode, "timed_out": timed_out,
             "stderr_tail": lines[-1] if lines else "", "answer": answer}
 
@@ -187,7 +189,7 @@ def child_gram(model: str, tensor: str, precision: str, block_bytes: str, out_fi
     np.save(out_file, r.singular_values)
     print(json.dumps({"tensor": tensor, "shape": list(r.shape), "method": r.method, "block_rows": r.block_rows,
                       "error_estimate": r.error_estimate, "within_contract": r.within_contract,
-                      "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time()}))
+                      "seconds": time.perf_counter() - t0}))
 
 
 def main() -> None:
