@@ -181,7 +181,7 @@ def compare(results: dict, spectra_dir: Path) -> dict:
 
 def child_gram(model: str, tensor: str, precision: str, block_bytes: str, out_file: str) -> None:
     """``--child-gram``: one blocked spectrum; saves σ to ``out_file``, prints a JSON line."""
-    from sahc_core.model_io import ModelSource
+    from sahc_core.io.source import ModelSource
     from sahc_core.spectra._blocked import spectrum_blocked
 
     t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def main() -> None:
         raise SystemExit(f"no command matches {args.only}; see --list.")
     generated = ensure_model(args.dir, args.layers, args.tied, args.timeout)
 
-    from sahc_core.model_io import ModelSource
+    from sahc_core.io.source import ModelSource
 
     source = ModelSource.open(args.dir)
     spectra = Path(f"{args.dir}-spectra") / source.fingerprint[:16]  # σ kept across runs, per checkpoint

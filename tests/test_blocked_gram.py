@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sahc_core.errors import ModelError
-from sahc_core.model_io import ModelSource
+from sahc_core.io.source import ModelSource
 from sahc_core.spectra import _blocked
 from sahc_core.spectra._blocked import gram_blocked, rows_per_block, singular_values_blocked, spectrum_blocked
 
@@ -210,7 +210,7 @@ def test_peak_rss_is_gram_plus_a_block_not_the_tensor(tmp_path: Path) -> None:
     del W
     code = textwrap.dedent(f"""
         import resource, sys
-        from sahc_core.model_io import ModelSource
+        from sahc_core.io.source import ModelSource
         from sahc_core.spectra._blocked import spectrum_blocked
         src = ModelSource.open({str(tmp_path)!r})
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from tiny_models import qwen35_mtp_shapes, tiny_qwen35_config
 
-from sahc_core.components import tensor_table
+from sahc_core.io.components import tensor_table
 from sahc_core.io import synthetic
 from sahc_core.io.synthetic import (
     qwen35_config,
@@ -21,7 +21,7 @@ from sahc_core.io.synthetic import (
     synthetic_params,
     write_qwen35_like,
 )
-from sahc_core.model_io import ModelSource
+from sahc_core.io.source import ModelSource
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 

@@ -1,7 +1,7 @@
 """Memory-bounded Gram matrix and singular values of ONE stored tensor, read a row block at a time.
 
 The tensor is never read whole: row blocks ``W[a:b]`` of the 2-D view ``(d0, d1*...)`` (the view
-:func:`sahc_core.spectrum.as_matrix` uses) come from ``safe_open(...).get_slice(name)[a:b]``, the
+:func:`sahc_core.spectra.spectrum.as_matrix` uses) come from ``safe_open(...).get_slice(name)[a:b]``, the
 shard being reopened for every block so that the memory-mapped pages a block touched are unmapped
 again (one long-lived mapping keeps every page read so far in the process's RSS). Peak memory is
 about the k x k float64 Gram (k = min(m, n); 134 MB for k = 4096) plus one block of
@@ -14,11 +14,11 @@ Gram of the smaller side:
   a wide tensor of p blocks is read p(p+1)/2 times with two blocks held (each ``block_bytes / 2``).
   Wide weights of LLMs (down_proj, o_proj, mtp.fc) fit one block: one read.
 
-Precision of the block products (the accuracy contract of :mod:`sahc_core.spectrum`: max |Δσ| /
+Precision of the block products (the accuracy contract of :mod:`sahc_core.spectra.spectrum`: max |Δσ| /
 σ_max <= 1e-5 against a float64 SVD):
 
 * ``"float64"``: float64 products accumulated in float64, the ``gram64`` path of
-  :mod:`sahc_core.spectrum`, with its a-posteriori estimate ``_gram_error_estimate``.
+  :mod:`sahc_core.spectra.spectrum`, with its a-posteriori estimate ``_gram_error_estimate``.
 * ``"float32"``: float32 block products (exact inputs: bf16/f16/f32 are exact in float32) added
   into a float64 Gram; 2.4x less CPU time than float64 for the products (OpenBLAS ssyrk vs dsyrk,
   8192 x 4096, this machine). Its eigenvalue error is modelled as δλ ≈ C·ε₃₂·‖W‖_F²/√k: on bf16
@@ -56,10 +56,10 @@ from scipy.linalg.blas import dsyrk, ssyrk
 
 from sahc_core.device import resolve_device
 from sahc_core.errors import ModelError
-from sahc_core.spectrum import _GRAM_TOL, _eigvalsh, _gram_error_estimate
+from sahc_core.spectra.spectrum import _GRAM_TOL, _eigvalsh, _gram_error_estimate
 
 if TYPE_CHECKING:
-    from sahc_core.model_io import ModelSource
+    from sahc_core.io.source import ModelSource
 
 #: Bytes of one row block in the product dtype (float32 or float64).
 DEFAULT_BLOCK_BYTES = 256 * 2**20
