@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sahc_core.methods._gptq import gptq_quantize
 from sahc_core.methods.quant import QuantConfig, QuantizedTensor, quant_bytes
 from sahc_core.methods.registry import MethodSpec, Param, Tagged, register
-from sahc_core.methods.rtn import PLAN_GROUPS, SWEEP_GROUPS, _group_default, adapt_group, group_options
+from sahc_core.methods.rtn import SCHEME, SWEEP_GROUPS, adapt_group, int_params
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,7 @@ SPEC = register(MethodSpec(
     name="gptq", title="GPTQ int-k", config=GPTQConfig, compress=_compress,
     nbytes=lambda shape, cfg: quant_bytes(shape, cfg.quant), load=_load,
     params=(
-        Param("bits", "int", 4, min=2, max=8, help="code width k"),
-        Param("group_size", "int", 128, min=1, nullable=True, null_label="per row", choices=PLAN_GROUPS,
-              options=lambda shape: group_options(int(shape[-1])), default_for=_group_default),
-        Param("scheme", "choice", "asym", choices=("asym", "sym")),
+        *int_params(), SCHEME,
         Param("damp", "float", 0.01, min=0.0, max=1.0, scope="plan",
               help="dampening added to diag(H), as a fraction of its mean"),
         Param("block_size", "int", 128, min=1, scope="json", help="columns per lazy batch update"),

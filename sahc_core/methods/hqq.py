@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from sahc_core.methods._hqq import hqq_quantize
 from sahc_core.methods.quant import QuantConfig, QuantizedTensor, quant_bytes
 from sahc_core.methods.registry import MethodSpec, Param, Tagged, register
-from sahc_core.methods.rtn import PLAN_GROUPS, SWEEP_GROUPS, _extras as _rtn_extras, _group_default, adapt_group
-from sahc_core.methods.rtn import group_options
+from sahc_core.methods.rtn import SWEEP_GROUPS, _extras as _rtn_extras, adapt_group, int_params
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,7 @@ SPEC = register(MethodSpec(
     name="hqq", title="HQQ int-k", config=HQQConfig, compress=_compress,
     nbytes=lambda shape, cfg: quant_bytes(shape, cfg.quant), load=_load,
     params=(
-        Param("bits", "int", 4, min=2, max=8, help="code width k"),
-        Param("group_size", "int", 64, min=1, nullable=True, null_label="per row", choices=PLAN_GROUPS,
-              options=lambda shape: group_options(int(shape[-1])), default_for=_group_default),
+        *int_params(group_size=64),
         Param("iters", "int", 20, min=0, max=200, scope="json", help="zero-point updates per group (0 = RTN)"),
         Param("lp_norm", "float", 0.7, min=0.0, max=1.0, scope="json", help="p of the lp error norm"),
         Param("beta", "float", 10.0, min=0.0, max=1e6, scope="json"),

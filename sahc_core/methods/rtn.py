@@ -125,18 +125,22 @@ def _group_default(shape: tuple[int, ...]) -> int | None:
     return max((g for g in opts[:-1] if g <= 128), default=None)
 
 
+def int_params(group_size: int | None = 128) -> tuple[Param, Param]:
+    """The ``bits`` and ``group_size`` parameters every int-k storage method shares (int, gptq, hqq)."""
+    return (Param("bits", "int", 4, min=2, max=8, help="code width k"),
+            Param("group_size", "int", group_size, min=1, nullable=True, null_label="per row", choices=PLAN_GROUPS,
+                  options=lambda shape: group_options(int(shape[-1])), default_for=_group_default,
+                  help="weights per fp16 scale along the input dimension; per row = one scale per row"))
+
+
+SCHEME = Param("scheme", "choice", "asym", choices=("asym", "sym"),
+               help="asym: min-max with an fp16 zero; sym: symmetric around 0")
+
 SPEC = register(MethodSpec(
     name="int", title="int-k (RTN)", config=QuantConfig,
     compress=lambda W, cfg, calib=None: quantize(W, cfg), nbytes=quant_bytes,
     load=lambda state, meta, cfg: QuantizedTensor.from_state(state, tuple(meta["shape"]), cfg),
-    params=(
-        Param("bits", "int", 4, min=2, max=8, help="code width k"),
-        Param("group_size", "int", 128, min=1, nullable=True, null_label="per row", choices=PLAN_GROUPS,
-              options=lambda shape: group_options(int(shape[-1])), default_for=_group_default,
-              help="weights per fp16 scale along the input dimension; per row = one scale per row"),
-        Param("scheme", "choice", "asym", choices=("asym", "sym"),
-              help="asym: min-max with an fp16 zero; sym: symmetric around 0"),
-    ),
+    params=(*int_params(), SCHEME),
     label=_label, measure=fast_measure, extras=_extras, candidates=_candidates,
     adapt=lambda shape, cfg: adapt_group(int(shape[-1]), cfg),
     color="#4C78A8",

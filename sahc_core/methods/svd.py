@@ -127,11 +127,12 @@ def fast_measure(W: Tensor, cfg: SVDConfig, ctx: Any) -> dict:
     return out
 
 
-def _label(cfg: SVDConfig) -> str:
+def label_for(cfg: Any, name: str = "svd") -> str:
+    """``svd r256 int4-g128`` (or ``r0.25k`` for a rank fraction); shared with whitened SVD."""
     g = "row" if cfg.group_size is None else f"g{cfg.group_size}"
     bits = "fp16" if cfg.bits is None else f"int{cfg.bits}-{g}"
     r = f"r{cfg.rank}" if cfg.rank is not None else f"r{cfg.rank_fraction:g}k"
-    return f"svd {r} {bits}"
+    return f"{name} {r} {bits}"
 
 
 def _candidates(shape: tuple[int, ...], component: str | None) -> list[SVDConfig]:
@@ -173,7 +174,7 @@ SPEC = register(MethodSpec(
               help="factor quantization group along m and n (must divide both)"),
         Param("scheme", "choice", "asym", choices=("asym", "sym")),
     ),
-    label=_label, min_ndim=2, measure=fast_measure, extras=extras, candidates=_candidates, adapt=_adapt,
+    label=label_for, min_ndim=2, measure=fast_measure, extras=extras, candidates=_candidates, adapt=_adapt,
     compress_in=lambda ctx, cfg: lowrank(ctx.W, cfg, factors=ctx.factors()),
     color="#F58518",
     description="Truncated SVD W ≈ U_r S_r V_rᵀ with the singular values folded into two factors, stored in "

@@ -16,7 +16,7 @@ import torch
 from sahc_core.methods._wsvd import DEFAULT_DAMP, whitened_factors, whitened_lowrank
 from sahc_core.methods.lowrank import SVDConfig, _load as _svd_load, lowrank_bytes
 from sahc_core.methods.registry import MethodSpec, Param, Tagged, register
-from sahc_core.methods.svd import SWEEP_RANK_FRACTIONS, _adapt, _mn, _rank_options
+from sahc_core.methods.svd import SWEEP_RANK_FRACTIONS, _adapt, _mn, _rank_options, label_for
 from sahc_core.methods.rtn import PLAN_GROUPS, group_options
 
 
@@ -67,13 +67,6 @@ def _extras(W, c, W_hat) -> dict:
     return out
 
 
-def _label(cfg: WSVDConfig) -> str:
-    g = "row" if cfg.group_size is None else f"g{cfg.group_size}"
-    bits = "fp16" if cfg.bits is None else f"int{cfg.bits}-{g}"
-    r = f"r{cfg.rank}" if cfg.rank is not None else f"r{cfg.rank_fraction:g}k"
-    return f"wsvd {r} {bits}"
-
-
 def _candidates(shape, component) -> list[WSVDConfig]:
     m, n = _mn(shape)
     k = min(m, n)
@@ -97,7 +90,7 @@ SPEC = register(MethodSpec(
         Param("damp", "float", DEFAULT_DAMP, min=0.0, max=1.0, scope="json",
               help="λ = damp · mean(diag XᵀX) added before the Cholesky whitening"),
     ),
-    label=_label, min_ndim=2, needs_calibration=True, extras=_extras, candidates=_candidates,
+    label=lambda cfg: label_for(cfg, "wsvd"), min_ndim=2, needs_calibration=True, extras=_extras, candidates=_candidates,
     adapt=lambda shape, cfg: _adapt(shape, cfg), compress_in=_compress_in, color="#E45756",
     description="Activation-whitened SVD (Wang et al. 2024, SVD-LLM): the truncation minimises the output "
                 "error on calibration activations; plain SVD's storage and bytes."))
