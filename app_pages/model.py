@@ -5,6 +5,7 @@ import streamlit as st
 
 import app_state
 from sahc_core.io.components import component_shares, is_known_architecture, tensor_table
+from sahc_core.io.dtypes import is_analysed
 from sahc_core.errors import SahcError
 from sahc_core.figures.model import shares_bar, shares_treemap
 
@@ -32,6 +33,9 @@ if app_state.is_default_model():
     st.info(DEFAULT_MODEL_NOTE)
 if not is_known_architecture(source.architecture):
     st.warning(f"Unknown architecture `{source.architecture}`: components are guessed from tensor names.")
+if non_float := sorted({d for d in table["dtype"] if not is_analysed(d)}):
+    st.warning(f"Some tensors are stored as {', '.join(non_float)}, not as floats: they are listed but never "
+               "analysed or compressed (a plan on this model is refused).")
 
 total = int(table["params"].sum())
 emb = shares.set_index("component")["share"].get("embedding", 0.0)

@@ -1,6 +1,8 @@
 """Loading a causal LM for evaluation and loading compressed weights into it.
 
-Never ``trust_remote_code``; the checkpoint is read as safetensors.
+Never ``trust_remote_code``; the checkpoint is read as safetensors only (``use_safetensors=True``): a
+directory without safetensors weights is refused rather than unpickled from ``pytorch_model.bin``, so
+perplexity always scores the same weights that ``ModelSource`` analyses.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "float32", st
     except (OSError, ValueError, TypeError) as exc:
         raise ModelError(f"cannot load a tokenizer from {path} ({_first_line(exc)}); perplexity needs the tokenizer files.") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=False,
+                                                     use_safetensors=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"cannot load {path} as a causal language model ({_first_line(exc)}).") from exc
     if state_dict is not None:

@@ -19,8 +19,15 @@ from safetensors import SafetensorError, safe_open
 
 from sahc_core.device import resolve_device
 from sahc_core.errors import ModelError
+from sahc_core.io.dtypes import is_analysed, not_analysed_reason
+from sahc_core.paths import PathError, member
 
 INDEX_NAME = "model.safetensors.index.json"
+#: Largest safetensors JSON header read (the safetensors library's own limit): checked against the
+#: 8-byte length field and the file size BEFORE the header is read, so no file can make us allocate more.
+MAX_HEADER_BYTES = 100_000_000
+#: Largest config.json / index file read (a real index of a 90k-tensor model is about 10 MB).
+MAX_JSON_BYTES = 64 * 2**20
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Bytes of tensor data sampled at the start and the end of each shard's data region for the
 # fingerprint (cheap; catches edits that keep the header and the file size unchanged).
@@ -57,25 +64,43 @@ class TensorInfo:
         """Number of elements (1 for a scalar)."""
         return math.prod(self.shape)
 
+    @property
+    def analysed(self) -> bool:
+        """True when the dtype is a float SAHC analyses (see :mod:`sahc_core.io.dtypes`)."""
+        return is_analysed(self.dtype)
 
-def _read_header(path: Path) -> tuple[int, bytes]:
-    """Return ``(file size, raw header bytes incl. the 8-byte length)`` of a safetensors file.
 
-    Only the header is read. safetensors exposes no public call for the raw header bytes, which
-    the fingerprint hashes; validation of the header itself is left to ``safe_open``.
+def header_length(path: Path) -> tuple[int, int]:
+    """``(file size, JSON header length)`` of a safetensors file, read from its first 8 bytes only.
+
+    The length is checked against :data:`MAX_HEADER_BYTES` and the file size before anything else
+    is read; the messages never show bytes of the file (it may not be a safetensors file at all).
     """
     size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(8)
-        if len(head) < 8:
-            raise ModelError(f"{path.name} is truncated or not a safetensors file ({size} bytes); re-download or re-convert it.")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise ModelError(
-                f"{path.name} is truncated or corrupt: its header claims {n} bytes but the file has {size}; "
-                "re-download or re-convert it."
-            )
-        return size, head + fh.read(n)
+    if len(head) < 8:
+        raise ModelError(f"{path.name} is truncated or not a safetensors file ({size} bytes); re-download or re-convert it.")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise ModelError(f"{path.name} is not a valid safetensors file: its header length field exceeds the "
+                         f"{MAX_HEADER_BYTES // 10**6} MB limit; re-download or re-convert it.")
+    if n > size - 8:
+        raise ModelError(f"{path.name} is truncated or corrupt: its header length field exceeds the file size "
+                         f"({size} bytes); re-download or re-convert it.")
+    return size, n
+
+
+def _read_header(path: Path) -> tuple[int, bytes]:
+    """Return ``(file size, raw header bytes incl. the 8-byte length)`` of a safetensors file.
+
+    Only the header is read, after :func:`header_length` checked its length. safetensors exposes no
+    public call for the raw header bytes, which the fingerprint hashes; validation of the header
+    itself is left to ``safe_open``.
+    """
+    size, n = header_length(path)
+    with path.open("rb") as fh:
+        return size, fh.read(8 + n)
 
 
 def _shard_tensors(path: Path) -> list[TensorInfo]:
@@ -96,11 +121,15 @@ def _shard_tensors(path: Path) -> list[TensorInfo]:
 
 def _load_json(path: Path, what: str) -> dict:
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ModelError(f"{what} {path} is larger than {MAX_JSON_BYTES >> 20} MiB; it cannot be a real "
+                             "Hugging Face file: fix or regenerate it.")
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ModelError(f"cannot read {what} {path} ({exc.strerror or exc}); check the file permissions.") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{what} {path} is not valid JSON ({exc}); fix or regenerate it.") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ModelError(f"{what} {path} is not valid JSON ({reason}); fix or regenerate it.") from exc
     if not isinstance(data, dict):
         raise ModelError(f"{what} {path} must hold a JSON object, not {type(data).__name__}; fix or regenerate it.")
     return data
@@ -117,7 +146,17 @@ def _weight_map(root: Path) -> tuple[str, dict[str, str]] | None:
     weight_map = _load_json(index_path, "index file").get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelError(f"index file {index_path.name} has no 'weight_map'; regenerate it with save_pretrained.")
-    return index_path.name, {str(k): str(v) for k, v in weight_map.items()}
+    weight_map = {str(k): str(v) for k, v in weight_map.items()}
+    for file in sorted(set(weight_map.values())):  # before any shard is opened: the index is user input
+        try:
+            member(root, file)
+        except PathError:
+            raise ModelError(f"index file {index_path.name} names shard {file[:80]!r}, which lies outside the model "
+                             f"directory {root}; it was not opened: regenerate the index with save_pretrained.") from None
+        if not file.endswith(".safetensors"):
+            raise ModelError(f"index file {index_path.name} names shard {file[:80]!r}, which is not a "
+                             ".safetensors file; regenerate the index with save_pretrained.")
+    return index_path.name, weight_map
 
 
 def _shard_files(root: Path, index: tuple[str, dict[str, str]] | None) -> list[str]:
@@ -230,7 +269,7 @@ class ModelSource:
             ) from None
 
     def read(self, name: str, device: str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read ONE tensor from its shard and move/cast it.
+        """Read ONE tensor from its shard and move/cast it (float dtypes only, see ``TensorInfo.analysed``).
 
         Parameters
         ----------
@@ -242,6 +281,8 @@ class ModelSource:
             Cast to this dtype; ``None`` keeps the stored dtype.
         """
         info = self.info(name)
+        if not info.analysed:
+            raise ModelError(f"{not_analysed_reason(name, info.dtype)}.")
         target = resolve_device(device)
         try:
             with safe_open(str(self.path / info.file), framework="pt") as fh:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from sahc_core.io.components import tensor_table
+from sahc_core.io.dtypes import is_analysed
 from sahc_core.spectra.spectrum import CACHE_KIND, SPECTRUM_VERSION, SpectrumResult, tensor_spectrum
 
 if TYPE_CHECKING:
@@ -28,7 +29,8 @@ _ID_COLUMNS = ["name", "component", "kind", "layer", "shape"]
 
 
 def matrix_table(source: ModelSource, component: str | None = None) -> pd.DataFrame:
-    """Rows of :func:`~sahc_core.io.components.tensor_table` for the weights that have a spectrum (ndim >= 2).
+    """Rows of :func:`~sahc_core.io.components.tensor_table` for the weights that have a spectrum (ndim >= 2,
+    stored as a float SAHC analyses: integer/boolean/8-bit tensors are left out, see :mod:`sahc_core.io.dtypes`).
 
     Raises
     ------
@@ -36,7 +38,7 @@ def matrix_table(source: ModelSource, component: str | None = None) -> pd.DataFr
         If ``component`` names no component with a 2-D weight in this model.
     """
     table = tensor_table(source)
-    table = table[table["shape"].map(len) >= 2]
+    table = table[(table["shape"].map(len) >= 2) & table["dtype"].map(is_analysed)]
     if component is not None:
         choices = sorted(table["component"].unique())
         if component not in choices:
