@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from sahc_core.errors import ModelError
 from sahc_core.metrics import mean_row_cosine
 from sahc_core.evaluate.model import _max_positions, _model_device
-from sahc_core.evaluate.perplexity import DEFAULT_WINDOW, _tokenize
+from sahc_core.evaluate.perplexity import DEFAULT_WINDOW
+from sahc_core.evaluate.tokens import token_ids
 
 
 class _StopForward(Exception):
@@ -33,7 +34,7 @@ def _capture_windows(model: nn.Module, tokenizer, text: str, n_tokens: int) -> l
     """The first ``n_tokens`` tokens of ``text`` cut into windows the model accepts, as (1, L) tensors."""
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be at least 1, got {n_tokens}.")
-    ids = _tokenize(tokenizer, text)[:n_tokens]
+    ids = token_ids(tokenizer, text, max_tokens=n_tokens)  # streamed: a long text is never tokenized whole
     window = min(DEFAULT_WINDOW, _max_positions(model) or DEFAULT_WINDOW)
     return [ids[i : i + window].unsqueeze(0) for i in range(0, ids.numel(), window)]
 

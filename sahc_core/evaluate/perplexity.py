@@ -1,8 +1,9 @@
 """Perplexity protocol: token-level perplexity over the whole test text.
 
 Perplexity (design.md "Numbers"): token-level ``exp(NLL_sum / tokens)`` over the WHOLE text. The
-text is tokenized once (the tokenizer's own special-token convention) and cut into windows of
-``window`` tokens that start every ``stride`` tokens (``stride = window``: non-overlapping). Window
+text is tokenized once (the tokenizer's own special-token convention; streamed chunk by chunk and
+stopped at ``max_tokens`` with the ids of one call, see :mod:`sahc_core.evaluate.tokens`) and cut into
+windows of ``window`` tokens that start every ``stride`` tokens (``stride = window``: non-overlapping). Window
 ``k`` scores, as in the Hugging Face perplexity guide [1]_, only the tokens after the previous
 window's end (all its tokens but the first for the first window), so with a stride the model sees
 ``window - stride`` tokens of context it is not scored on. ``tokens`` is the exact number of
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from sahc_core.device import resolve_device
 from sahc_core.errors import CorpusError
 from sahc_core.evaluate.model import DTYPES, _max_positions, _model_device, _same_device
+from sahc_core.evaluate.tokens import token_ids
 
 DEFAULT_WINDOW = 2048
 #: Cap on the logits of one batch (batch x window x vocab x bytes): a 248k-vocab model gets smaller
@@ -77,12 +80,28 @@ class PplResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
-def _tokenize(tokenizer, text: str) -> Tensor:
-    """Token ids of the whole text (1-D int64), tokenized once."""
-    if not text or not text.strip():
-        raise CorpusError("the text to evaluate is empty; give a corpus with text in it.")
-    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+
+def check_window(cfg: PplConfig, config: Mapping[str, Any]) -> None:
+    """Refuse, before any work, a window longer than the model's maximum positions.
+
+    Parameters
+    ----------
+    cfg : PplConfig
+    config : mapping
+        The model's ``config.json`` (``ModelSource.config``); the limit is ``max_position_embeddings``
+        of its ``text_config`` or of the top level (the same rule as :func:`perplexity`).
+
+    Raises
+    ------
+    ValueError
+        When ``cfg.window`` exceeds the limit.
+    """
+    text = config.get("text_config")
+    limit = (text.get("max_position_embeddings") if isinstance(text, Mapping) else None) or \
+        config.get("max_position_embeddings")
+    if cfg.window is not None and isinstance(limit, int) and cfg.window > limit:
+        raise ValueError(f"window {cfg.window} exceeds the model's maximum of {limit} positions; "
+                         "choose a window of at most that many tokens.")
 
 
 def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -186,9 +205,7 @@ def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progre
     device = _model_device(model)
     if cfg.device != "auto" and not _same_device(torch.device(resolve_device(cfg.device)), device):
         raise ValueError(f"the model is on {device} but the config asks for {cfg.device}; load it there first.")
-    ids = _tokenize(tokenizer, text)
-    if cfg.max_tokens is not None:
-        ids = ids[: cfg.max_tokens]
+    ids = token_ids(tokenizer, text, max_tokens=cfg.max_tokens)
     if ids.numel() < 2:
         raise CorpusError("the text has fewer than 2 tokens; give a longer corpus.")
     spans = _windows(ids.numel(), window, stride)

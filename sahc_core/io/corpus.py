@@ -29,11 +29,18 @@ copy with ``wiki.{train,valid,test}.raw`` works as is). In a directory, files wh
 ``calib`` or ``train`` form the calibration text; files whose name contains ``test`` form the test
 text (if there are none, every non-calibration file does); without calibration files the
 calibration text is the test text.
+
+Limits: the path must be a regular file or a directory (a device such as ``/dev/zero``, a pipe or a
+socket is refused before it is opened, so nothing blocks or reads forever); only regular files of a
+directory are read; the files read may hold at most :data:`MAX_CORPUS_BYTES` together (checked on
+their sizes before reading). Tokenization streams (:mod:`sahc_core.evaluate.tokens`), so a large
+corpus with a token cap costs only the text itself.
 """
 from __future__ import annotations
 
 import importlib.util
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +53,8 @@ CALIB_WORKS: tuple[str, ...] = ("hamlet_gut.txt", "twelfth_night_gut.txt", "sonn
 #: File name suffixes read from a corpus directory.
 TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".raw")
 JOIN = "\n\n"
+#: Most bytes of text files one corpus may read (test and calibration files together).
+MAX_CORPUS_BYTES = 1 << 30
 
 _START = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT!.*$", re.M | re.I)
 _END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$|^End of (the )?Project Gutenberg.*$", re.M | re.I)
@@ -72,13 +81,14 @@ class Corpus:
     calib_files: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if not self.test_text.strip() or not self.calib_text.strip():
+        if _blank(self.test_text) or _blank(self.calib_text):
             raise ValueError("a corpus needs a non-empty test text and calibration text.")
 
 
 def strip_gutenberg(text: str) -> str:
     """Normalise line endings and drop a Project Gutenberg header/licence when markers are present."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\r" in text:  # (no copy of a large text that has no CR)
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     start = _START.search(text)
     if start is not None:
         text = text[start.end():]
@@ -130,18 +140,30 @@ def load_corpus(path: str | Path | None = None) -> Corpus:
     if path is None:
         return default_corpus()
     p = Path(path).expanduser()
-    if not p.exists():
-        raise CorpusError(f"corpus path {p} does not exist; give a text file or a folder of .txt files.")
-    if p.is_file():
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise CorpusError(f"corpus path {p} does not exist; give a text file or a folder of .txt files.") from None
+    except OSError as exc:
+        raise CorpusError(f"cannot read corpus path {p} ({exc.strerror}); check the path and permissions.") from exc
+    if stat.S_ISREG(mode):
+        _check_size(p, [p])
         text = _read_text(p)
-        if not text.strip():
+        if _blank(text):
             raise CorpusError(f"corpus file {p} is empty; give a file with text in it.")
         return Corpus(name=str(p), test_text=text, calib_text=text, test_files=(p.name,), calib_files=(p.name,))
-    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+    if not stat.S_ISDIR(mode):
+        raise CorpusError(f"corpus path {p} is not a regular file or a folder (a device, pipe or socket); "
+                          "give a text file or a folder of .txt files.")
+    try:
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in TEXT_SUFFIXES and f.is_file())
+    except OSError as exc:
+        raise CorpusError(f"cannot list corpus folder {p} ({exc.strerror}); check its permissions.") from exc
     if not files:
         raise CorpusError(f"corpus folder {p} has no .txt or .raw files; add some text files.")
+    _check_size(p, files)
     texts = {f.name: _read_text(f) for f in files}
-    texts = {name: text for name, text in texts.items() if text.strip()}
+    texts = {name: text for name, text in texts.items() if not _blank(text)}
     if not texts:
         raise CorpusError(f"every text file in corpus folder {p} is empty; add some text.")
     calib = tuple(n for n in texts if "calib" in n.lower() or "train" in n.lower())
@@ -159,6 +181,22 @@ def load_corpus(path: str | Path | None = None) -> Corpus:
     )
 
 
+def _blank(text: str) -> bool:
+    """Empty or whitespace only (without copying a large text, unlike ``text.strip()``)."""
+    return not text or text.isspace()
+
+
+def _check_size(where: Path, files: list[Path]) -> None:
+    """CorpusError when ``files`` hold more than :data:`MAX_CORPUS_BYTES` together (sizes only, nothing read)."""
+    try:
+        total = sum(f.stat().st_size for f in files)
+    except OSError as exc:
+        raise CorpusError(f"cannot read corpus path {where} ({exc.strerror}); check the path and permissions.") from exc
+    if total > MAX_CORPUS_BYTES:
+        raise CorpusError(f"corpus {where} holds {total / 2**20:,.0f} MiB of text, more than the "
+                          f"{MAX_CORPUS_BYTES >> 20:,} MiB limit; give a smaller file or a folder with fewer files.")
+
+
 def _read_text(path: Path) -> str:
     """Read one UTF-8 text file (Gutenberg boilerplate stripped); CorpusError if missing or binary."""
     try:
@@ -171,4 +209,4 @@ def _read_text(path: Path) -> str:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CorpusError(f"corpus file {path} is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8.") from exc
-    return strip_gutenberg(text) if text.strip() else ""
+    return "" if _blank(text) else strip_gutenberg(text)
