@@ -138,15 +138,16 @@ def test_run_prints_progress_on_stderr_and_json_last(capsys, tiny_llama_tok_dir,
 
 def test_runs_delete_files(capsys, cache_path):
     from sahc_core.cache import Cache, to_json, utcnow
+    from sahc_core.paths import MARKER, mark_owned
 
     cache = Cache(cache_path)
     now = utcnow()
     cache.execute("INSERT INTO runs (run_id, plan_name, status, result, started_at, finished_at) VALUES "
                   "('r1', 'p', 'done', ?, ?, ?)", [to_json({"ppl": 9.0}), now, now])
-    out = cache_path.parent / "runs" / "r1"
-    out.mkdir(parents=True)
+    out = mark_owned(cache_path.parent / "runs" / "r1")  # what an assembly leaves
     (out / "model.safetensors").write_bytes(b"\0" * 4096)
-    assert run_json(capsys, "runs")["runs"][0]["checkpoint_mb"] == pytest.approx(0.004096)
-    assert run_json(capsys, "runs", "--delete-files", "r1") == {"run_id": "r1", "bytes_freed": 4096}
+    size = 4096 + (out / MARKER).stat().st_size
+    assert run_json(capsys, "runs")["runs"][0]["checkpoint_mb"] == pytest.approx(size / 1e6)
+    assert run_json(capsys, "runs", "--delete-files", "r1") == {"run_id": "r1", "bytes_freed": size}
     assert not out.exists() and run_json(capsys, "runs")["runs"][0]["ppl"] == 9.0
     assert "no run with id" in run_error(capsys, "runs", "--delete-files", "nope")

@@ -13,6 +13,7 @@ import pytest
 from sahc_core.io import default_model as defaults
 from sahc_core.io.default_model import DEFAULT_MODEL_NOTE, MARKER_FILE, MODEL_NAME, default_model_dir, models_root
 from sahc_core.errors import ModelError
+from sahc_core.paths import MARKER, mark_owned
 
 
 def test_the_packaged_gguf_is_a_q4_1_gguf_file() -> None:
@@ -70,7 +71,8 @@ def test_concurrent_first_calls_convert_once(monkeypatch: pytest.MonkeyPatch, tm
         t.join()
     assert len(calls) == 1
     assert results == [tmp_path / MODEL_NAME] * 4
-    assert sorted(p.name for p in (tmp_path / MODEL_NAME).iterdir()) == sorted(["config.json", "model.safetensors", MARKER_FILE])
+    assert sorted(p.name for p in (tmp_path / MODEL_NAME).iterdir()) == sorted(["config.json", "model.safetensors",
+                                                                                MARKER_FILE, MARKER])
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []  # no temp dir left behind
     default_model_dir()
     assert len(calls) == 1  # later calls return at once
@@ -85,15 +87,25 @@ def test_failed_conversion_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
-def test_incomplete_directory_is_replaced(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_incomplete_directory_is_replaced_only_when_ours(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls: list[int] = []
     monkeypatch.setattr(defaults, "_convert", _fake_convert(calls, delay=0.0))
-    stale = tmp_path / MODEL_NAME
-    stale.mkdir()
+    stale = mark_owned(tmp_path / MODEL_NAME)  # left by an interrupted conversion of ours
     (stale / "config.json").write_text("half")
     assert default_model_dir(tmp_path) == stale
     assert len(calls) == 1 and defaults.is_converted(stale)
     assert (stale / "config.json").read_text() == "{}"
+
+
+def test_a_folder_of_the_same_name_that_is_not_ours_is_never_deleted(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(defaults, "_convert", _fake_convert([], delay=0.0))
+    theirs = tmp_path / MODEL_NAME  # e.g. the user's own download of the model, under SAHC_MODELS_DIR
+    theirs.mkdir()
+    (theirs / "model.safetensors").write_bytes(b"their weights")
+    with pytest.raises(ModelError, match="not created by SAHC"):
+        default_model_dir(tmp_path)
+    assert (theirs / "model.safetensors").read_bytes() == b"their weights"
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
 # --------------------------------------------------------------------------- real conversion (slow)

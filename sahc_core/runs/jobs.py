@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import pandas as pd
 
 from sahc_core.cache import Cache, from_json, to_json, utcnow
 from sahc_core.errors import JobError
+from sahc_core.paths import PathError, contained, is_owned, remove_owned, safe_id
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("done", "failed", "cancelled")
@@ -47,8 +47,18 @@ class JobCancelled(JobError):
 
 
 def new_run_id() -> str:
-    """A sortable, unique run id: ``YYYYmmdd-HHMMSS-xxxxxx`` (UTC)."""
+    """A sortable, unique run id: ``YYYYmmdd-HHMMSS-xxxxxx`` (UTC); it matches ``paths.ID_PATTERN``."""
     return f"{utcnow():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def run_dir(cache: Cache, run_id: str) -> Path:
+    """``<cache dir>/runs/<run_id>``, the default checkpoint directory of a run.
+
+    The run id is checked against ``paths.ID_PATTERN`` and the path is checked to resolve inside
+    ``<cache dir>/runs`` (a symlink planted there cannot redirect it), so ``--run-id ..`` or
+    ``../../victim`` never names anything else.
+    """
+    return contained(cache.path.parent / "runs", safe_id(run_id, "run id"), "run directory")
 
 
 def jobs_dir(cache: Cache) -> Path:
@@ -121,8 +131,7 @@ class JobReporter:
     """
 
     def __init__(self, cache: Cache, run_id: str, echo: TextIO | None = None) -> None:
-        if not run_id:
-            raise ValueError("run_id must be a non-empty string.")
+        safe_id(run_id, "run id")
         self.cache, self.run_id, self.echo = cache, run_id, echo
         self._progress: dict[str, Any] = {}
         self._last_write = 0.0
@@ -256,11 +265,13 @@ def start_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: str | Path
     corpus, window, max_tokens, device
         Passed to ``python -m sahc_core run`` (see :func:`sahc_core.runs.pipeline.execute_run`).
     """
+    from sahc_core.evaluate.perplexity import PplConfig, check_window
     from sahc_core.io.source import ModelSource
 
     plan_d = _plan_dict(plan)
     model_dir = Path(model_dir).expanduser().resolve()
     source = ModelSource.open(model_dir)
+    check_window(PplConfig(window=window, max_tokens=max_tokens, device=device), source.config)
     if corpus is not None:  # fail now, with the reason, rather than in a worker that was reported as started
         from sahc_core.io.corpus import load_corpus
 
@@ -378,18 +389,22 @@ def run_files(cache: Cache, run_id: str, result: dict | None = None) -> Path | N
     """The run's checkpoint directory on disk, or None when it has none (never built, or deleted).
 
     That is the result's ``out_dir`` when it holds an assembly manifest, else ``<cache dir>/runs/<id>``
-    (where a run that failed mid-assembly leaves its partial files).
+    (:func:`run_dir`); either only when it carries SAHC's ownership marker (``paths.MARKER``, written by
+    the assembly), so a directory SAHC did not create is never reported, sized or deleted.
     """
     from sahc_core.plans.assemble import MANIFEST
 
+    try:
+        default: Path | None = run_dir(cache, run_id)
+    except PathError:  # a row written with an id that is not a safe path component: no default directory
+        default = None
     if result is None:
         res = _row(cache, run_id).get("result")
         result = from_json(res) if isinstance(res, str) else {}
     out = (result or {}).get("out_dir")
-    if out and (Path(out) / MANIFEST).is_file():
+    if out and (Path(out) / MANIFEST).is_file() and is_owned(out):
         return Path(out)
-    default = cache.path.parent / "runs" / run_id
-    return default if default.is_dir() else None
+    return default if default is not None and is_owned(default) else None
 
 
 def delete_run_files(cache: Cache, run_id: str) -> int:
@@ -397,8 +412,9 @@ def delete_run_files(cache: Cache, run_id: str) -> int:
 
     The run's row, result, progress and gate decisions stay in the cache (the Runs table and the
     report keep showing it); the result records ``files_deleted_at``. A queued or running run is
-    refused, and only a directory that :func:`run_files` recognises is ever removed.
+    refused, and only a directory that :func:`run_files` recognises (SAHC's marker) is ever removed.
     """
+    safe_id(run_id, "run id")
     row = run_status(cache, run_id)
     if row["status"] in ACTIVE:
         raise JobError(f"run {run_id} is still {row['status']}; cancel it or wait for it before deleting its files.")
@@ -407,7 +423,7 @@ def delete_run_files(cache: Cache, run_id: str) -> int:
         return 0
     freed = _dir_bytes(path)
     try:
-        shutil.rmtree(path)
+        remove_owned(path, f"the checkpoint directory of run {run_id}")
     except OSError as exc:
         raise JobError(f"cannot delete {path} ({exc.strerror or exc}); check its permissions.") from exc
     if row["result"] is not None:

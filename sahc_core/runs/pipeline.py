@@ -171,7 +171,8 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
     window, max_tokens : int, optional
         Perplexity protocol (``evaluate.PplConfig``).
     run_id : str, optional
-        Default: a new id. A run row is created when there is none.
+        Default: a new id. A run row is created when there is none. Checked against
+        ``paths.ID_PATTERN`` (it names the checkpoint directory).
     reporter : JobReporter, optional
         Default: a reporter on ``run_id`` (so CLI runs show up in the runs list too).
     out_dir : str or Path, optional
@@ -190,21 +191,20 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
     from sahc_core.device import resolve_device
     from sahc_core.evaluate.perplexity import PplConfig
     from sahc_core.plans.assemble import AssemblyCancelled
+    from sahc_core.paths import safe_id
     from sahc_core.runs.jobs import JobCancelled, JobReporter, new_run_id
 
     plan = _as_plan(plan)
     cfg = PplConfig(window=window, max_tokens=max_tokens, batch_size=batch_size, device=device)
-    run_id = run_id or (reporter.run_id if reporter is not None else new_run_id())
+    run_id = safe_id(run_id or (reporter.run_id if reporter is not None else new_run_id()), "run id")
     reporter = reporter or JobReporter(cache, run_id)
     model_dir = Path(model_dir).expanduser().resolve()
     try:
         reporter.start(plan=plan.to_dict(), model_path=str(model_dir))  # raises JobCancelled if asked already
         return _execute(cache, plan, model_dir, corpus, cfg, run_id, reporter, out_dir, resolve_device(device))
-    except (JobCancelled, KeyboardInterrupt) as exc:
+    except (JobCancelled, KeyboardInterrupt):
         reporter.cancelled()
-        if isinstance(exc, JobCancelled):
-            raise
-        raise JobCancelled(f"run {run_id} was cancelled.") from exc
+        raise  # a KeyboardInterrupt stays one: the CLI exits 130 on it
     except AssemblyCancelled as exc:
         reporter.cancelled()
         raise JobCancelled(f"run {run_id} was cancelled.") from exc
@@ -216,6 +216,9 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
 def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, out_dir, device: str) -> dict:
     from sahc_core.plans.assemble import assemble
     from sahc_core.evaluate.model import load_model, load_state
+    from sahc_core.evaluate.perplexity import check_window
+    from sahc_core.paths import check_removable
+    from sahc_core.runs.jobs import run_dir
     from sahc_core.gates import coverage_gate, log_gates, ppl_gate, shape_gate
     from sahc_core.io.source import ModelSource
     from sahc_core.plans.plan import project
@@ -224,9 +227,14 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
     source = ModelSource.open(model_dir)
     fp = source.fingerprint
     cache.execute("UPDATE runs SET model_fp = ? WHERE run_id = ?", [fp, run_id])
+    # Everything checkable is checked before minutes of assembly: the window, the output directory
+    # (inside <cache>/runs, or one SAHC created), the plan on this model, the corpus.
+    check_window(cfg, source.config)
+    out = Path(out_dir) if out_dir is not None else run_dir(cache, run_id)
+    check_removable(out, "output directory")
     reporter.stage("project")
     projected = project(plan, source)
-    corpus = _as_corpus(corpus)  # fail early on a bad corpus, before minutes of assembly
+    corpus = _as_corpus(corpus)
 
     calib, calib_text_name = None, None
     if _needs_calibration(projected["tensors"]):
@@ -240,7 +248,6 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
         seconds["calibration"] = time.perf_counter() - t0
 
     reporter.stage("assemble")
-    out = Path(out_dir) if out_dir is not None else cache.path.parent / "runs" / run_id
     t0 = time.perf_counter()
     assembled = assemble(source, plan, out, overwrite=True, check_cancel=reporter.cancel_requested, calib=calib,
                          progress=lambda d, t, name: reporter.progress(tensors_done=d, tensors_total=t, tensor=name))
