@@ -13,6 +13,12 @@ Padding rows cost nothing by themselves (only the core sizes are stored); they a
 ``padded_rows`` / ``padded_cols``. Default factors: the smallest ``P >= V`` (and ``Q >= d``) that splits
 into ``D`` factors none larger than ``2 * ceil(P^(1/D))``, split as evenly as possible, ascending.
 
+Factors are bounded by the real shape: ``prod(row_factors) <= 2 V`` and ``prod(col_factors) <= 2 d`` (the
+padded tensor is at most twice the matrix along each side; every default split satisfies it), and a
+TT has at most :data:`MAX_CORES` cores. Both, like the ranks, are checked by :func:`tt_bytes`, which a
+plan calls for every tensor when it is projected, so a plan that does not fit is refused at plan time,
+never after minutes of assembly.
+
 Ranks are strict: ``r_k <= min(r_{k-1} i_k j_k, prod_{l>k} i_l j_l)`` (what the unfoldings allow);
 anything else raises ``ValueError`` naming the largest allowed value (tensorly clamps silently,
 which would make projected and actual bytes disagree). :func:`tt_ranks_for_error` picks ranks for an
@@ -35,6 +41,10 @@ from torch import Tensor
 
 from sahc_core.methods.quant import (QuantConfig, QuantizedTensor, _as_int, load_part, optional_quant_config, part_state,
                              quant_bytes, quantize, state_nbytes)
+
+
+#: Most TT cores (the study uses 3; more than a handful only multiplies factors of 1).
+MAX_CORES = 8
 
 
 def _int_tuple(values: object, name: str) -> tuple[int, ...]:
@@ -71,6 +81,8 @@ class TTConfig:
         ranks = _int_tuple(self.ranks, "tt ranks")
         if len(ranks) < 3 or ranks[0] != 1 or ranks[-1] != 1 or min(ranks) < 1:
             raise ValueError(f"tt ranks must look like [1, r1, ..., 1] with at least 2 cores and every r >= 1, got {list(ranks)}.")
+        if len(ranks) - 1 > MAX_CORES:
+            raise ValueError(f"tt ranks give {len(ranks) - 1} cores; at most {MAX_CORES} are allowed.")
         object.__setattr__(self, "ranks", ranks)
         for name in ("row_factors", "col_factors"):
             f = getattr(self, name)
@@ -152,6 +164,10 @@ def _layout(shape: tuple[int, ...], cfg: TTConfig, check_ranks: bool = True) -> 
     cf = cfg.col_factors or suggest_factors(d, D)
     if math.prod(rf) < V or math.prod(cf) < d:
         raise ValueError(f"row factors {list(rf)} / column factors {list(cf)} must multiply to at least {V} / {d}.")
+    if math.prod(rf) > 2 * V or math.prod(cf) > 2 * d:
+        raise ValueError(f"row factors {list(rf)} / column factors {list(cf)} pad the {V} x {d} matrix to "
+                         f"{math.prod(rf)} x {math.prod(cf)}, more than twice its size; choose factors whose products "
+                         f"lie in [{V}, {2 * V}] and [{d}, {2 * d}].")
     lay = _Layout(V, d, tuple(rf), tuple(cf), cfg.ranks)
     if check_ranks:
         modes, r = lay.modes, cfg.ranks

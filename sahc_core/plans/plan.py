@@ -5,7 +5,9 @@ A plan assigns one method config (any registered method: ``keep``/``int``/``svd`
 
 1. **Overrides** (``"overrides": [{"pattern": "*.norm*", "method": "keep"}, ...]``): the first
    pattern that matches the full tensor name (``fnmatch.fnmatchcase``: case-sensitive shell
-   wildcards ``*``, ``?``, ``[...]``) wins; later patterns are not consulted.
+   wildcards ``*``, ``?``, ``[...]``) wins; later patterns are not consulted. Each pattern is compiled
+   once; a pattern without wildcards is looked up by name, so a plan with one override per tensor
+   resolves in time linear in the tensors.
 2. **Components** (``"components": {"embedding": {...}}``): the config of the tensor's component
    (:class:`sahc_core.io.components.Component` values; an unknown name is a :class:`PlanError`).
 3. **Default** (``"default": {...}``); ``"default": null`` means *no default*: a tensor that no
@@ -30,13 +32,19 @@ stores both and the config ties them, the ``lm_head`` row gets method ``"tied"``
 shared matrix is counted once, in both the original and the compressed bytes.
 
 Bytes: original = 2 bytes per parameter (16-bit); compressed = ``methods.projected_bytes`` (exact
-storage: codes, scales, zero points, factors, TT cores).
+storage: codes, scales, zero points, factors, TT cores). A tensor stored in a dtype SAHC does not
+analyse (integer, boolean or 8-bit-or-narrower float, :mod:`sahc_core.io.dtypes`) is a
+:class:`PlanError`: its bytes are not 16-bit and its values are not weights to compress.
+
+Limits (a plan is user input): size, nesting depth, number and length of override patterns are
+bounded (:mod:`sahc_core.plans._limits`); the name is a safe label (:func:`sahc_core.paths.safe_label`).
 """
 from __future__ import annotations
 
 import fnmatch
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -48,6 +56,10 @@ from sahc_core.methods import registry as methods
 from sahc_core.methods.keep import KeepConfig
 from sahc_core.io.components import Component
 from sahc_core.errors import PlanError
+from sahc_core.io.dtypes import is_analysed, not_analysed_reason
+from sahc_core.paths import PathError, safe_label
+from sahc_core.plans._limits import (MAX_OVERRIDES, MAX_PATTERN_CHARS, OverrideIndex, check_depth, parse_plan_text,
+                                     read_plan_file)
 
 #: Bytes per parameter of the original (16-bit) model.
 ORIG_BYTES_PER_PARAM = 2
@@ -78,10 +90,14 @@ class Override:
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern:
             raise ValueError(f"override pattern must be a non-empty string, got {self.pattern!r}.")
+        if len(self.pattern) > MAX_PATTERN_CHARS:
+            raise ValueError(f"override pattern {self.pattern[:40]!r}... has {len(self.pattern)} characters, more "
+                             f"than the {MAX_PATTERN_CHARS} allowed.")
+        object.__setattr__(self, "_match", re.compile(fnmatch.translate(self.pattern)).match)  # compiled once
 
     def matches(self, name: str) -> bool:
-        """True when ``name`` matches the pattern (case-sensitive shell wildcards)."""
-        return fnmatch.fnmatchcase(name, self.pattern)
+        """True when ``name`` matches the pattern (case-sensitive shell wildcards, ``fnmatch.fnmatchcase``)."""
+        return self._match(name) is not None
 
 
 @dataclass(frozen=True)
@@ -114,6 +130,13 @@ class CompressionPlan:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise PlanError("a plan needs a non-empty \"name\"; add one to the plan JSON.")
+        try:
+            safe_label(self.name)
+        except PathError as exc:
+            raise PlanError(str(exc)) from None
+        if len(self.overrides) > MAX_OVERRIDES:
+            raise PlanError(f"plan {self.name!r} has {len(self.overrides):,} overrides, more than the "
+                            f"{MAX_OVERRIDES:,} allowed; use wildcard patterns or component configs instead.")
         unknown = sorted(set(self.components) - set(_COMPONENTS))
         if unknown:
             raise PlanError(
@@ -121,6 +144,7 @@ class CompressionPlan:
             )
         object.__setattr__(self, "components", MappingProxyType(dict(self.components)))
         object.__setattr__(self, "overrides", tuple(self.overrides))
+        object.__setattr__(self, "_index", OverrideIndex(self.overrides))
 
     # -- JSON form ---------------------------------------------------------------------------
     @classmethod
@@ -128,22 +152,33 @@ class CompressionPlan:
         """Parse the plan-JSON form (see design.md); unknown keys are a PlanError (typos are not ignored)."""
         if not isinstance(d, Mapping):
             raise PlanError(f"a plan must be a JSON object, got {type(d).__name__}.")
+        check_depth(d)
         extra = sorted(set(d) - _PLAN_KEYS)
         if extra:
             raise PlanError(f"plan has unknown key(s) {', '.join(extra)}; allowed are {', '.join(sorted(_PLAN_KEYS))}.")
         name = d.get("name")
         if not isinstance(name, str) or not name.strip():
             raise PlanError("a plan needs a non-empty \"name\"; add one to the plan JSON.")
+        try:
+            safe_label(name)  # before the name appears in any other message
+        except PathError as exc:
+            raise PlanError(str(exc)) from None
         comps = d.get("components") or {}
         if not isinstance(comps, Mapping):
             raise PlanError(f"plan {name!r}: \"components\" must be an object of component -> config.")
         raw_overrides = d.get("overrides") or []
         if not isinstance(raw_overrides, list):
             raise PlanError(f"plan {name!r}: \"overrides\" must be a list of {{\"pattern\": ..., \"method\": ...}}.")
+        if len(raw_overrides) > MAX_OVERRIDES:
+            raise PlanError(f"plan {name!r} has {len(raw_overrides):,} overrides, more than the "
+                            f"{MAX_OVERRIDES:,} allowed; use wildcard patterns or component configs instead.")
         overrides = []
         for i, o in enumerate(raw_overrides):
             if not isinstance(o, Mapping) or not isinstance(o.get("pattern"), str) or not o["pattern"]:
                 raise PlanError(f"plan {name!r}: override {i} needs a non-empty \"pattern\" string.")
+            if len(o["pattern"]) > MAX_PATTERN_CHARS:
+                raise PlanError(f"plan {name!r}: override {i} has a pattern of {len(o['pattern']):,} characters, "
+                                f"more than the {MAX_PATTERN_CHARS} allowed.")
             cfg = _parse_config({k: v for k, v in o.items() if k != "pattern"}, f"{name!r} override {o['pattern']!r}")
             overrides.append(Override(o["pattern"], cfg))
         default = d.get("default")
@@ -171,24 +206,13 @@ class CompressionPlan:
 
     @classmethod
     def from_json(cls, path: str | Path) -> CompressionPlan:
-        """Read a plan JSON file; a missing or malformed file is a PlanError."""
-        p = Path(path)
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise PlanError(f"plan file {p} does not exist; check the path.") from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PlanError(f"plan file {p} is not readable JSON ({exc}); fix the file.") from exc
-        return cls.from_dict(data)
+        """Read a plan JSON file; a missing, non-regular, oversized or malformed file is a PlanError."""
+        return cls.from_dict(read_plan_file(path))
 
     @classmethod
     def from_json_text(cls, text: str | bytes) -> CompressionPlan:
-        """Parse plan JSON text (an uploaded file)."""
-        try:
-            data = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PlanError(f"the plan is not valid JSON ({exc}); fix the file.") from exc
-        return cls.from_dict(data)
+        """Parse plan JSON text (an uploaded file), with the same bounds as :meth:`from_json`."""
+        return cls.from_dict(parse_plan_text(text))
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The plan as indented JSON text; also written to ``path`` when given."""
@@ -222,9 +246,10 @@ def _fit(shape: tuple[int, ...], component: str, cfg: Any, fallback: Any) -> tup
 
 def _rule(plan: CompressionPlan, name: str, component: str) -> tuple[Any, str]:
     """``(config, rule)`` by precedence override > component > default; config None if uncovered."""
-    for i, o in enumerate(plan.overrides):
-        if o.matches(name):
-            return o.config, f"override[{i}] {o.pattern}"
+    i = plan._index.first(name)
+    if i is not None:
+        o = plan.overrides[i]
+        return o.config, f"override[{i}] {o.pattern}"
     if component in plan.components:
         return plan.components[component], f"component {component}"
     return plan.default, "default"
@@ -249,6 +274,16 @@ def _tied_heads(table: pd.DataFrame, tied: bool) -> dict[str, str]:
     return {str(h): emb_name for h in heads}
 
 
+def _refuse_non_float(plan: CompressionPlan, table: pd.DataFrame) -> None:
+    """PlanError naming the tensors stored in a dtype SAHC does not analyse (``dtype`` column, when present)."""
+    if "dtype" not in table.columns:
+        return
+    bad = [(str(n), str(d)) for n, d in zip(table["name"], table["dtype"]) if not is_analysed(str(d))]
+    if bad:
+        raise PlanError(f"plan {plan.name!r} cannot apply to this model: {not_analysed_reason(*bad[0])}"
+                        f"{f' ({len(bad) - 1} more tensors too)' if len(bad) > 1 else ''}.")
+
+
 def resolve(plan: CompressionPlan, table: pd.DataFrame, tied_embeddings: bool = False) -> pd.DataFrame:
     """Assign a config to every tensor of ``table`` (``components.tensor_table``) and count bytes.
 
@@ -271,6 +306,7 @@ def resolve(plan: CompressionPlan, table: pd.DataFrame, tied_embeddings: bool = 
     PlanError
         Tensors left uncovered, or tensors the method cannot take and no (fitting) fallback.
     """
+    _refuse_non_float(plan, table)
     tied = _tied_heads(table, tied_embeddings)
     rows, uncovered, incompatible = [], [], []
     for rec in table.itertuples(index=False):
