@@ -8,7 +8,13 @@ for up to ``LOCK_TIMEOUT_S`` seconds before a ``CacheError`` is raised.
 Decisions (documented here because callers depend on them):
 
 * **Corrupt file** (not a DuckDB database): ``CacheError`` naming the file; the file is never
-  deleted or overwritten.
+  deleted or overwritten, and no ``.lock`` file is left beside it (the DuckDB magic bytes are read
+  before anything else happens).
+* **Ownership**: an existing DuckDB file is opened READ-ONLY first and used only if SAHC created it:
+  its ``meta`` table holds :data:`OWNER_KEY` = :data:`OWNER_VALUE` (written when SAHC creates a file),
+  or, for a file of an older SAHC, a ``schema_version`` and all of SAHC's tables. An empty database
+  counts as new. Any other database (someone else's ``runs`` table) is refused with ``CacheError``
+  and never altered.
 * **Read-only file or directory**: if the file exists with the current schema it is opened in
   read-only mode, so cached results can still be read (``Cache.read_only`` is True) and every write
   raises ``CacheError``; if it does not exist, cannot be created or needs a migration,
@@ -25,10 +31,11 @@ import datetime as _dt
 import json
 import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -70,6 +77,10 @@ _V2 = [
 ]
 MIGRATIONS: tuple[tuple[str, ...], ...] = (tuple(_V1), tuple(_V2))
 SCHEMA_VERSION: int = len(MIGRATIONS)
+#: The ``meta`` row that marks a DuckDB file as SAHC's own cache.
+OWNER_KEY, OWNER_VALUE = "owner", "sahc-explorer"
+_SAHC_TABLES = frozenset({"meta", "results", "audit_log", "plans", "runs"})
+_DUCKDB_MAGIC = b"DUCK"  # bytes 8..11 of every DuckDB database file
 
 _migrate_lock = threading.Lock()
 _tls = threading.local()  # per thread: cache path -> file-lock depth
@@ -135,6 +146,7 @@ class Cache:
         except OSError as exc:
             raise CacheError(f"cannot create the cache directory {self.path.parent} ({exc.strerror}): "
                              f"set {ENV_VAR} to a writable file.") from exc
+        self._check_owned()
         with _migrate_lock:
             try:
                 self._retry(self._migrate)
@@ -144,10 +156,56 @@ class Cache:
     def __repr__(self) -> str:
         return f"Cache({str(self.path)!r}{', read_only=True' if self.read_only else ''})"
 
-    # -- connections -------------------------------------------------------------------------
-    def _open(self) -> duckdb.DuckDBPyConnection:
+    # -- ownership ---------------------------------------------------------------------------
+    def _check_owned(self) -> None:
+        """Refuse an existing file that is not SAHC's cache, before any lock file or write (module docstring)."""
         try:
-            return duckdb.connect(str(self.path), read_only=self.read_only)
+            mode = self.path.stat().st_mode
+        except FileNotFoundError:
+            return  # a new file: ours to create
+        except OSError as exc:
+            raise CacheError(f"cannot read the cache file {self.path} ({exc.strerror}): set {ENV_VAR} to another file.") from exc
+        if not stat.S_ISREG(mode):
+            raise CacheError(f"cache path {self.path} is not a regular file: set {ENV_VAR} to a .duckdb file.")
+        try:
+            with self.path.open("rb") as fh:
+                head = fh.read(12)
+        except OSError as exc:
+            raise CacheError(f"cannot read the cache file {self.path} ({exc.strerror}): make it readable or set "
+                             f"{ENV_VAR} to another file.") from exc
+        if head[8:12] != _DUCKDB_MAGIC:
+            raise CacheError(f"cache file {self.path} is not a DuckDB database (corrupt?): {self._hint}.")
+        deadline = time.monotonic() + self.lock_timeout
+        # Queue on our own flock only where one exists already (a file SAHC used before); creating it
+        # here would leave a stray .lock beside a file that turns out not to be ours.
+        with self._file_lock(deadline) if Path(f"{self.path}.lock").exists() else nullcontext():
+            conn = self._connect_retry(deadline, read_only=True)
+            try:
+                self._refuse_foreign(conn)
+            finally:
+                conn.close()
+
+    def _refuse_foreign(self, conn: duckdb.DuckDBPyConnection) -> None:
+        """CacheError unless the database is empty or SAHC's own (see the module docstring)."""
+        tables = {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if not tables:
+            return
+        meta: dict = {}
+        if "meta" in tables:
+            try:
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            except (duckdb.Error, ValueError, TypeError):  # a "meta" table of another shape: not ours
+                meta = {}
+        if meta.get(OWNER_KEY) == OWNER_VALUE or ("schema_version" in meta and _SAHC_TABLES <= tables):
+            return
+        shown = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+        raise CacheError(f"cache file {self.path} is a DuckDB database that SAHC did not create (it holds {shown}); "
+                         f"it was left untouched: set {ENV_VAR} or --cache to another file.")
+
+    # -- connections -------------------------------------------------------------------------
+    def _open(self, read_only: bool | None = None) -> duckdb.DuckDBPyConnection:
+        try:
+            return duckdb.connect(str(self.path), read_only=self.read_only if read_only is None else read_only)
         except duckdb.Error as exc:
             msg = str(exc)
             if "not a valid DuckDB database" in msg or "not a DuckDB" in msg:
@@ -158,12 +216,12 @@ class Cache:
                                         f"make it writable or set {ENV_VAR} to a writable file.") from exc
             raise
 
-    def _connect_retry(self, deadline: float) -> duckdb.DuckDBPyConnection:
+    def _connect_retry(self, deadline: float, read_only: bool | None = None) -> duckdb.DuckDBPyConnection:
         """Open a connection, retrying while another process holds the lock (backoff + jitter)."""
         delay = 0.005
         while True:
             try:
-                return self._open()
+                return self._open(read_only)
             except duckdb.IOException as exc:
                 if not _is_lock_error(exc):
                     raise CacheError(f"cache file {self.path} could not be opened "
@@ -267,6 +325,7 @@ class Cache:
         return int(row[0]) if row else 0
 
     def _migrate(self, conn: duckdb.DuckDBPyConnection, upto: int = SCHEMA_VERSION) -> int:
+        self._refuse_foreign(conn)  # again, on this connection: the file may have appeared since the check
         current = self._schema_version(conn)
         if current > SCHEMA_VERSION:
             raise CacheError(f"cache file {self.path} has schema version {current}, newer than this SAHC "
@@ -277,6 +336,8 @@ class Cache:
                 conn.execute(stmt)
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(version + 1)])
             conn.execute("COMMIT")
+        if not conn.execute("SELECT count(*) FROM meta WHERE key = ?", [OWNER_KEY]).fetchone()[0]:
+            conn.execute("INSERT INTO meta VALUES (?, ?)", [OWNER_KEY, OWNER_VALUE])
         return max(current, upto)
 
     def _open_read_only(self) -> None:
