@@ -126,3 +126,28 @@ def test_pickle_only_checkpoints_are_refused_without_being_opened(suffix, tmp_pa
     monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("a pickle was opened"))
     with pytest.raises(ModelError, match="pickle checkpoints .* refused"):
         ModelSource.open(tmp_path)
+
+
+def model_loads_without_safetensors_only(source: str, filename: str = "<snippet>") -> list[str]:
+    """``AutoModel*.from_pretrained`` calls that do not pass ``use_safetensors=True`` literally
+    (a GGUF load, which names ``gguf_file``, reads no pickle either)."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Call):
+            name = _dotted(node.func)
+            kw = {k.arg: k.value for k in node.keywords if k.arg}
+            if len(name) >= 2 and name[-1] == "from_pretrained" and name[-2].startswith("AutoModel") \
+                    and not _is_const(kw.get("use_safetensors"), True) and "gguf_file" not in kw:
+                found.append(f"{filename}:{node.lineno}: {'.'.join(name)} without use_safetensors=True")
+    return found
+
+
+def test_model_loads_are_safetensors_only():
+    """No silent fallback to unpickling pytorch_model.bin when a directory has no model.safetensors."""
+    assert model_loads_without_safetensors_only("AutoModelForCausalLM.from_pretrained(p, dtype=d)")
+    assert not model_loads_without_safetensors_only("AutoModelForCausalLM.from_pretrained(p, use_safetensors=True)")
+    found = []
+    for p in _python_files():
+        if "tests" not in p.relative_to(REPO).parts:  # tests build fixtures with save_pretrained/from_pretrained
+            found += model_loads_without_safetensors_only(p.read_text(encoding="utf-8"), str(p.relative_to(REPO)))
+    assert found == [], "\n".join(found)

@@ -23,6 +23,7 @@ EXIT_INPUT, EXIT_OOM, EXIT_INTERRUPT = 2, 3, 130
 # ----------------------------------------------------------------------------------- commands
 def cmd_inspect(args: argparse.Namespace) -> dict:
     from sahc_core.io.components import component_shares, is_known_architecture, tensor_table
+    from sahc_core.io.dtypes import is_analysed
     from sahc_core.io.prequant import model_grids, summary
 
     source = _source(args)
@@ -30,12 +31,16 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
     shares = component_shares(table)
     known = is_known_architecture(source.architecture)
     grids = {} if args.no_prequant else model_grids(source, cache=_cache(args))
+    skipped = sorted({d for d in table["dtype"] if not is_analysed(d)})
     return {
         "model": str(source.path),
         "architecture": source.architecture,
         "known_architecture": known,
         "note": None if known else (
             f"unknown architecture {source.architecture!r}: components guessed from tensor names"),
+        "non_float_note": None if not skipped else (
+            f"{int((~table['dtype'].map(is_analysed)).sum())} tensor(s) are stored as {', '.join(skipped)}, not as "
+            "floats: they are listed but not analysed or compressed"),
         "fingerprint": source.fingerprint,
         "tied_embeddings": source.tied_embeddings,
         "total_params": int(table["params"].sum()),
@@ -43,7 +48,7 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
         "prequantized": summary(grids) if grids else None,
         "tensors": [
             {"name": r.name, "shape": list(r.shape), "dtype": r.dtype, "component": r.component,
-             "kind": r.kind, "params": int(r.params),
+             "kind": r.kind, "params": int(r.params), "analysed": is_analysed(r.dtype),
              "prequantized": None if not grids.get(r.name) else {k: grids[r.name][k] for k in ("bits", "block")}}
             for r in table.itertuples()
         ],
@@ -122,12 +127,13 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
 def cmd_ppl(args: argparse.Namespace) -> dict:
     from sahc_core.io.corpus import default_corpus, load_corpus
     from sahc_core.evaluate.allocator import retain_freed_memory
-    from sahc_core.evaluate.perplexity import PplConfig, perplexity
+    from sahc_core.evaluate.perplexity import PplConfig, check_window, perplexity
     from sahc_core.evaluate.model import load_model
 
-    corpus = load_corpus(args.corpus) if args.corpus else default_corpus()
     cfg = PplConfig(window=args.window, stride=args.stride, max_tokens=args.max_tokens,
                     batch_size=args.batch_size, dtype=args.dtype, device=args.device)
+    check_window(cfg, _source(args).config)  # before the corpus is read and the model loaded
+    corpus = load_corpus(args.corpus) if args.corpus else default_corpus()
     model, tokenizer = load_model(_model_dir(args), device=cfg.device, dtype=cfg.dtype)
     update, close = _tqdm_progress("perplexity", "tok")
     try:
@@ -188,11 +194,12 @@ def cmd_run(args: argparse.Namespace) -> dict:
     from sahc_core.runs.pipeline import execute_run
     from sahc_core.plans.plan import CompressionPlan
 
-    cache = Cache(args.cache)
-    plan = CompressionPlan.from_json(args.plan)
+    from sahc_core.paths import safe_id
     from sahc_core.runs.jobs import JobReporter, new_run_id
 
-    run_id = args.run_id or new_run_id()
+    run_id = safe_id(args.run_id, "--run-id") if args.run_id is not None else new_run_id()  # before any file
+    plan = CompressionPlan.from_json(args.plan)
+    cache = Cache(args.cache)
     reporter = JobReporter(cache, run_id, echo=sys.stderr)  # progress lines on stderr, JSON on stdout
     with retain_freed_memory():  # opt-in allocator tuning of the CLI / job process (see evaluate.allocator)
         return execute_run(cache, plan, _model_dir(args), corpus=args.corpus, window=args.window,
@@ -221,15 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--model", help="local HF model directory (default: the embedded SmolLM2-135M)")
     common.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     common.add_argument("--cache", help="DuckDB cache file (default: $SAHC_CACHE or cache/sahc.duckdb)")
-    common.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     common.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto: GPU when present)")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
+    # --no-cache only where it does what it says: `run` and `runs` live in the cache and do not take it.
+    no_cache = argparse.ArgumentParser(add_help=False)
+    no_cache.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
 
     p = argparse.ArgumentParser(prog="python -m sahc_core", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], dict], help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        parents = [common] if name in ("run", "runs") else [common, no_cache]
+        sp = sub.add_parser(name, parents=parents, help=help_, description=help_)
         sp.set_defaults(func=func)
         return sp
 
@@ -296,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="delete this finished run's assembled checkpoint to free disk; its results stay")
     from sahc_core.cli.report import add_report_parser
 
-    add_report_parser(sub, common)
+    add_report_parser(sub, common, no_cache)
     return p
 
 
@@ -340,8 +350,8 @@ def _report_error(exc: BaseException) -> int:
                      "memory (results already stored in the cache are kept)"), EXIT_OOM
     elif isinstance(exc, SahcError | ValueError):
         msg, code = str(exc), EXIT_INPUT
-    elif isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError):
-        msg, code = f"{exc.strerror}: {exc.filename}", EXIT_INPUT
+    elif isinstance(exc, OSError) and exc.strerror:  # a path the user gave that the system refused
+        msg, code = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror, EXIT_INPUT
     else:
         msg, code = f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1
     print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)

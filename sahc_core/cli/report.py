@@ -13,12 +13,13 @@ import argparse
 def cmd_report(args: argparse.Namespace) -> dict:
     """Build, optionally add the study tables, and write every export; returns the written paths."""
     from sahc_core.cli.common import _cache, _source, _tqdm_progress
-    from sahc_core.report.export import write_report
+    from sahc_core.report.export import check_out_dir, write_report
     from sahc_core.gates import audit_log
     from sahc_core.report.sections import build_report
 
     if args.target_ratio is not None and not args.target_ratio > 0:
         raise ValueError(f"--target-ratio must be positive, got {args.target_ratio}.")
+    check_out_dir(args.out)  # a file or an unwritable place fails now, not after minutes of building
     source = _source(args)
     cache = _cache(args)
     update, close = _tqdm_progress("report", "step")
@@ -44,10 +45,10 @@ def cmd_report(args: argparse.Namespace) -> dict:
             "study_tables": list(study.tables) if study else [], **written}
 
 
-def add_report_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``report`` sub-command (with the shared ``common`` flags) to ``sub``."""
+def add_report_parser(sub: argparse._SubParsersAction, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``report`` sub-command (with the shared flags of ``parents``) to ``sub``."""
     help_ = "build the report (figures with captions, optional study tables) and export HTML, PNG/SVG and CSV"
-    sp = sub.add_parser("report", parents=[common], help=help_, description=help_)
+    sp = sub.add_parser("report", parents=list(parents), help=help_, description=help_)
     sp.set_defaults(func=cmd_report)
     sp.add_argument("--out", required=True, help="output folder (created): report.html, tables/, figures/")
     sp.add_argument("--study", action="store_true", help="also reproduce the reference study's tables")

@@ -211,6 +211,27 @@ def zip_bytes(files: Mapping[str, bytes | str]) -> bytes:
     return buf.getvalue()
 
 
+def check_out_dir(out_dir: str | Path) -> Path:
+    """The resolved export folder, checked before any work: a folder, or creatable in a writable one.
+
+    Raises
+    ------
+    SahcError
+        When the path is a file (or lies under one), or its nearest existing folder is not writable.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise SahcError(f"the export path {out} is a file, not a folder; choose a folder for --out (it is created "
+                        "when missing).")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise SahcError(f"cannot create the export folder {out}: {existing} is a file, not a folder; choose "
+                        "another --out.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SahcError(f"cannot write the export folder {out}: {existing} is not writable; choose a writable --out.")
+    return out
+
+
 def write_report(report: Report, out_dir: str | Path, study: Mapping[str, pd.DataFrame] | None = None,
                  study_notes: Mapping[str, str] | None = None, audit: pd.DataFrame | None = None,
                  image_formats: Iterable[str] = IMAGE_FORMATS) -> dict:
@@ -225,7 +246,7 @@ def write_report(report: Report, out_dir: str | Path, study: Mapping[str, pd.Dat
         ``out_dir``, ``html``, ``tables`` (paths), ``audit_log`` (path or None), ``figures`` (paths),
         ``images_error`` (one sentence or None).
     """
-    out = Path(out_dir).expanduser().resolve()
+    out = check_out_dir(out_dir)
     try:
         (out / "tables").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
