@@ -16,9 +16,10 @@ after the first is tokenized *with* its ``W`` characters of left context, whose 
 dropped (checked to be a prefix again), so a tokenizer whose output depends on where its input
 starts (a SentencePiece ``▁`` prepended to the first word) sees a mid-text start exactly as the
 one-shot call does. Tokenization is local (byte-level BPE never merges across pre-token
-boundaries), so a cut verified on ``2 W`` characters is stable for the whole text; a tokenizer for
-which no candidate verifies within :data:`MAX_TRIES` candidates tokenizes the rest in one call
-(exact, not bounded). Special tokens the tokenizer adds around a text (a BOS, an EOS) are found by
+boundaries), so a cut verified on ``2 W`` characters is stable for the whole text. Memory stays
+bounded for every text: where no candidate verifies within a chunk (:data:`MAX_TRIES` tries; a
+"word" longer than a chunk, such as a base64 blob), the chunk is cut hard at its length, and only
+the few ids at that cut may differ from one call. Special tokens the tokenizer adds around a text (a BOS, an EOS) are found by
 comparing one short text with and without them and are added once, at the start and (when the whole
 text was read) at the end.
 """
@@ -36,8 +37,10 @@ from sahc_core.errors import CorpusError
 CHUNK_CHARS = 1 << 20
 #: Characters of context on each side of a candidate cut, and of left context per chunk.
 CONTEXT_CHARS = 512
-#: Candidate cuts tried per chunk before the rest of the text is tokenized in one call.
+#: Candidate cuts tried per chunk before the chunk is cut hard.
 MAX_TRIES = 64
+#: Most chunks merged back when a cut turns out unstable (bounds the characters of one call).
+MAX_MERGED = 4
 #: Chunk characters per wanted token when a cap is set (English BPE averages about 4).
 _CHARS_PER_TOKEN = 16
 _CANDIDATE = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
@@ -65,16 +68,16 @@ def _stable(tokenizer, text: str, cut: int) -> bool:
     return _encode(tokenizer, left + text[cut : cut + CONTEXT_CHARS])[: len(head)] == head
 
 
-def _next_cut(tokenizer, text: str, target: int) -> int:
-    """The first verified stable cut at or after ``target`` (``len(text)`` if none is found)."""
+def _next_cut(tokenizer, text: str, target: int, span: int) -> int:
+    """The first verified stable cut in ``[target, target + span)``; ``target`` itself (a hard cut) if none."""
     if target >= len(text):
         return len(text)
-    for tries, m in enumerate(_CANDIDATE.finditer(text, target)):
+    for tries, m in enumerate(_CANDIDATE.finditer(text, target, min(len(text), target + span))):
         if tries >= MAX_TRIES:
             break
         if _stable(tokenizer, text, m.start()):
             return m.start()
-    return len(text)
+    return target
 
 
 def _chunk_ids(tokenizer, text: str, begin: int, end: int) -> list[int] | None:
@@ -114,12 +117,14 @@ def token_ids(tokenizer, text: str, max_tokens: int | None = None, chunk_chars: 
     chunks: list[tuple[int, np.ndarray]] = []  # (first character, ids) per chunk, in order
     count, begin = len(prefix), 0
     while begin < len(text) and (max_tokens is None or count < max_tokens):
-        end = _next_cut(tokenizer, text, begin + chunk_chars)
+        end = _next_cut(tokenizer, text, begin + chunk_chars, chunk_chars)
         ids = _chunk_ids(tokenizer, text, begin, end)
-        while ids is None:  # the cut at `begin` moved its context's tokens: merge with the previous chunk
-            begin, dropped = chunks.pop()
+        while ids is None and chunks and end - chunks[-1][0] <= MAX_MERGED * chunk_chars:
+            begin, dropped = chunks.pop()  # the cut at `begin` moved its context's tokens: merge backwards
             count -= len(dropped)
             ids = _chunk_ids(tokenizer, text, begin, end)
+        if ids is None:  # no stable cut near `begin` (a "word" longer than a chunk): cut hard, stay bounded
+            ids = _encode(tokenizer, text[begin:end])
         chunks.append((begin, np.asarray(ids, dtype=np.int64)))
         count += len(ids)
         begin = end
