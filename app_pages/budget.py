@@ -72,7 +72,11 @@ except SahcError as exc:
     st.stop()
 
 with st.expander("Load a plan"):
-    saved = list(load_plans(cache)) if cache is not None else []
+    try:
+        saved = list(load_plans(cache)) if cache is not None else []
+    except SahcError as exc:  # a saved plan that no longer parses: say which, keep the page usable
+        app_state.show_error(exc)
+        saved = []
     l1, l2 = st.columns(2)
     l1.selectbox("Saved plans", saved, key="budget_pick")
     l1.button("Load saved plan", on_click=_load, args=("cache", comps), disabled=not saved)

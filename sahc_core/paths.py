@@ -2,10 +2,10 @@
 
 Three rules, each enforced in one place:
 
-* **Identifiers** (run ids, plan names) are checked against one strict pattern where they enter
-  (:func:`safe_id`, :func:`safe_label`): a single path component of letters, digits and ``._-``
-  (plan names may also hold spaces and ``+(),=``), never ``.``, ``..``, a separator or a control
-  character, so that an identifier joined under a directory can never name anything but a child.
+* **Identifiers** are checked where they enter, one rule per kind: run ids by :func:`safe_id` (a
+  single path component of letters, digits and ``._-``), plan names by :func:`safe_label` (a label:
+  any letters, spaces and punctuation, but never a separator, a control character or a leading
+  dot), so that an identifier joined under a directory can never name anything but a child.
 * **Containment**: every path built from user input is checked before anything is written or
   removed. :func:`contained` resolves symlinks and ``..`` and requires the result to lie strictly
   inside the resolved parent (for directories we write or delete); :func:`member` checks a relative
@@ -21,14 +21,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import unicodedata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from sahc_core.errors import SahcError
 
 #: Run ids and any other identifier joined under a directory: one safe path component.
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-#: Plan names: a label shown in the UI and stored in the cache; also a safe file name.
-LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+(),=-]{0,99}")
+#: Longest plan name (a label shown in the UI and stored in the cache; see :func:`safe_label`).
+LABEL_MAX = 100
 #: Marker file written into every directory SAHC creates for its output (checked before deleting).
 MARKER = ".sahc-owned"
 _MARKER_TEXT = "This directory was created by SAHC Explorer (sahc_core); SAHC deletes only directories holding this file.\n"
@@ -55,10 +56,18 @@ def safe_id(value: object, what: str = "run id") -> str:
 
 
 def safe_label(value: object, what: str = "plan name") -> str:
-    """``value`` if it is a safe label (:data:`LABEL_PATTERN`), else :class:`PathError`."""
-    if not isinstance(value, str) or not LABEL_PATTERN.fullmatch(value):
-        raise PathError(f"{what} {_shown(value)} is not allowed: use 1-100 letters, digits, spaces or "
-                        "'._+(),=-', starting with a letter or digit.")
+    """``value`` if it is a safe label, else :class:`PathError`.
+
+    A label is 1-100 characters that start with a letter or digit (any script) and hold no path
+    separator (``/``, ``\\``) and no control, format or unassigned character (Unicode category
+    ``C*``: newlines, NUL, bidirectional overrides); spaces and punctuation are allowed. Such a name
+    is also a safe single file-name component.
+    """
+    ok = (isinstance(value, str) and 0 < len(value) <= LABEL_MAX and value[0].isalnum()
+          and not any(ch in "/\\" or unicodedata.category(ch).startswith("C") for ch in value))
+    if not ok:
+        raise PathError(f"{what} {_shown(value)} is not allowed: use 1-{LABEL_MAX} characters starting with a "
+                        "letter or digit, without '/', '\\' or control characters.")
     return value
 
 

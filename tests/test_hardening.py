@@ -71,8 +71,9 @@ def test_safe_id_and_label_accept_what_sahc_writes():
     from sahc_core.runs.jobs import new_run_id
 
     assert safe_id(new_run_id()) and safe_id("run-a") == "run-a" and safe_id("r1.retry_2")
-    assert safe_label("int4-g64 (report default)") and safe_label("int4+svd r=0.25, g128")
-    for bad in ("../x", "a/b", " lead", "x" * 101, "tab\tname"):
+    assert safe_label("int4-g64 (report default)") and safe_label("int4+svd r=0.25, g128 ≥5x!")
+    assert safe_label("Плaн 4-бит")
+    for bad in ("../x", "a/b", "a\\b", " lead", ".hidden", "x" * 101, "tab\tname", "new\nline", "\u202eevil", ""):
         with pytest.raises(PathError):
             safe_label(bad)
 

@@ -137,3 +137,11 @@ def test_runs_page_refuses_a_device_or_pipe_corpus_before_starting(corpus, tiny_
     assert "not a regular file or a folder" in _error_text(at)
     assert cache.execute("SELECT count(*) FROM runs") == [(0,)]
     assert not Path(tmp_path / "jobs").exists()
+
+
+def test_budget_page_survives_a_saved_plan_whose_name_is_no_longer_allowed(tiny_llama_dir, tmp_path, monkeypatch):
+    """A cache written before plan names were checked: the page names the bad plan and stays usable."""
+    Cache(tmp_path / "c.duckdb").save_plan("old/plan", {**INT8, "name": "old/plan"})
+    at = run_page("budget", tiny_llama_dir, monkeypatch, tmp_path)
+    assert "old/plan" in _error_text(at)
+    assert any(m.label == "Total ratio (projected)" for m in at.metric)
