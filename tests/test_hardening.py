@@ -620,3 +620,16 @@ def test_sigint_of_run_exits_130_and_marks_the_run_cancelled(tiny_llama_dir, tmp
     assert code == EXIT_INTERRUPT == 130 and err.strip().endswith("error: interrupted")
     assert Cache(cache_path).execute("SELECT status FROM runs WHERE run_id = 'r1'") == [("cancelled",)]
     assert not any((cache_path.parent / "runs").glob("r1*"))
+
+
+def test_gutenberg_markers_are_found_at_the_ends_of_a_large_text_in_bounded_time():
+    from sahc_core.io.corpus import strip_gutenberg
+
+    body = ("Tomorrow, and tomorrow, and tomorrow creeps in this petty pace from day to day.\n" * 40_000)  # 3.3 MB
+    header = "The Project Gutenberg EBook of Macbeth\n*** START OF THIS PROJECT GUTENBERG EBOOK MACBETH ***\n"
+    footer = "*** END OF THIS PROJECT GUTENBERG EBOOK MACBETH ***\nlicence text\n"
+    t0 = time.perf_counter()
+    assert strip_gutenberg(header + body + footer) == body
+    middle = body + "*** END OF THE PROJECT GUTENBERG EBOOK X ***\n" + body  # not where Gutenberg puts it
+    assert strip_gutenberg(middle) == middle
+    assert time.perf_counter() - t0 < 3
