@@ -525,7 +525,7 @@ def test_our_own_files_old_and_new_and_empty_databases_are_accepted(tmp_path):
         Cache(half)
 
 
-@pytest.mark.parametrize("command", ["run", "runs"])
+@pytest.mark.parametrize("command", ["run", "runs", "calib"])
 def test_no_cache_does_not_exist_where_it_cannot_be_honoured(command, tmp_path, capsys):
     argv = [command, "--no-cache"] + (["--plan", _plan_file(tmp_path, INT8)] if command == "run" else [])
     with pytest.raises(SystemExit) as info:
@@ -569,9 +569,9 @@ def test_start_run_refuses_a_long_window_before_queueing(tiny_llama_dir, tmp_pat
 @pytest.mark.parametrize("kind", ["file", "under-a-file"])
 def test_report_out_that_is_a_file_is_refused_before_building(kind, tiny_llama_dir, tmp_path, cache_path, capsys,
                                                              monkeypatch):
-    import sahc_core.report.build as build
+    import sahc_core.report.sections as sections
 
-    monkeypatch.setattr(build, "build_report", lambda *a, **k: pytest.fail("the report was built"))
+    monkeypatch.setattr(sections, "build_report", lambda *a, **k: pytest.fail("the report was built"))
     f = tmp_path / "report.html"
     f.write_text("an existing file")
     out = f if kind == "file" else f / "sub"
@@ -633,3 +633,49 @@ def test_gutenberg_markers_are_found_at_the_ends_of_a_large_text_in_bounded_time
     middle = body + "*** END OF THE PROJECT GUTENBERG EBOOK X ***\n" + body  # not where Gutenberg puts it
     assert strip_gutenberg(middle) == middle
     assert time.perf_counter() - t0 < 3
+
+
+def test_export_force_replaces_only_an_earlier_export(tiny_llama_dir, tmp_path):
+    from sahc_core.io.source import ModelSource
+    from sahc_core.plans.assemble import assemble
+    from sahc_core.plans.export import export_checkpoint
+    from sahc_core.plans.plan import CompressionPlan
+
+    run = tmp_path / "run"
+    assemble(ModelSource.open(tiny_llama_dir), CompressionPlan.from_dict(INT8), run, device="cpu")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    with pytest.raises(PathError, match="not created by SAHC"):
+        export_checkpoint(run, tiny_llama_dir, theirs, "dense", force=True)
+    assert _tree(theirs) == {"notes.txt": b"keep me"}
+    out = tmp_path / "export"
+    export_checkpoint(run, tiny_llama_dir, out, "dense")
+    assert (out / MARKER).is_file()
+    export_checkpoint(run, tiny_llama_dir, out, "dense", force=True)  # an earlier export of ours: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "run", "theirs"]
+
+
+def test_calibration_folder_named_by_the_cache_stays_inside_it(tiny_llama_tok_dir, tmp_path):
+    from sahc_core.calib.stats import CalibConfig
+    from sahc_core.calib.store import FORMAT_VERSION, KIND, calibration_stats, stats_dir, text_sha256
+    from sahc_core.io.source import ModelSource
+    from tiny_models import TINY_TEXT
+
+    cache, src = Cache(tmp_path / "cache" / "c.duckdb"), ModelSource.open(tiny_llama_tok_dir)
+    cfg = CalibConfig(tokens=32, heldout_tokens=16)
+    key = cfg.key(text_sha256(TINY_TEXT))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("keep me")
+    cache.put(KIND, src.fingerprint, key, FORMAT_VERSION, {"dir": "../victim", "meta": {}})
+    with pytest.raises(PathError, match="outside"):
+        calibration_stats(src, cache, TINY_TEXT, cfg, device="cpu")
+    theirs = stats_dir(cache, src.fingerprint, key)  # an incomplete folder SAHC did not create, where ours would go
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("keep me too")
+    cache.execute("DELETE FROM results WHERE kind = ?", [KIND])
+    with pytest.raises(PathError, match="not created by SAHC"):
+        calibration_stats(src, cache, TINY_TEXT, cfg, device="cpu")
+    assert _tree(victim) == {"notes.txt": b"keep me"} and _tree(theirs) == {"notes.txt": b"keep me too"}
+    assert not [p for p in theirs.parent.iterdir() if p.name.startswith(".tmp-")]

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -36,8 +35,10 @@ from sahc_core.calib.stats import (FORMAT_VERSION, INDEX_FILE, LAYOUT, SPLITS, S
                                    pack_symmetric, read_index)
 from sahc_core.errors import CacheError, CorpusError
 from sahc_core.evaluate.model import DTYPES, _max_positions, _model_device
-from sahc_core.evaluate.perplexity import DEFAULT_WINDOW, _tokenize
+from sahc_core.evaluate.perplexity import DEFAULT_WINDOW
+from sahc_core.evaluate.tokens import token_ids
 from sahc_core.io.source import ModelSource
+from sahc_core.paths import contained, mark_owned, remove_owned
 
 KIND = "calib_stats"
 EMBEDDING_SHARD = "embedding.safetensors"
@@ -96,7 +97,8 @@ def calibration_stats(source: ModelSource, cache: Cache, text: str | None = None
         text = default_corpus().calib_text
     key = cfg.key(text_sha256(text))
     row = cache.get(KIND, source.fingerprint, key, FORMAT_VERSION)
-    folder = cache.path.parent / row["dir"] if row else stats_dir(cache, source.fingerprint, key)
+    folder = contained(cache.path.parent, row["dir"], "calibration folder") if row else \
+        stats_dir(cache, source.fingerprint, key)  # a cached row names a folder inside the cache folder only
     stats = _open(folder, key)
     if stats is None:
         if model is None:
@@ -152,8 +154,8 @@ def _capture(folder: Path, source: ModelSource, text: str, key: str, cfg: CalibC
              progress: Callable[[int, int], None] | None) -> CalibStats:
     """Capture both splits into a temporary folder, then rename it to ``folder``."""
     start = time.perf_counter()
-    ids = _tokenize(tokenizer, text)
     need = cfg.tokens + cfg.heldout_tokens
+    ids = token_ids(tokenizer, text, max_tokens=need)  # streamed: a long text is never tokenized whole
     if ids.numel() < need:
         raise CorpusError(f"the calibration text has {ids.numel()} tokens but {cfg.tokens} fitting + "
                           f"{cfg.heldout_tokens} held-out tokens were asked for; give a longer text or fewer tokens.")
@@ -173,8 +175,7 @@ def _capture(folder: Path, source: ModelSource, text: str, key: str, cfg: CalibC
     params = dict(model.named_parameters(remove_duplicate=False))
     store = STORE_DTYPES[cfg.store_dtype]
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = mark_owned(folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     index: dict[str, Any] = {"format": FORMAT_VERSION, "layout": LAYOUT, "inputs": {}, "weights": {}, "files": {}}
 
     def write(_index: int, name: str, tensors: dict[str, Tensor], inputs: dict[str, dict[str, Any]]) -> None:
@@ -211,8 +212,7 @@ def _capture(folder: Path, source: ModelSource, text: str, key: str, cfg: CalibC
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True), encoding="utf-8")
         _install(tmp, folder, key)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        remove_owned(tmp)  # (gone once installed)
     stats = _open(folder, key)
     assert stats is not None, "a freshly installed statistics folder must open"
     return stats
@@ -223,7 +223,7 @@ def _install(tmp: Path, folder: Path, key: str) -> None:
     if folder.exists():
         if _open(folder, key) is not None:
             return
-        shutil.rmtree(folder)  # incomplete or corrupt: replaced by the fresh capture
+        remove_owned(folder, "calibration folder")  # incomplete or corrupt: replaced (only if SAHC made it)
     try:
         tmp.rename(folder)
     except OSError:  # another process renamed its copy in between

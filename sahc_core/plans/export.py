@@ -19,7 +19,8 @@ Formats (``fmt``):
 - ``"gguf"``: one ``model.gguf`` for the llama architecture where every int tensor maps exactly onto
   a GGML block type; see :mod:`sahc_core.plans._gguf`.
 
-Robustness: a non-empty ``out_dir`` is refused unless ``force``; everything is written into a hidden
+Robustness: a non-empty ``out_dir`` is refused unless ``force``, and ``force`` replaces only an earlier
+export (every export carries SAHC's ``paths.MARKER``; any other directory is never deleted); everything is written into a hidden
 ``.<name>.tmp-export-<pid>`` directory beside ``out_dir`` and moved into place with ``os.replace``
 only once complete, so a crash or a full disk never leaves a directory that looks like a model; an
 ``OSError`` while writing (e.g. ENOSPC) becomes one :class:`~sahc_core.errors.SahcError` sentence.
@@ -48,6 +49,7 @@ from safetensors.torch import save_file
 from sahc_core.plans.assemble import MANIFEST, iter_assembled, read_manifest
 from sahc_core.plans.plan import TIED
 from sahc_core.errors import JobError, ModelError, SahcError
+from sahc_core.paths import check_removable, is_owned, mark_owned, remove_owned, safe_id
 
 ExportFormat = Literal["compressed-tensors", "dense", "gguf"]
 #: Largest dense/compressed-tensors shard: the Hugging Face Hub's long-standing ``max_shard_size``.
@@ -198,9 +200,11 @@ def _check_out(out: Path, force: bool, protected: tuple[Path, ...]) -> Path:
     for p in protected:
         if p == out or p.is_relative_to(out):
             raise SahcError(f"the export directory {out} would replace {p}, which the export reads; choose another one.")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise SahcError(f"output directory {out} exists and is not empty; choose another one or pass force=True "
-                        "to replace it.")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise SahcError(f"output directory {out} exists and is not empty; choose another one or pass force=True "
+                            "to replace it.")
+        check_removable(out, "output directory")  # force replaces only an earlier export (SAHC's marker)
     return out
 
 
@@ -208,18 +212,23 @@ def _check_out(out: Path, force: bool, protected: tuple[Path, ...]) -> Path:
 def _staging(out: Path) -> Iterator[Path]:
     """A fresh hidden directory beside ``out``; moved onto ``out`` when the block ends, removed on failure."""
     tmp = out.parent / f".{out.name}.tmp-export-{os.getpid()}"
+    remove_owned(tmp, "a stale temporary export directory")  # never a directory SAHC did not create
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        mark_owned(tmp)  # the export carries SAHC's marker, so a later force=True may replace it
         yield tmp
         _swap_in(tmp, out)
     except (OSError, SafetensorError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise _write_error(exc, out) from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp: Path) -> None:
+    """Remove the staging directory of a failed export (ours: marked before anything was written)."""
+    if is_owned(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)  # best effort: the error that stopped the export is what counts
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -229,7 +238,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_owned(old, "the replaced export")  # checked removable (marked or empty) before the export began
 
 
 def _write_error(exc: Exception, out: Path) -> SahcError:
@@ -363,7 +372,7 @@ def export_run(cache, run_id: str, out_dir: str | Path, fmt: ExportFormat, *, mo
     """
     from sahc_core.runs.jobs import ACTIVE, jobs_dir, run_files, run_status
 
-    row = run_status(cache, run_id)
+    row = run_status(cache, safe_id(run_id, "run id"))
     status = row["status"]
     if status in ACTIVE:
         raise JobError(f"run {run_id} is still {status}; wait for it to finish (or cancel it) before exporting.")
