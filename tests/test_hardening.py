@@ -325,6 +325,7 @@ def non_float_models(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("dtype", list(_NON_FLOAT))
 def test_non_float_weights_are_named_and_never_analysed(dtype, non_float_models, tmp_path, cache_path, capsys):
     from sahc_core.io.source import ModelSource
+    from sahc_core.spectra._blocked import spectrum_blocked
     from sahc_core.spectra.scan import matrix_table
 
     d = non_float_models[dtype]
@@ -334,6 +335,8 @@ def test_non_float_weights_are_named_and_never_analysed(dtype, non_float_models,
     assert row["dtype"] == dtype and row["analysed"] is False and dtype in info["non_float_note"]
     line = cli_error(capsys, "spectrum", "--model", str(d), "--tensor", FFN, "--device", "cpu", "--no-cache")
     assert f"stored as {dtype}" in line and "not as a 16/32/64-bit float" in line
+    with pytest.raises(ModelError, match=f"stored as {dtype}"):  # the bounded-memory path reads slices itself
+        spectrum_blocked(ModelSource.open(d), FFN)
     line = cli_error(capsys, "plan", "--model", str(d), "--plan", _plan_file(tmp_path, INT8))
     assert f"stored as {dtype}" in line
     assert FFN not in set(matrix_table(ModelSource.open(d))["name"])  # a scan skips it instead of failing
@@ -525,9 +528,11 @@ def test_our_own_files_old_and_new_and_empty_databases_are_accepted(tmp_path):
         Cache(half)
 
 
-@pytest.mark.parametrize("command", ["run", "runs", "calib"])
+@pytest.mark.parametrize("command", ["run", "runs", "calib", "export"])
 def test_no_cache_does_not_exist_where_it_cannot_be_honoured(command, tmp_path, capsys):
-    argv = [command, "--no-cache"] + (["--plan", _plan_file(tmp_path, INT8)] if command == "run" else [])
+    required = {"run": ["--plan", _plan_file(tmp_path, INT8)], "export": ["--run", "r1", "--format", "dense",
+                                                                        "--out", str(tmp_path / "x")]}
+    argv = [command, "--no-cache", *required.get(command, [])]
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2 and "unrecognized arguments: --no-cache" in capsys.readouterr()[1]

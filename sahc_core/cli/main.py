@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--cache", help="DuckDB cache file (default: $SAHC_CACHE or cache/sahc.duckdb)")
     common.add_argument("--device", default="auto", help="auto|cpu|cuda (default auto: GPU when present)")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    # --no-cache only where it does what it says: `run`, `runs` and `calib` live in the cache and do not take it.
+    # --no-cache only where it does what it says: run, runs, calib and export live in the cache and do not take it.
     no_cache = argparse.ArgumentParser(add_help=False)
     no_cache.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
 
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], dict], help_: str) -> argparse.ArgumentParser:
-        parents = [common] if name in ("run", "runs", "calib") else [common, no_cache]
+        parents = [common] if name in ("run", "runs", "calib", "export") else [common, no_cache]
         sp = sub.add_parser(name, parents=parents, help=help_, description=help_)
         sp.set_defaults(func=func)
         return sp

@@ -56,6 +56,7 @@ from scipy.linalg.blas import dsyrk, ssyrk
 
 from sahc_core.device import resolve_device
 from sahc_core.errors import ModelError
+from sahc_core.io.dtypes import not_analysed_reason
 from sahc_core.spectra.spectrum import _GRAM_TOL, _eigvalsh, _gram_error_estimate
 
 if TYPE_CHECKING:
@@ -128,6 +129,8 @@ def _check(source: ModelSource, name: str, block_bytes: int, precision: str, all
     info = source.info(name)
     if len(info.shape) < 2:
         raise ModelError(f"tensor {name!r} is {len(info.shape)}-D (a norm or bias) and has no spectrum; pick a 2-D weight.")
+    if not info.analysed:  # slices are read past ModelSource.read, so its dtype rule is applied here too
+        raise ModelError(f"{not_analysed_reason(name, info.dtype)}.")
     if not (isinstance(block_bytes, int) and block_bytes >= 1):
         raise ValueError(f"block_bytes must be a positive integer, got {block_bytes!r}.")
     if precision not in allowed:
