@@ -4,10 +4,11 @@ from __future__ import annotations
 import streamlit as st
 
 import app_state
+from sahc_core.errors import SahcError
+from sahc_core.figures.format import MISSING, component_label, fmt_params, fmt_pct, is_missing
+from sahc_core.figures.model import shares_bar, shares_treemap
 from sahc_core.io.components import component_shares, is_known_architecture, tensor_table
 from sahc_core.io.dtypes import is_analysed
-from sahc_core.errors import SahcError
-from sahc_core.figures.model import shares_bar, shares_treemap
 
 st.title("Model")
 source = app_state.current_source()
@@ -15,7 +16,7 @@ if source is None:
     st.stop()
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner="Reading the tensor headers…")
 def _table(fingerprint: str, _source):
     return tensor_table(_source)
 
@@ -41,32 +42,41 @@ total = int(table["params"].sum())
 emb = shares.set_index("component")["share"].get("embedding", 0.0)
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("Architecture", source.architecture)
-c2.metric("Parameters", f"{total / 1e6:,.1f} M")
+c2.metric("Parameters", fmt_params(total), help=f"{total:,} parameters; tied weights are counted once.")
 c3.metric("Tensors", f"{len(table):,}")
 c4.metric("Embedding / LM head share", f"{emb:.1%}", help="Tied weights are counted once.")
 st.caption(f"`{source.path}` · fingerprint `{source.fingerprint[:16]}` · "
            f"tied embeddings: {'yes' if source.tied_embeddings else 'no'}")
 if emb > 0.15:
-    st.warning(f"The embedding / LM head holds {emb:.1%} of the parameters: whatever the rest achieves, "
+    st.warning(f"The embedding / LM head holds {fmt_pct(emb)} of the parameters: whatever the rest achieves, "
                "this share bounds the total ratio (the 'embedding wall', see the Budget page).")
 
 left, right = st.columns([2, 1])
 left.subheader("Where the parameters live")
-left.plotly_chart(shares_treemap(table), width="stretch")
+left.plotly_chart(shares_treemap(table), width="stretch", key="model_treemap")
 right.subheader("Component shares")
-right.plotly_chart(shares_bar(shares), width="stretch")
-right.dataframe(shares.assign(share=shares["share"] * 100), hide_index=True,
-                column_config={"share": st.column_config.NumberColumn("share (%)", format="%.2f")})
+right.plotly_chart(shares_bar(shares), width="stretch", key="model_shares")
+with right:
+    app_state.show_table(shares, ["component", "params", "share", "n_tensors"])
 
 st.subheader("Tensors")
 query = st.text_input("Filter by name (substring)", key="model_filter")
-comps = st.multiselect("Components", sorted(table["component"].unique()), key="model_components")
+comps = st.multiselect("Components", sorted(table["component"].unique()), key="model_components",
+                       format_func=component_label)
 view = table
 if query:
     view = view[view["name"].str.contains(query, case=False, regex=False)]
 if comps:
     view = view[view["component"].isin(comps)]
-view = view.assign(shape=view["shape"].map(lambda s: " × ".join(map(str, s))))
-st.dataframe(view[["name", "shape", "dtype", "component", "kind", "layer", "params"]], hide_index=True,
-             width="stretch", height=420)
-st.download_button("Download tensor table (CSV)", view.to_csv(index=False), "tensors.csv", "text/csv")
+if view.empty:
+    st.info("No tensor matches this filter: clear the name filter or the component choice.")
+else:
+    shown = view.assign(shape=view["shape"].map(lambda s: " × ".join(map(str, s))),
+                        component=view["component"].map(component_label),
+                        layer=view["layer"].map(lambda v: MISSING if is_missing(v) else str(int(v))))
+    st.dataframe(shown[["name", "shape", "dtype", "component", "kind", "layer", "params"]], hide_index=True,
+                 width="stretch", height=420, column_config={  # numbers stay numbers here: the table sorts
+                     "name": "Tensor", "shape": "Shape", "dtype": "Dtype", "component": "Component", "kind": "Kind",
+                     "layer": "Layer", "params": st.column_config.NumberColumn("Parameters", format="localized")})
+st.download_button("Download tensor table (CSV)", view.to_csv(index=False), "tensors.csv", "text/csv",
+                   key="model_download")

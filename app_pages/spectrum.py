@@ -7,12 +7,15 @@ import torch
 
 import app_state
 from sahc_core.errors import SahcError
-from sahc_core.figures.spectrum import (energy_figure, layer_heatmap, output_rank_figure, rank_error_figure,
-                                        sigma_figure)
+from sahc_core.figures.spectrum import (STABLE_RANK, energy_figure, layer_heatmap, output_rank_figure,
+                                        rank_error_figure, sigma_figure)
 from sahc_core.spectra.scan import cached_scan, matrix_table, results_frame, scan
 from sahc_core.spectra.spectrum import tensor_spectrum
 
 MODES = ("This tensor", "All projections of this layer", "This projection across layers")
+STAT_COLUMNS = ["name", "shape", "sigma_max", "sigma_min", "condition_number", "stable_rank", "effective_rank",
+                "min_rank_0.1", "min_rank_frac_0.1", "min_rank_0.05", "min_rank_0.01", "n_outside_mp", "cached",
+                "seconds"]
 NO_LAYER = "—"
 
 st.title("Spectrum")
@@ -26,8 +29,12 @@ def _short(name: str) -> str:
     return name.removeprefix("model.").removesuffix(".weight")
 
 
-def selection_ui(table: pd.DataFrame) -> tuple[str, list[str], str]:
-    """Component -> layer -> tensor, a mode (tensor / layer / kind across layers), extra overlays."""
+def selection_ui(table: pd.DataFrame) -> tuple[str, list[str], str, list[int] | None]:
+    """Component -> layer -> tensor, a mode (tensor / layer / kind across layers), extra overlays.
+
+    Returns the component, the tensors to show, the device, and their layer indices in the
+    across-layers mode (the figures then colour by depth), else None.
+    """
     c1, c2, c3, c4 = st.columns([2, 1, 3, 1])
     component = c1.selectbox("Component", sorted(table["component"].unique()), key="sp_component")
     comp = table[table["component"] == component]
@@ -47,17 +54,20 @@ def selection_ui(table: pd.DataFrame) -> tuple[str, list[str], str]:
         names = [name]
     extra = st.multiselect("Overlay more tensors", [n for n in table["name"] if n not in names],
                            format_func=_short, key="sp_extra")
-    return component, names + extra, device
+    depth = table.set_index("name")["layer"].reindex(names + extra)
+    layers = [int(v) for v in depth] if mode == MODES[2] and depth.notna().all() else None
+    return component, names + extra, device, layers
 
 
 def compute(names: list[str], device: str) -> list:
     """Spectra of the selected tensors (cached in DuckDB), with a progress bar for several."""
     bar = st.progress(0.0, text="Computing spectra…") if len(names) > 1 else None
     results = []
-    for i, n in enumerate(names):
-        results.append(tensor_spectrum(source, n, cache=cache, device=device))
-        if bar is not None:
-            bar.progress((i + 1) / len(names), text=f"{i + 1}/{len(names)} tensors")
+    with st.spinner(f"Singular values of {len(names)} tensor(s)…"):
+        for i, n in enumerate(names):
+            results.append(tensor_spectrum(source, n, cache=cache, device=device))
+            if bar is not None:
+                bar.progress((i + 1) / len(names), text=f"{i + 1}/{len(names)} tensors")
     if bar is not None:
         bar.empty()
     return results
@@ -85,7 +95,7 @@ def scan_ui(component: str, device: str) -> pd.DataFrame:
 
 try:
     table = matrix_table(source)
-    component, names, device = selection_ui(table)
+    component, names, device, layers = selection_ui(table)
     results = compute(names, device)
 except (SahcError, ValueError) as exc:
     app_state.show_error(exc)
@@ -100,10 +110,10 @@ for r in results:
         st.caption(f"`{_short(r.tensor)}`: {r.note}")
 
 left, right = st.columns(2)
-left.plotly_chart(sigma_figure(results), width="stretch", key="sp_fig_sigma")
-right.plotly_chart(sigma_figure(results, normalized=True), width="stretch", key="sp_fig_norm")
-left.plotly_chart(rank_error_figure(results), width="stretch", key="sp_fig_err")
-right.plotly_chart(energy_figure(results), width="stretch", key="sp_fig_energy")
+left.plotly_chart(sigma_figure(results, layers=layers), width="stretch", key="sp_fig_sigma")
+right.plotly_chart(sigma_figure(results, normalized=True, layers=layers), width="stretch", key="sp_fig_norm")
+left.plotly_chart(rank_error_figure(results, layers=layers), width="stretch", key="sp_fig_err")
+right.plotly_chart(energy_figure(results, layers=layers), width="stretch", key="sp_fig_energy")
 
 st.subheader("Low-rank where the data lives?")
 calib = app_state.calibration_ui(source, cache, key="sp_calib")
@@ -131,8 +141,9 @@ else:
 
 st.subheader("Statistics")
 stats = results_frame(results)
-st.dataframe(stats, hide_index=True, width="stretch")
-st.download_button("Download statistics (CSV)", stats.to_csv(index=False), "spectrum_stats.csv", "text/csv")
+app_state.show_table(stats, STAT_COLUMNS)
+st.download_button("Download all statistics (CSV)", stats.to_csv(index=False), "spectrum_stats.csv", "text/csv",
+                   key="sp_download_stats")
 
 st.subheader("Layer heatmaps")
 try:
@@ -141,12 +152,14 @@ except (SahcError, ValueError) as exc:
     app_state.show_error(exc)
     st.stop()
 if scanned.empty:
-    st.info("No scan yet: press the scan button (each tensor is cached as it finishes, so a scan resumes).")
+    st.info("No scan yet: press **Scan** above to fill the layer heatmaps (each tensor is cached as it finishes, "
+            "so a scan resumes where it stopped).")
 else:
     st.caption(f"{len(scanned)} tensor(s) scanned, heatmaps over layer index × projection kind.")
     h1, h2 = st.columns(2)
     h1.plotly_chart(layer_heatmap(scanned, "min_rank_frac_0.1", "Min rank for error 0.10 (% of full rank)",
                                   percent=True), width="stretch", key="sp_heat_rank")
-    h2.plotly_chart(layer_heatmap(scanned, "stable_rank", "Stable rank ‖W‖²_F / σ²_max"), width="stretch",
+    h2.plotly_chart(layer_heatmap(scanned, "stable_rank", f"Stable rank {STABLE_RANK}"), width="stretch",
                     key="sp_heat_stable")
-    st.download_button("Download scan (CSV)", scanned.to_csv(index=False), "spectrum_scan.csv", "text/csv")
+    st.download_button("Download scan (CSV)", scanned.to_csv(index=False), "spectrum_scan.csv", "text/csv",
+                       key="sp_download_scan")

@@ -26,7 +26,7 @@ def test_select_a_tensor_and_the_plots_appear(tiny_llama_dir, monkeypatch, tmp_p
     assert not at.exception and not at.error
     assert {"sp_fig_sigma", "sp_fig_norm", "sp_fig_err", "sp_fig_energy"} <= _charts(at)
     stats = at.dataframe[0].value
-    assert stats["name"].tolist() == ["model.layers.1.mlp.down_proj.weight"]
+    assert stats["Tensor"].tolist() == ["model.layers.1.mlp.down_proj.weight"]
     assert any("Device: **cpu**" in c.value for c in at.caption)
     # all projections of this layer overlaid, then the whole-model scan fills the heatmaps
     at.radio(key="sp_mode").set_value("All projections of this layer").run()
@@ -52,3 +52,51 @@ def test_spectrum_page_through_the_router(tiny_llama_dir, monkeypatch, tmp_path)
     at.switch_page("app_pages/spectrum.py").run()
     assert not at.exception and not at.error
     assert at.title[0].value == "Spectrum" and "sp_fig_err" in _charts(at)
+
+
+def test_every_widget_of_the_spectrum_page_on_the_default_model(monkeypatch, tmp_path):
+    """Every widget once on the embedded default model; the across-layers view is coloured by depth.
+
+    ``scan`` (minutes for the whole default model) is patched to the spectra already cached by the views
+    above plus ``cached_scan``; tests/test_scan.py covers the real scan.
+    """
+    import json
+
+    import sahc_core.spectra.scan as scan_mod
+    from apptest_helpers import install_widget_coverage
+
+    from sahc_core.figures.format import no_raw_cells
+
+    monkeypatch.setattr(scan_mod, "scan", lambda source, component=None, cache=None, device="auto", progress=None:
+                        (progress(1, 1, "model.layers.0.self_attn.k_proj.weight", 0.0),
+                         scan_mod.cached_scan(source, cache, component))[1])
+    monkeypatch.setenv("SAHC_CACHE", str(tmp_path / "c.duckdb"))
+    at = AppTest.from_file(str(Path(PAGE).parents[1] / "app.py"), default_timeout=300)
+    at.session_state["model_path"] = ""
+    at.run()
+    cov = install_widget_coverage(monkeypatch)
+    at.switch_page("app_pages/spectrum.py").run()
+    at.text_input(key="model_path").input("").run()
+    at.selectbox(key="sp_component").select("attention_full").run()
+    at.selectbox(key="sp_layer").select(3).run()
+    at.selectbox(key="sp_tensor").select("model.layers.3.self_attn.k_proj.weight").run()
+    at.selectbox(key="sp_device").select("cpu").run()
+    at.radio(key="sp_mode").set_value("This projection across layers").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    fig = json.loads(next(c for c in at.get("plotly_chart") if c.key == "sp_fig_sigma").proto.spec)
+    bands = [t for t in fig["data"] if t.get("fill") == "toself"]
+    assert len(bands) == 1 and "median of 30" in bands[0]["name"]  # ONE MP band, not 30
+    assert fig["layout"]["showlegend"] is False  # a depth colorbar instead of a 30-entry legend
+    assert any(t.get("marker", {}).get("colorbar", {}).get("title", {}).get("text") == "layer" for t in fig["data"])
+    assert "_" not in fig["layout"]["yaxis"]["title"]["text"]  # σ<sub>i</sub>, not σ_i
+    assert fig["layout"]["yaxis"]["dtick"] == 1  # decades only
+    stats = at.dataframe[0].value
+    assert len(stats) == 30 and not no_raw_cells(stats), no_raw_cells(stats)
+    at.multiselect(key="sp_extra").set_value(["model.layers.0.mlp.down_proj.weight"]).run()
+    at.download_button(key="sp_download_stats").click().run()
+    at.radio(key="sp_scope").set_value("Whole model").run()
+    at.button(key="sp_scan").click().run()
+    assert not at.exception and not at.error
+    assert {"sp_heat_rank", "sp_heat_stable"} <= _charts(at)
+    at.download_button(key="sp_download_scan").click().run()
+    assert not cov.missing(), cov.missing()
