@@ -39,7 +39,8 @@ _children: dict[int, subprocess.Popen] = {}  # workers this process started (rea
 
 LIST_COLUMNS = ["run_id", "plan_name", "status", "stage", "ratio_projected", "ratio_actual", "ppl", "baseline_ppl",
                 "delta_ppl", "gates_passed", "gates_failed", "started_at", "duration_s", "error", "model_fp",
-                "model_path", "checkpoint_mb", "ratio"]
+                "model_path", "checkpoint_mb", "ratio", "delta_ppl_pct",
+                "protocol", "protocol_key", "corpus", "corpus_fp", "tokens", "window", "stride", "dtype"]
 
 
 class JobCancelled(JobError):
@@ -104,17 +105,24 @@ def _alive(pid: int | None, start: str | None) -> bool:
 
 
 def progress_parts(p: dict[str, Any]) -> list[str]:
-    """``["tensors 12/272", "tokens 4,096/63,989", "ETA of this stage 31 s"]`` from a progress dict.
+    """``["tensors 12/272", "tokens 4,096/63,989", "stage ETA 31 s", "run ETA ≈ 3 min 10 s"]`` from a progress dict.
 
-    One wording for the CLI's stderr lines and the Runs page's progress bars.
+    One wording for the CLI's stderr lines and the Runs page's progress bars; the run ETA comes from
+    :func:`sahc_core.runs.eta.overall` when the run recorded its expected work.
     """
+    from sahc_core.figures.format import fmt_duration
+    from sahc_core.runs.eta import overall
+
     parts = []
     if p.get("tensors_total"):
         parts.append(f"tensors {p.get('tensors_done', 0)}/{p['tensors_total']}")
     if p.get("tokens_total"):
         parts.append(f"tokens {p.get('tokens_done', 0):,}/{p['tokens_total']:,}")
     if p.get("eta_s") is not None:
-        parts.append(f"ETA of this stage {p['eta_s']:.0f} s")
+        parts.append(f"stage ETA {fmt_duration(p['eta_s'])}")
+    left = overall(p)[1]
+    if left is not None:
+        parts.append(f"run ETA ≈ {fmt_duration(left)}")
     return parts
 
 
@@ -134,6 +142,7 @@ class JobReporter:
         safe_id(run_id, "run id")
         self.cache, self.run_id, self.echo = cache, run_id, echo
         self._progress: dict[str, Any] = {}
+        self._sticky: dict[str, Any] = {"stage_seconds": {}}  # kept across stages (see expect, stage)
         self._last_write = 0.0
         self._last_cancel_check = 0.0
         self._stage_t0 = time.monotonic()
@@ -168,9 +177,18 @@ class JobReporter:
             self._old_handler = None
 
     def stage(self, name: str) -> None:
-        """Enter a new stage (written at once; progress counters restart)."""
-        self._progress = {"stage": name}
-        self._stage_t0 = time.monotonic()
+        """Enter a new stage (written at once; progress counters restart, ``stage_seconds`` records the last)."""
+        now = time.monotonic()
+        if self._progress.get("stage"):
+            self._sticky["stage_seconds"][self._progress["stage"]] = round(now - self._stage_t0, 3)
+        self._progress = {"stage": name, **self._sticky}
+        self._stage_t0 = now
+        self._write(force=True)
+
+    def expect(self, **fields: Any) -> None:
+        """Fields kept in the progress of every later stage (e.g. ``expected`` work and rates for the ETA)."""
+        self._sticky.update(fields)
+        self._progress.update(fields)
         self._write(force=True)
 
     def progress(self, force: bool = False, **fields: Any) -> None:
@@ -194,6 +212,7 @@ class JobReporter:
         if not force and now - self._last_write < PROGRESS_INTERVAL_S:
             return
         self._last_write = now
+        self._progress["stage_elapsed_s"] = round(now - self._stage_t0, 3)
         if self.echo is not None:
             line = ", ".join([f"stage {self._progress.get('stage')!r}", *progress_parts(self._progress)])
             print(f"[{self.run_id}] {line}", file=self.echo, flush=True)
@@ -441,8 +460,12 @@ def list_runs(cache: Cache, disk: bool = True) -> pd.DataFrame:
     """One row per run, newest first (columns :data:`LIST_COLUMNS`); dead workers are reaped first.
 
     ``disk=False`` leaves ``checkpoint_mb`` empty instead of walking every run's checkpoint directory
-    (for callers that poll, like the Runs page's live progress).
+    (for callers that poll, like the Runs page's live progress). Each row carries its perplexity
+    protocol (:func:`sahc_core.runs.protocol.protocol_columns`) and ``delta_ppl_pct`` against its own
+    baseline.
     """
+    from sahc_core.runs.protocol import protocol_columns
+
     reap_dead(cache)
     df = cache.query_df("SELECT run_id, plan_name, status, stage, result, error, started_at, finished_at, "
                         "model_fp, model_path FROM runs ORDER BY started_at DESC NULLS LAST, run_id DESC")
@@ -455,11 +478,15 @@ def list_runs(cache: Cache, disk: bool = True) -> pd.DataFrame:
                      **{k: res.get(k) for k in ("ratio_projected", "ratio_actual", "ppl", "baseline_ppl",
                                                 "delta_ppl", "gates_passed", "gates_failed")},
                      "duration_s": _duration(rec.get("started_at"), rec.get("finished_at")),
-                     "checkpoint_mb": _checkpoint_mb(cache, rec["run_id"], res) if disk else None})
+                     "checkpoint_mb": _checkpoint_mb(cache, rec["run_id"], res) if disk else None,
+                     **protocol_columns(res)})
     out = pd.DataFrame(rows, columns=LIST_COLUMNS)
     for col in ("ratio_projected", "ratio_actual", "ppl", "baseline_ppl", "delta_ppl", "duration_s", "checkpoint_mb"):
         out[col] = pd.to_numeric(out[col], errors="coerce").astype("float64")
     out["ratio"] = out["ratio_actual"].fillna(out["ratio_projected"])  # what a scatter plots
+    out["delta_ppl_pct"] = 100 * out["delta_ppl"] / out["baseline_ppl"]  # vs the run's OWN baseline
+    for col in ("tokens", "window", "stride"):
+        out[col] = pd.to_numeric(out[col], errors="coerce").astype("Int64")
     for col in ("gates_passed", "gates_failed"):
         out[col] = pd.to_numeric(out[col], errors="coerce").astype("Int64")
     return out

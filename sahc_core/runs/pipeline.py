@@ -184,9 +184,10 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
     -------
     dict
         run_id, plan_name, ratio_projected, ratio_actual, bytes_projected, bytes_actual, bytes_original,
-        ppl, baseline_ppl, delta_ppl, protocol {text, window, stride, tokens, dtype, device}, gates,
-        gates_passed, gates_failed, components, seconds {assemble, gates, baseline, ppl}, baseline_cached,
-        out_dir, model_path, model_fp.
+        ppl, baseline_ppl, delta_ppl, protocol {text, text_files, text_sha256, window, stride, tokens, dtype,
+        device, max_tokens} (see :mod:`sahc_core.runs.protocol`), gates, gates_passed, gates_failed,
+        components, seconds {assemble, gates, baseline, ppl}, work {params, tokens} (for
+        :mod:`sahc_core.runs.eta`), baseline_cached, out_dir, model_path, model_fp.
     """
     from sahc_core.device import resolve_device
     from sahc_core.evaluate.perplexity import PplConfig
@@ -235,6 +236,9 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
     reporter.stage("project")
     projected = project(plan, source)
     corpus = _as_corpus(corpus)
+    from sahc_core.runs.eta import expectation
+
+    reporter.expect(expected=expectation(cache, source, corpus, cfg, device))  # for the run's overall ETA
 
     calib, calib_text_name = None, None
     if _needs_calibration(projected["tensors"]):
@@ -300,13 +304,15 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
         "bytes_payload": assembled["bytes_payload"], "bytes_original": assembled["bytes_original"],
         "ppl": ppl, "baseline_ppl": base_ppl, "delta_ppl": ppl - base_ppl,
         "ppl_ratio": ppl / base_ppl if base_ppl > 0 and math.isfinite(base_ppl) else float("nan"),
-        "protocol": {"text": corpus.name, "text_files": list(corpus.test_files), "window": res.window,
+        "protocol": {"text": corpus.name, "text_files": list(corpus.test_files),
+                     "text_sha256": hashlib.sha256(corpus.test_text.encode()).hexdigest(), "window": res.window,
                      "stride": res.stride, "tokens": res.tokens, "dtype": res.dtype, "device": res.device,
                      "max_tokens": cfg.max_tokens},
         "baseline_protocol_matches": (base["tokens"], base["window"], base["stride"]) == (res.tokens, res.window,
                                                                                            res.stride),
         "gates": [g.to_dict() for g in gates], "gates_passed": len(gates) - n_failed, "gates_failed": n_failed,
         "components": _components(projected, assembled, rows), "seconds": seconds,
+        "work": {"params": int(source.num_params), "tokens": int(res.tokens)},
         "baseline_cached": baseline_cached, "out_dir": str(out),
         "calibration": None if calib is None else {"text": calib_text_name, "tokens": calib.meta["tokens"],
                                                     "heldout_tokens": calib.meta["heldout_tokens"], "dir": str(calib.path)},
@@ -322,14 +328,18 @@ def compare_runs(cache: Cache, run_ids: list[str]) -> dict:
     Returns
     -------
     dict
-        ``runs``: the :func:`jobs.list_runs` rows of ``run_ids``; ``components``: one row per run and
-        component (run_id, plan_name, component, ratio_projected, ratio_payload, bytes_payload,
-        max_rel_error, min_weight_cosine); ``gates``: the audit log of those runs, failed gates first.
+        ``runs``: the :func:`jobs.list_runs` rows of ``run_ids`` (with their protocol, Δppl against
+        their own baseline); ``baselines``: one row per perplexity protocol among them
+        (:func:`sahc_core.runs.protocol.baselines`); ``protocol_warning``: one sentence when they mix
+        protocols, else None; ``components``: one row per run and component (run_id, plan_name,
+        component, ratio_projected, ratio_payload, bytes_payload, max_rel_error, min_weight_cosine);
+        ``gates``: the audit log of those runs, failed gates first.
     """
     import pandas as pd
 
     from sahc_core.gates import audit_log
     from sahc_core.runs.jobs import list_runs, run_status
+    from sahc_core.runs.protocol import baselines, mixed_warning
 
     runs = list_runs(cache)
     runs = runs[runs["run_id"].isin(run_ids)].reset_index(drop=True)
@@ -345,4 +355,5 @@ def compare_runs(cache: Cache, run_ids: list[str]) -> dict:
     logs = [g for g in logs if not g.empty]
     gates = pd.concat(logs, ignore_index=True) if logs else audit_log(cache, run_id="\0")
     gates = gates.sort_values(["passed", "run_id", "tensor", "gate"], kind="stable").reset_index(drop=True)
-    return {"runs": runs, "components": components, "gates": gates}
+    return {"runs": runs, "baselines": baselines(runs), "protocol_warning": mixed_warning(runs),
+            "components": components, "gates": gates}
