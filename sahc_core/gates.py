@@ -28,6 +28,13 @@ Per-tensor gates
 
 Model-level gates: :func:`shape_gate` (every tensor shape matches, matched/total),
 :func:`coverage_gate` (every tensor accounted for in the plan), :func:`ppl_gate` (perplexity finite).
+
+What a gate means (:data:`GATE_INFO`, :func:`gate_info`): its kind (``sanity``: rules out a broken
+result; ``consistency``: the error model holds; ``quality``: the compressed model is close to the
+original; ``integrity``: the checkpoint is complete), the comparison it makes, one line on why it
+matters, and ``weak``: a pass that only rules out "worse than zeros" (or a broken computation) and
+says nothing about quality, which the UI shows grey rather than green. A gate name without an entry
+gets a neutral default, so a new gate can be logged before it is described here.
 """
 from __future__ import annotations
 
@@ -46,6 +53,100 @@ COS_THRESHOLD = 0.95
 THEORY_GAP_FACTOR = 2.0
 QUANT_THRESHOLD = 1.0
 REL_ERROR_THRESHOLD = 1.0
+
+
+@dataclass(frozen=True)
+class GateInfo:
+    """How to read one gate (see the module docstring)."""
+
+    label: str          # human name, e.g. "Relative error"
+    kind: str           # "sanity" | "consistency" | "quality" | "integrity" | "other"
+    op: str             # how value meets threshold, e.g. "<", "≤", "≥", "= all", "finite"
+    why: str            # one line: why it matters
+    weak: bool = False  # a pass only rules out a broken result (shown grey, not green)
+
+
+GATE_INFO: dict[str, GateInfo] = {
+    "rel_error": GateInfo("Relative error", "sanity", "<",
+                          "‖W−Ŵ‖/‖W‖ < 1 only rules out an approximation worse than replacing W by zeros.", weak=True),
+    "quant_error": GateInfo("Quantization error", "sanity", "≤",
+                            "The quantizer's own error must not exceed that of zeros; a pass says nothing about "
+                            "quality.", weak=True),
+    "theory_vs_actual": GateInfo("Theory vs actual", "consistency", "≤",
+                                 "Measured / predicted error within 2× means the error model (Eckart–Young, rounding "
+                                 "noise) holds; a large gap means a broken rank assumption or quantizer. It does not "
+                                 "judge quality.", weak=True),
+    "output_cosine": GateInfo("Output cosine", "quality", "≥",
+                              "The layer's outputs on real calibration text must stay aligned with the original's; "
+                              "below 0.95 the model usually breaks downstream."),
+    "block_output_cosine": GateInfo("Block output cosine", "quality", "≥",
+                                    "The whole attention / MLP block's output on real text must stay aligned."),
+    "lm_head_output_cosine": GateInfo("Logits cosine", "quality", "≥",
+                                      "The next-token logits on real text must stay aligned with the original's."),
+    "shape_match": GateInfo("Shapes match", "integrity", "= all",
+                            "Every tensor of the checkpoint has the original's shape, or the model cannot load."),
+    "plan_coverage": GateInfo("Plan covers every tensor", "integrity", "= all",
+                              "Every tensor is accounted for by the plan, so no weight is silently dropped."),
+    "ppl_finite": GateInfo("Perplexity finite", "sanity", "finite",
+                           "A non-finite perplexity means the compressed model diverged; a pass says nothing about "
+                           "how much worse it got.", weak=True),
+}
+_UNKNOWN_GATE = GateInfo("", "other", "vs", "No description recorded for this gate yet.")
+
+
+def gate_info(gate: str) -> GateInfo:
+    """The :data:`GATE_INFO` entry of ``gate``, or a neutral default (its label = the gate name)."""
+    info = GATE_INFO.get(gate)
+    return info if info is not None else GateInfo(gate, _UNKNOWN_GATE.kind, _UNKNOWN_GATE.op, _UNKNOWN_GATE.why)
+
+
+def gate_verdict(gate: str, passed: bool) -> str:
+    """``"fail"``, ``"weak pass"`` (a pass of a weak gate) or ``"pass"``: the colour a UI gives a decision."""
+    if not passed:
+        return "fail"
+    return "weak pass" if gate_info(gate).weak else "pass"
+
+
+def gate_summary(gates: pd.DataFrame | Iterable[Mapping]) -> pd.DataFrame:
+    """One row per gate name: decisions, failures, worst value, threshold, verdict and how to read it.
+
+    Parameters
+    ----------
+    gates : DataFrame or iterable of dicts
+        Gate decisions with ``gate``, ``value``, ``threshold``, ``passed`` (an audit log or
+        ``GateResult.to_dict()`` rows).
+
+    Returns
+    -------
+    DataFrame
+        ``gate``, ``label``, ``kind``, ``op``, ``why``, ``weak``, ``n``, ``n_failed``, ``worst`` (the
+        value farthest on the failing side: max for < / ≤ gates, min otherwise), ``threshold``,
+        ``verdict`` ("fail" if any failed, else "weak pass" / "pass"); failures first.
+    """
+    df = pd.DataFrame(list(gates) if not isinstance(gates, pd.DataFrame) else gates)
+    cols = ["gate", "label", "kind", "op", "why", "weak", "n", "n_failed", "worst", "threshold", "verdict"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for gate, g in df.groupby("gate", sort=False):
+        info = gate_info(str(gate))
+        vals = pd.to_numeric(g["value"], errors="coerce")
+        worst = vals.max() if info.op in ("<", "≤") else vals.min()
+        n_failed = int((~g["passed"].astype(bool)).sum())
+        thr = pd.to_numeric(g["threshold"], errors="coerce")
+        rows.append({"gate": gate, "label": info.label, "kind": info.kind, "op": info.op, "why": info.why,
+                     "weak": info.weak, "n": len(g), "n_failed": n_failed,
+                     "worst": float(worst) if pd.notna(worst) else None,
+                     "threshold": float(thr.iloc[0]) if thr.notna().any() else None,
+                     "verdict": "fail" if n_failed else gate_verdict(str(gate), True)})
+    out = pd.DataFrame(rows, columns=cols)
+    order = out["verdict"].map({"fail": 0, "pass": 1, "weak pass": 2})
+    return out.assign(_o=order).sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
+
+
+def failed_gate_names(gates: Iterable[Mapping]) -> str:
+    """Comma-separated names of the failed gates in ``gates`` (``""`` when none failed)."""
+    return ", ".join(dict.fromkeys(str(g["gate"]) for g in gates if not g["passed"]))
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,43 @@ def test_gate_to_dict_is_json():
     d = g.to_dict()
     json.dumps(d, allow_nan=False)
     assert d["value"] is None and d["passed"] is False
+
+
+# -- how the UI reads a gate ------------------------------------------------------------------------
+def test_every_gate_the_code_emits_is_described():
+    import math
+
+    from sahc_core.gates import (GATE_INFO, coverage_gate, cosine_gate, gate_info, ppl_gate, shape_gate,
+                                 tensor_gates)
+
+    emitted = {g.gate for g in tensor_gates("w", {"rel_error": 0.5, "eym_error": 0.4, "quant_error": 0.1},
+                                            output_cosine=0.99)}
+    emitted |= {cosine_gate("w", 0.9, gate=k).gate for k in ("block_output_cosine", "lm_head_output_cosine")}
+    emitted |= {shape_gate({}, {}).gate, coverage_gate([], []).gate, ppl_gate(math.inf).gate}
+    assert emitted <= set(GATE_INFO)
+    for name in emitted:
+        info = gate_info(name)
+        assert info.label and info.why.endswith(".") and info.kind in ("sanity", "consistency", "quality", "integrity")
+    new = gate_info("ppl_increase")  # a gate another change adds later still reads
+    assert new.label == "ppl_increase" and new.kind == "other" and not new.weak
+
+
+def test_a_pass_that_only_rules_out_zeros_is_weak():
+    from sahc_core.gates import gate_verdict
+
+    assert gate_verdict("rel_error", True) == "weak pass"  # the 0.8168 < 1
+    assert gate_verdict("theory_vs_actual", True) == "weak pass"
+    assert gate_verdict("output_cosine", True) == "pass"
+    assert gate_verdict("rel_error", False) == "fail"
+
+
+def test_gate_summary_counts_worst_values_and_orders_failures_first():
+    from sahc_core.gates import gate_summary
+
+    rows = [{"gate": "rel_error", "value": v, "threshold": 1.0, "passed": v < 1} for v in (0.2, 0.8168, 0.5)]
+    rows += [{"gate": "output_cosine", "value": v, "threshold": 0.95, "passed": v >= 0.95} for v in (0.99, 0.91)]
+    s = gate_summary(rows).set_index("gate")
+    assert list(s.index) == ["output_cosine", "rel_error"]  # the failure first
+    assert s.loc["rel_error", "worst"] == 0.8168 and s.loc["rel_error", "verdict"] == "weak pass"
+    assert s.loc["output_cosine", "worst"] == 0.91 and s.loc["output_cosine", "n_failed"] == 1
+    assert gate_summary([]).empty

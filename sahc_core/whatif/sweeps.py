@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from sahc_core.cache import Cache
+from sahc_core.gates import failed_gate_names, gate_info
 from sahc_core.io.source import ModelSource
 from sahc_core.methods import registry
 from sahc_core.methods.tt import STUDY_TT_RANKS, TTConfig, fitting
@@ -61,7 +62,8 @@ def pareto(source: ModelSource, name: str, cache: Cache | None = None, device: s
     One row per setting (see :func:`pareto_configs`): ``method``, ``label``, ``config`` (plan JSON
     string), ``bytes``, ``ratio``, ``bits_per_weight``, ``rel_error``, ``weight_cosine``,
     ``output_error`` (NaN without calibration statistics), ``failed_gates`` (names of the gates this
-    setting fails, empty when it passes them all), ``frontier`` (on the error-vs-bytes Pareto front
+    setting fails, empty when it passes them all), ``weak_only`` (every gate checked is a weak one,
+    :func:`sahc_core.gates.gate_info`: a pass then says nothing about quality), ``frontier`` (on the error-vs-bytes Pareto front
     over all methods; ``frontier_output``: the same for the output error). Each point is a cached
     :func:`measure_tensor`. ``progress(done, total)``.
     """
@@ -78,7 +80,8 @@ def pareto(source: ModelSource, name: str, cache: Cache | None = None, device: s
                      "config": json.dumps(m["config"]), "bytes": m["bytes"], "ratio": m["ratio"],
                      "bits_per_weight": m["bits_per_weight"], "rel_error": m["rel_error"],
                      "weight_cosine": m["weight_cosine"], "output_error": m.get("output_error", math.nan),
-                     "failed_gates": ", ".join(g["gate"] for g in m["gates"] if not g["passed"])})
+                     "failed_gates": failed_gate_names(m["gates"]),
+                     "weak_only": all(gate_info(g["gate"]).weak for g in m["gates"])})
         if progress is not None:
             progress(i + 1, len(cfgs))
     df = pd.DataFrame(rows)
