@@ -7,6 +7,8 @@ st.set_page_config(page_title="SAHC Explorer", page_icon=":material/ssid_chart:"
 
 import app_state  # noqa: E402  (after set_page_config)
 
+app_state.busy_indicator()
+
 # Re-assigning a widget's key keeps its value when the widget is not drawn on a run (a page switch
 # that interrupts a rerun would otherwise drop the typed model path).
 if "model_path" in st.session_state:

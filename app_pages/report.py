@@ -1,20 +1,24 @@
 """Report page: the model's story with computed captions, presentation mode, study tables, exports."""
 from __future__ import annotations
 
-import plotly.graph_objects as go
 import streamlit as st
 
 import app_state
 from sahc_core.errors import SahcError
+from sahc_core.figures.style import slide_figure
 from sahc_core.report.export import ExportUnavailable, figure_images, report_figures, report_html, report_tables, \
     table_csv, zip_bytes
+
+#: session_state key of the rendered PNG + SVG zip (NOT the render button's own key: Streamlit forbids
+#: writing a widget's key after the widget was drawn).
+IMAGES = "report_images_zip"
 
 _PRESENT_CSS = """<style>
 section[data-testid="stSidebar"], header[data-testid="stHeader"], [data-testid="stSidebarCollapsedControl"]
 {display:none}
 .block-container{max-width:100% !important;padding:1.5rem 3rem}
 html, body, [data-testid="stMarkdownContainer"] p{font-size:1.35rem}
-h1{font-size:3rem !important} h2, h3{font-size:2.1rem !important}
+h1{font-size:2.6rem !important} h2, h3{font-size:1.9rem !important}
 </style>"""
 
 
@@ -36,10 +40,6 @@ def controls_ui(fp: str) -> tuple[float, bool, bool]:
     return float(target), build, study
 
 
-def _big(fig: go.Figure) -> go.Figure:
-    return go.Figure(fig).update_layout(font=dict(size=20), height=max(520, (fig.layout.height or 450) + 120))
-
-
 def show_report(report, present: bool) -> None:
     st.header(report.title)
     st.caption(report.subtitle)
@@ -51,12 +51,14 @@ def show_report(report, present: bool) -> None:
         st.markdown(f"**{sec.caption}**")
         for note in sec.notes:
             st.caption(note)
+        for warning in sec.warnings:
+            st.warning(warning)
         for i, fig in enumerate(sec.figures):
-            st.plotly_chart(_big(fig) if present else fig, width="stretch", key=f"report-{sec.key}-{i}",
+            st.plotly_chart(slide_figure(fig) if present else fig, width="stretch", key=f"report-{sec.key}-{i}",
                             theme=None if present else "streamlit")
         if sec.table is not None and len(sec.table) and not present:
             with st.expander("Table"):
-                st.dataframe(sec.table, hide_index=True, width="stretch")
+                app_state.show_table(sec.table)
 
 
 def exports_ui(report, study, audit) -> None:
@@ -69,16 +71,17 @@ def exports_ui(report, study, audit) -> None:
         files["audit_log.csv"] = table_csv(audit)
     c2.download_button("Tables + audit log (CSV, zip)", zip_bytes(files), "sahc-tables.zip", "application/zip",
                        key="dl_csv")
-    if c3.button("Render figures as PNG + SVG", key="report_images"):
+    if c3.button("Render figures as PNG + SVG", key="report_render_images"):
         try:
-            figs = report_figures(report)
-            imgs = {f"{k}.png": v for k, v in figure_images(figs, "png").items()}
-            imgs |= {f"{k}.svg": v for k, v in figure_images(figs, "svg").items()}
-            st.session_state["report_images"] = zip_bytes(imgs)
+            figs = report_figures(report)  # the very figures of the HTML report
+            with st.spinner(f"Rendering {len(figs)} figures with Chromium (about 30 s)…"):
+                imgs = {f"{k}.png": v for k, v in figure_images(figs, "png").items()}
+                imgs |= {f"{k}.svg": v for k, v in figure_images(figs, "svg").items()}
+            st.session_state[IMAGES] = zip_bytes(imgs)
         except ExportUnavailable as exc:
             st.warning(str(exc))
-    if st.session_state.get("report_images"):
-        c3.download_button("Figures (PNG + SVG, zip)", st.session_state["report_images"], "sahc-figures.zip",
+    if st.session_state.get(IMAGES):
+        c3.download_button("Figures (PNG + SVG, zip)", st.session_state[IMAGES], "sahc-figures.zip",
                            "application/zip", key="dl_images")
 
 
@@ -101,7 +104,7 @@ try:
 
         bar = st.progress(0.0, text="building the report…")
         st.session_state["report"] = (fp, build_report(source, cache, target_ratio=target, progress=_progress_cb(bar)))
-        st.session_state.pop("report_images", None)
+        st.session_state.pop(IMAGES, None)
         bar.empty()
     if want_study:
         from sahc_core.report.study import reproduce_study
@@ -127,7 +130,7 @@ if study is not None:
     for title, df in study.tables.items():
         st.subheader(title)
         st.caption(study.notes.get(title, ""))
-        st.dataframe(df, hide_index=True, width="stretch")
+        app_state.show_table(df)
 if present:
     st.button("Exit presentation mode", key="report_exit", on_click=lambda: st.session_state.update(present_mode=False))
 elif report is not None:

@@ -1,18 +1,27 @@
-"""Runs page: launch assembly + perplexity as a background job, watch it, cancel it, compare runs."""
+"""Runs page: launch assembly + perplexity as a background job, watch it live, cancel it, compare runs."""
 from __future__ import annotations
 
 import streamlit as st
 
 import app_state
 from sahc_core.errors import SahcError
+from sahc_core.figures.format import display_table, fmt_duration
 from sahc_core.figures.report import runs_scatter
+from sahc_core.plans.plan import CompressionPlan, example_plans, load_plans
+from sahc_core.runs.eta import STAGES, estimate_sentence, overall, prelaunch_estimate
 from sahc_core.runs.jobs import cancel_run, delete_run_files, list_runs, progress_parts, run_status, start_run
 from sahc_core.runs.pipeline import compare_runs
-from sahc_core.plans.plan import CompressionPlan, example_plans, load_plans
+
+#: Above this, the pre-launch estimate is a warning rather than a note.
+LONG_RUN_S = 600
+TABLE = ["run_id", "plan_name", "status", "duration_s", "ratio_actual", "ppl", "baseline_ppl", "delta_ppl",
+         "delta_ppl_pct", "protocol", "gates_failed", "checkpoint_mb", "error"]
+HEADERS = {"duration_s": "Elapsed / duration", "status": "Status (stage)"}
 
 st.title("Runs")
 st.caption("A run assembles the compressed checkpoint of a plan, checks every quality gate and measures perplexity "
-           "against the uncompressed baseline, in a background process that survives page reloads.")
+           "against the uncompressed baseline of the same protocol, in a background process that survives page "
+           "reloads.")
 cache = app_state.current_cache()
 if cache is None:
     st.stop()
@@ -43,10 +52,19 @@ def protocol_ui() -> dict:
     return {"corpus": corpus or None, "window": int(window) or None, "max_tokens": int(max_tokens) or None}
 
 
+@st.cache_data(ttl=30, show_spinner="Estimating the run time…")
+def _estimate(fp: str, corpus: str | None, window: int | None, max_tokens: int | None, _source) -> dict:
+    return prelaunch_estimate(cache, _source, corpus, window, max_tokens)
+
+
 with st.expander("Launch a run", expanded=True):
     try:
         plan = plan_ui()
         protocol = protocol_ui()
+        source = app_state.current_source()
+        if source is not None:
+            est = _estimate(source.fingerprint, protocol["corpus"], protocol["window"], protocol["max_tokens"], source)
+            (st.warning if est["seconds"] > LONG_RUN_S else st.info)(estimate_sentence(est))
         if st.button("Start run", type="primary", disabled=plan is None, key="runs_start"):
             run_id = start_run(cache, plan, app_state.model_dir(), **protocol)
             st.success(f"Run {run_id} started; its progress shows below.")
@@ -54,9 +72,26 @@ with st.expander("Launch a run", expanded=True):
         app_state.show_error(exc)
 
 
+def progress_ui(rid: str) -> None:
+    """One active run: overall progress bar with the run ETA, stage details, a cancel button."""
+    status = run_status(cache, rid)
+    prog = status.get("progress") or {}
+    frac, _ = overall(prog)
+    stage = status.get("stage") or "queued"
+    n = f" ({STAGES.index(stage) + 1}/{len(STAGES)})" if stage in STAGES else ""
+    c = st.columns([4, 1])
+    c[0].progress(float(frac if frac is not None else prog.get("fraction") or 0.0),
+                  text=f"**{status['plan_name']}** ({rid}) · {status['status']} · stage {stage}{n} · "
+                       + " · ".join([*progress_parts(prog), f"elapsed {fmt_duration(status.get('duration_s'))}"]))
+    if status.get("cancel_requested"):
+        c[1].caption("cancelling…")
+    elif c[1].button("Cancel", key=f"runs_cancel_{rid}"):
+        cancel_run(cache, rid)
+
+
 @st.fragment(run_every=2)
-def live_runs() -> None:
-    """Polls the cache every 2 s: one progress bar and a cancel button per active run."""
+def live_runs(sizes: dict) -> None:
+    """Polls the cache every 2 s: progress of active runs and the runs table (status, elapsed time)."""
     try:
         runs = list_runs(cache, disk=False)
     except SahcError as exc:
@@ -65,44 +100,31 @@ def live_runs() -> None:
     active = runs[runs["status"].isin(["queued", "running"])]
     was = st.session_state.get("runs_active", set())
     st.session_state["runs_active"] = set(active["run_id"])
-    if was - st.session_state["runs_active"]:  # a run just ended: refresh the table and comparison too
+    if was - st.session_state["runs_active"]:  # a run just ended: refresh the comparison and disk sizes too
         st.rerun(scope="app")
+    st.subheader("In progress")
     if active.empty:
         st.caption("No run in progress.")
-        return
     for rid in active["run_id"]:
-        status = run_status(cache, rid)
-        prog = status.get("progress") or {}
-        c = st.columns([4, 1])
-        c[0].progress(float(prog.get("fraction") or 0.0),
-                      text=f"**{status['plan_name']}** ({rid}) · {status['status']} · stage "
-                           f"{status.get('stage') or 'queued'} · {' · '.join(progress_parts(prog))}")
-        if status.get("cancel_requested"):
-            c[1].caption("cancelling…")
-        elif c[1].button("Cancel", key=f"runs_cancel_{rid}"):
-            cancel_run(cache, rid)
+        progress_ui(rid)
+    st.subheader("All runs")
+    if runs.empty:
+        st.info("No runs yet: launch one above (or `python -m sahc_core run --plan PLAN.json`).")
+        return
+    live = runs.assign(checkpoint_mb=runs["run_id"].map(sizes),
+                       status=[f"{s} ({g})" if s in ("queued", "running") else s
+                               for s, g in zip(runs["status"], runs["stage"].fillna("queued"))])
+    st.dataframe(display_table(live, TABLE, headers=HEADERS), hide_index=True, width="stretch")
 
 
-st.subheader("In progress")
-live_runs()
-
-st.subheader("All runs")
 try:
     runs = list_runs(cache)
 except SahcError as exc:
     app_state.show_error(exc)
     st.stop()
+live_runs(dict(zip(runs["run_id"], runs["checkpoint_mb"])))
 if runs.empty:
-    st.info("No runs yet: launch one above (or `python -m sahc_core run --plan PLAN.json`).")
     st.stop()
-table = runs[["run_id", "plan_name", "status", "ratio_projected", "ratio_actual", "ppl", "baseline_ppl", "delta_ppl",
-              "gates_passed", "gates_failed", "duration_s", "checkpoint_mb", "error"]]
-st.dataframe(table, hide_index=True, width="stretch", column_config={
-    "ratio_projected": st.column_config.NumberColumn("ratio proj.", format="%.2fx"),
-    "ratio_actual": st.column_config.NumberColumn("ratio actual", format="%.2fx"),
-    "delta_ppl": st.column_config.NumberColumn("Δppl vs baseline", format="%+.3f"),
-    "duration_s": st.column_config.NumberColumn("duration", format="%.0f s"),
-    "checkpoint_mb": st.column_config.NumberColumn("on disk", format="%.1f MB")})
 for rec in runs[runs["gates_failed"].fillna(0) > 0].itertuples():
     st.warning(f"Run {rec.run_id} ({rec.plan_name}): {rec.gates_failed} quality gate(s) failed; see the gate log.")
 
@@ -123,22 +145,30 @@ with st.expander(f"Disk space: {on_disk['checkpoint_mb'].sum():,.0f} MB of check
             else:
                 st.success(f"Deleted the checkpoint of {victim}: {freed / 1e6:,.1f} MB freed.")
 
+st.subheader("Compare runs")
 done = runs[runs["status"].isin(["done", "failed", "cancelled"])]["run_id"].tolist()
 picked = st.multiselect("Compare runs (pick two or more)", done, default=done[:2], key="runs_compare")
-if picked:
-    try:
-        cmp = compare_runs(cache, picked)
-    except SahcError as exc:
-        app_state.show_error(exc)
-        st.stop()
-    st.plotly_chart(runs_scatter(cmp["runs"]), key="runs_scatter")
-    st.markdown("**Per component**")
-    st.dataframe(cmp["components"], hide_index=True, width="stretch")
-    gates = cmp["gates"]
-    failed = gates[~gates["passed"].astype(bool)] if len(gates) else gates
-    st.markdown(f"**Gate log** ({len(gates)} decisions, {len(failed)} failed; failed first)")
-    if len(failed):
-        st.error(f"{len(failed)} gate(s) failed in the selected runs: "
-                 + ", ".join(sorted(set(failed["gate"] + " on " + failed["tensor"])))[:400])
-    st.dataframe(gates[["run_id", "tensor", "gate", "value", "threshold", "passed", "evidence"]], hide_index=True,
-                 width="stretch")
+if not picked:
+    st.info("Pick finished runs above to compare them." if done else "No finished run yet to compare.")
+    st.stop()
+try:
+    cmp = compare_runs(cache, picked)
+except SahcError as exc:
+    app_state.show_error(exc)
+    st.stop()
+if cmp["protocol_warning"]:
+    st.warning(cmp["protocol_warning"])
+st.plotly_chart(runs_scatter(cmp["runs"]), width="stretch", key="runs_scatter")
+st.markdown("**Baselines, one per perplexity protocol** (each run's Δppl is against its own)")
+app_state.show_table(cmp["baselines"], ["protocol", "tokens", "baseline_ppl", "n_runs", "run_ids"])
+st.markdown("**Per component**")
+app_state.show_table(cmp["components"])
+gates = cmp["gates"]
+failed = gates[~gates["passed"].astype(bool)] if len(gates) else gates
+st.markdown(f"**Quality gates** ({len(gates):,} decisions, {len(failed):,} failed)")
+if len(failed):
+    st.error(f"{len(failed)} gate(s) failed in the selected runs: "
+             + ", ".join(sorted(set(failed["gate"] + " on " + failed["tensor"])))[:400])
+app_state.gate_badges(gates)
+with st.expander("Gate log (failed first)"):
+    app_state.show_table(gates, ["run_id", "tensor", "gate", "value", "threshold", "passed", "evidence"])

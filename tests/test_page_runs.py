@@ -1,4 +1,5 @@
-"""AppTest of the Runs page on a pre-filled cache: table, live progress, cancel, comparison, failed gates."""
+"""AppTest of the Runs page on a pre-filled cache: live table, overall ETA, cancel, protocol-aware comparison,
+honest gate badges, and every widget of the page exercised once on the embedded default model."""
 from __future__ import annotations
 
 import json
@@ -7,76 +8,141 @@ from pathlib import Path
 
 import pytest
 import streamlit as st
+from apptest_helpers import install_widget_coverage
 from streamlit.testing.v1 import AppTest
 
 from sahc_core.cache import Cache, to_json, utcnow
+from sahc_core.figures.format import no_raw_cells
 from sahc_core.gates import GateResult, log_gates
 from sahc_core.paths import mark_owned
 from sahc_core.runs.jobs import process_start_time, run_status
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = str(ROOT / "app_pages" / "runs.py")
+APP = str(ROOT / "app.py")
+#: Two protocols, as in the issue: the whole test text vs --max-tokens 4096 (different baselines).
+WHOLE = {"text": "shakespeare", "text_sha256": "ab" * 32, "tokens": 63989, "window": 2048, "stride": 2048,
+         "dtype": "float32", "device": "cpu", "max_tokens": None}
+CAPPED = {**WHOLE, "tokens": 4064, "max_tokens": 4096}
 
 
-def _result(run_id: str, plan: str, ratio: float, ppl: float, failed: int) -> dict:
+def _result(run_id: str, plan: str, ratio: float, ppl: float, base: float, protocol: dict, failed: int) -> dict:
     return {"run_id": run_id, "plan_name": plan, "ratio_projected": ratio, "ratio_actual": ratio * 0.99, "ppl": ppl,
-            "baseline_ppl": 10.0, "delta_ppl": ppl - 10.0, "gates_passed": 5, "gates_failed": failed,
+            "baseline_ppl": base, "delta_ppl": ppl - base, "gates_passed": 5, "gates_failed": failed,
+            "protocol": protocol, "bytes_original": 2_000_000, "seconds": {"assemble": 2.0, "gates": 4.0, "ppl": 50.0},
+            "baseline_cached": True, "work": {"params": 1_000_000, "tokens": protocol["tokens"]},
             "components": [{"component": "ffn", "original_bytes": 1000, "bytes_projected": 250,
                             "bytes_payload": 250, "ratio_projected": 4.0, "ratio_payload": 4.0, "n_tensors": 2,
                             "max_rel_error": 0.1, "min_weight_cosine": 0.99}]}
 
 
+#: The live run's expected work: 10 s per stage (1e6 params at 1e5/s; 1e6·1000 param-tokens at 1e8/s).
+EXPECTED = {"params": 1_000_000, "tokens": 1000, "baseline_cached": False, "basis": "test",
+            "rates": {"assemble": 1e5, "gates": 1e5, "baseline": 1e8, "ppl": 1e8}}
+
+
 @pytest.fixture()
 def filled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A cache with two finished runs (one with a failed gate), one failed run and one live 'worker'."""
+    """Two finished runs under DIFFERENT protocols (one with a failed gate), a failed run and a live 'worker'."""
     monkeypatch.setenv("SAHC_CACHE", str(tmp_path / "c.duckdb"))
     monkeypatch.syspath_prepend(str(ROOT))
     st.cache_resource.clear()  # app_state caches the Cache object per process
+    st.cache_data.clear()
     cache = Cache()
     now = utcnow()
-    for rid, plan, ratio, ppl, failed in (("r-int4", "int4", 3.9, 11.0, 0), ("r-int2", "int2", 7.5, 40.0, 1)):
+    for rid, plan, ratio, ppl, base, proto, failed in (("r-int4", "int4", 3.9, 52.58, 33.07, WHOLE, 0),
+                                                        ("r-int8", "int8", 1.99, 29.28, 29.24, CAPPED, 1)):
         cache.execute("INSERT INTO runs (run_id, plan_name, plan, status, stage, result, started_at, finished_at) "
                       "VALUES (?, ?, ?, 'done', 'done', ?, ?, ?)",
-                      [rid, plan, json.dumps({"name": plan}), to_json(_result(rid, plan, ratio, ppl, failed)), now, now])
+                      [rid, plan, json.dumps({"name": plan}), to_json(_result(rid, plan, ratio, ppl, base, proto, failed)),
+                       now, now])
     cache.execute("INSERT INTO runs (run_id, plan_name, status, error, started_at, finished_at) VALUES "
                   "('r-bad', 'svd', 'failed', 'could not write the compressed checkpoint', ?, ?)", [now, now])
     log_gates(cache, "fp", [GateResult("rel_error", "model.layers.0.mlp.up_proj.weight", 0.2, 1.0, True, {}),
                             GateResult("theory_vs_actual", "model.layers.0.mlp.up_proj.weight", 21.0, 2.0, False,
-                                       {"measured_error": 0.42, "predicted_error": 0.02})], run_id="r-int2")
+                                       {"measured_error": 0.42, "predicted_error": 0.02})], run_id="r-int8")
     log_gates(cache, "fp", [GateResult("shape_match", "*", 1.0, 1.0, True, {"matched": 3, "total": 3})],
               run_id="r-int4")
-    worker = subprocess.Popen(["sleep", "60"], start_new_session=True)  # stands in for a live worker
+    worker = subprocess.Popen(["sleep", "120"], start_new_session=True)  # stands in for a live worker
     cache.execute("INSERT INTO runs (run_id, plan_name, status, stage, progress, pid, pid_start, cancel_requested, "
                   "started_at) VALUES ('r-live', 'tt', 'running', 'assemble', ?, ?, ?, false, ?)",
                   [to_json({"stage": "assemble", "tensors_done": 3, "tensors_total": 12, "fraction": 0.25,
-                            "eta_s": 9.0}), worker.pid, process_start_time(worker.pid), now])
+                            "eta_s": 9.0, "expected": EXPECTED, "stage_seconds": {"project": 1.0},
+                            "stage_elapsed_s": 3.0}), worker.pid, process_start_time(worker.pid), now])
     yield cache, worker
     worker.kill()
     worker.wait()
     st.cache_resource.clear()
+    st.cache_data.clear()
 
 
-def test_runs_page_renders_table_progress_and_comparison(filled) -> None:
-    cache, worker = filled
-    at = AppTest.from_file(PAGE, default_timeout=60).run()
+def _page(model: str | None = None) -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=120)
+    if model is not None:
+        at.session_state["model_path"] = model
+    return at.run()
+
+
+def test_runs_table_live_progress_and_overall_eta(filled, tiny_llama_dir) -> None:
+    at = _page(str(tiny_llama_dir))
     assert not at.exception
     table = at.dataframe[0].value
-    assert set(table["run_id"]) == {"r-int4", "r-int2", "r-bad", "r-live"}
-    assert table.set_index("run_id").loc["r-bad", "error"].startswith("could not write")
-    # the live run: a progress line with stage and tensor counts
-    assert any("tensors 3/12" in str(p.proto.text) for p in at.get("progress"))
-    # a failed gate is shown, never hidden: warning in the table section and error in the gate log
-    assert any("r-int2" in w.value and "1 quality gate" in w.value for w in at.warning)
-    assert at.multiselect(key="runs_compare").value == ["r-int4", "r-int2"]
-    assert any("theory_vs_actual" in e.value for e in at.error)
-    gate_log = at.dataframe[-1].value
-    assert len(gate_log) == 3 and not bool(gate_log.iloc[0]["passed"])  # failed first
-    assert len(at.dataframe[1].value) == 2  # per-component rows, one per compared run
+    assert set(table["Run"]) == {"r-int4", "r-int8", "r-bad", "r-live"}
+    assert table.set_index("Run").loc["r-bad", "Error"].startswith("could not write")
+    assert table.set_index("Run").loc["r-live", "Status (stage)"] == "running (assemble)"
+    assert not no_raw_cells(table), no_raw_cells(table)
+    # each run is shown with its own protocol and Δppl against its own baseline
+    row = table.set_index("Run").loc["r-int8"]
+    assert "4,064 tokens" in row["Protocol"] and row["Δppl vs own baseline"] == "+0.040"
+    assert table.set_index("Run").loc["r-int4", "Baseline perplexity (same protocol)"] == "33.07"
+    # overall ETA, independently: 9 s left in assembly + 10 s for each of gates, baseline and ppl
+    text = " ".join(str(p.proto.text) for p in at.get("progress"))
+    assert "tensors 3/12" in text and "run ETA ≈ 39 s" in text and "stage assemble (1/4)" in text
+    # overall fraction: 1 s (project) + 3 s spent of 4 + 39 s in all
+    bar = next(p for p in at.get("progress") if "r-live" in str(p.proto.text))
+    assert bar.proto.value == round(100 * 4 / 43)
 
 
-def test_cancel_button_signals_the_worker(filled) -> None:
+def test_the_table_follows_the_cache_on_every_refresh(filled, tiny_llama_dir) -> None:
+    cache, _ = filled
+    at = _page(str(tiny_llama_dir))
+    cache.execute("UPDATE runs SET stage = 'ppl' WHERE run_id = 'r-live'")
+    at.run()  # what the 2-s fragment refresh does (the browser suite watches it live)
+    assert at.dataframe[0].value.set_index("Run").loc["r-live", "Status (stage)"] == "running (ppl)"
+
+
+def test_comparison_is_protocol_aware(filled, tiny_llama_dir) -> None:
+    at = _page(str(tiny_llama_dir))
+    assert set(at.multiselect(key="runs_compare").value) == {"r-int4", "r-int8"}
+    warn = [w.value for w in at.warning if "different perplexity protocols" in w.value]
+    assert warn and "baseline 33.07" in warn[0] and "baseline 29.24" in warn[0]
+    base = next(d.value for d in at.dataframe if "Baseline perplexity (same protocol)" in d.value.columns
+                and "Runs" in d.value.columns)
+    assert sorted(base["Baseline perplexity (same protocol)"]) == ["29.24", "33.07"]
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    hlines = sorted(s["y0"] for s in fig["layout"]["shapes"])
+    assert hlines == [29.24, 33.07]  # one baseline per protocol, drawn per protocol
+    assert "2 perplexity protocols" in fig["layout"]["title"]["text"]
+    # the compared runs' tables show no raw cells
+    for d in at.dataframe:
+        assert not no_raw_cells(d.value), no_raw_cells(d.value)
+
+
+def test_gate_badges_read_honestly(filled, tiny_llama_dir) -> None:
+    at = _page(str(tiny_llama_dir))
+    lines = [m.value for m in at.markdown if "-badge[" in m.value]
+    theory = next(line for line in lines if "Theory vs actual" in line)
+    assert theory.startswith(":red-badge[") and "1 of 1 fail" not in theory and "21 vs ≤ 2" in theory
+    rel = next(line for line in lines if "Relative error" in line)
+    assert rel.startswith(":gray-badge[") and "sanity" in rel and "0.2 < 1" in rel and "zeros" in rel
+    shape = next(line for line in lines if "Shapes match" in line)
+    assert shape.startswith(":green-badge[") and "integrity" in shape
+    assert any("r-int8" in w.value and "1 quality gate" in w.value for w in at.warning)
+
+
+def test_cancel_button_signals_the_worker(filled, tiny_llama_dir) -> None:
     cache, worker = filled
-    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    at = _page(str(tiny_llama_dir))
     at.button(key="runs_cancel_r-live").click().run()
     assert not at.exception
     assert worker.wait(timeout=10) != 0  # SIGTERM reached the process group
@@ -85,49 +151,50 @@ def test_cancel_button_signals_the_worker(filled) -> None:
     assert st_["status"] == "cancelled"  # `sleep` cannot say so itself: the reaper sees the cancel request
 
 
-def test_launch_needs_a_plan_and_reports_bad_uploads(filled) -> None:
-    at = AppTest.from_file(PAGE, default_timeout=60).run()
-    assert at.radio(key="runs_plan_kind").value == "example plan"  # no saved plan yet: the shipped examples
-    assert set(at.selectbox(key="runs_plan_pick").options) == {"int8", "int4-g128", "int4-svd-ffn", "tt-embedding"}
-    at.radio(key="runs_plan_kind").set_value("upload JSON").run()
-    assert at.button(key="runs_start").disabled
-    cache, _ = filled
-    cache.save_plan("int4", {"name": "int4", "default": {"method": "int", "bits": 4, "group_size": 32}})
-    at = AppTest.from_file(PAGE, default_timeout=60).run()
-    assert at.selectbox(key="runs_plan_pick").value == "int4" and not at.button(key="runs_start").disabled
-    assert not at.exception
+def test_prelaunch_estimate_warns_before_a_long_run(filled, tiny_llama_dir) -> None:
+    at = _page(str(tiny_llama_dir))
+    note = [m.value for m in [*at.info, *at.warning] if "scored tokens on this machine" in m.value]
+    assert note and "use Max tokens for a quick look" in note[0]
+    assert "measured on 2 past run(s) of other models" in note[0]  # the fixture's runs have no model_fp
 
 
-def test_start_button_launches_with_the_protocol(filled, monkeypatch: pytest.MonkeyPatch, tiny_llama_dir) -> None:
+def test_every_widget_on_the_default_model(filled, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every widget of the page, moved once, through the router on the embedded default model.
+
+    ``start_run`` is patched (tests/test_pipeline.py and tests/test_jobs.py start real workers).
+    """
     import sahc_core.runs.jobs as jobs
 
     calls = []
-    monkeypatch.setattr(jobs, "start_run", lambda cache, plan, model_dir, **kw: calls.append((plan, model_dir, kw))
-                        or "r-new")
-    cache, _ = filled
-    cache.save_plan("int4", {"name": "int4", "default": {"method": "int", "bits": 4, "group_size": 32}})
-    at = AppTest.from_file(PAGE, default_timeout=60)
-    at.session_state["model_path"] = str(tiny_llama_dir)
-    at.run()
-    at.number_input(key="runs_window").set_value(256)
-    at.button(key="runs_start").click().run()
-    assert not at.exception
-    plan, model_dir, kw = calls[0]
-    assert plan.name == "int4" and model_dir == str(tiny_llama_dir.resolve())
-    assert kw == {"corpus": None, "window": 256, "max_tokens": None}
-    assert any("r-new" in s.value for s in at.success)
-
-
-def test_runs_page_deletes_checkpoint_files_and_keeps_results(filled) -> None:
+    monkeypatch.setattr(jobs, "start_run", lambda cache, plan, model_dir, **kw: calls.append((plan, kw)) or "r-new")
     cache, _ = filled
     out = mark_owned(cache.path.parent / "runs" / "r-int4")  # an assembly marks its directory as SAHC's
     (out / "model-00001.safetensors").write_bytes(b"\0" * 2_000_000)
-    at = AppTest.from_file(PAGE, default_timeout=60).run()
-    assert not at.exception
-    assert any("2 MB of checkpoints from 1 finished run" in e.label for e in at.expander)
-    assert at.button(key="runs_free").disabled  # nothing happens without the confirmation
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.session_state["model_path"] = ""
+    at.run()
+    cov = install_widget_coverage(monkeypatch)  # from the Runs page on (the router opens on the Model page)
+    at.switch_page("app_pages/runs.py").run()
+    assert not at.exception, at.exception
+    at.text_input(key="model_path").input("").run()
+    at.radio(key="runs_plan_kind").set_value("upload JSON").run()
+    assert at.button(key="runs_start").disabled
+    at.file_uploader(key="runs_plan_upload").upload(
+        "p.json", json.dumps({"name": "up8", "default": {"method": "int", "bits": 8, "group_size": None}}).encode(),
+        "application/json").run()
+    at.radio(key="runs_plan_kind").set_value("example plan").run()
+    at.selectbox(key="runs_plan_pick").select("int8").run()
+    at.text_input(key="runs_corpus").input("").run()
+    at.number_input(key="runs_window").set_value(512).run()
+    at.number_input(key="runs_max_tokens").set_value(2048).run()
+    assert any("≈ 2,000 scored tokens" in m.value for m in [*at.info, *at.warning]), [m.value for m in at.info]
+    at.button(key="runs_start").click().run()
+    assert calls[0][0].name == "int8" and calls[0][1] == {"corpus": None, "window": 512, "max_tokens": 2048}
+    at.button(key="runs_cancel_r-live").click().run()
+    at.selectbox(key="runs_free_pick").select("r-int4").run()
     at.checkbox(key="runs_free_sure").check().run()
     at.button(key="runs_free").click().run()
-    assert not at.exception and not out.exists()
-    assert any("2.0 MB freed" in s.value for s in at.success)
-    assert run_status(cache, "r-int4")["result"]["ppl"] == 11.0  # the results stay
+    assert any("2.0 MB freed" in s.value for s in at.success) and not out.exists()
+    at.multiselect(key="runs_compare").set_value(["r-int4"]).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert not cov.missing(), cov.missing()

@@ -21,10 +21,10 @@ def test_sigma_table_against_numpy():
     W = g.standard_normal((96, 64))
     s = np.linalg.svd(W, compute_uv=False)
     t = sd.sigma_table(s, W.shape).set_index("σ")
-    assert list(t.index) == ["σ₁", "σ₅₁₂", "σ₁₀₂₄", "σ₂₀₄₈", "σ_min"]
+    assert list(t.index) == ["σ₁", "σ₅₁₂", "σ₁₀₂₄", "σ₂₀₄₈", "σₘᵢₙ"]
     assert t.loc["σ₁", "value"] == pytest.approx(s[0], abs=1e-4)
     assert t.loc["σ₅₁₂", "index here"] == 8 and t.loc["σ₅₁₂", "value"] == pytest.approx(s[7], abs=1e-4)
-    assert t.loc["σ_min", "% of σ₁"] == pytest.approx(100 * s[-1] / s[0], abs=1e-3)
+    assert t.loc["σₘᵢₙ", "% of σ₁"] == pytest.approx(100 * s[-1] / s[0], abs=1e-3)
 
 
 def test_summarize_svd_counts_worse_than_zeros():

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from sahc_core.figures import report as fr
+from sahc_core.figures.format import plural
 
 #: Error level of the verdict (the study's "min rank for error < 0.10").
 ERROR_TARGET = 0.10
@@ -46,6 +47,7 @@ class ReportSection:
     table: pd.DataFrame | None = None
     notes: tuple[str, ...] = ()
     error: str | None = None           # one sentence when the section could not be computed
+    warnings: tuple[str, ...] = ()     # shown as warnings (e.g. runs that mix perplexity protocols)
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,9 @@ def component_sentence(row: pd.Series, eps: float = ERROR_TARGET) -> str:
     if k == 0:
         return f"{head} (break-even {_pct(be)}): low-rank truncation cannot save bytes here."
     if k == n:
-        return f"{head} (break-even {_pct(be)}): low-rank truncation saves bytes on all {n} tensors."
-    return f"{head} (break-even {_pct(be)}): truncation saves bytes on only {k} of {n} tensors."
+        where = "its only tensor" if n == 1 else f"all {plural(n, 'tensor')}"
+        return f"{head} (break-even {_pct(be)}): low-rank truncation saves bytes on {where}."
+    return f"{head} (break-even {_pct(be)}): truncation saves bytes on only {k:,} of {plural(n, 'tensor')}."
 
 
 def caption_pareto(points: pd.DataFrame, tensor: str) -> str:
@@ -151,68 +154,82 @@ def caption_pareto(points: pd.DataFrame, tensor: str) -> str:
     ref = points[(points["method"] == "int") & (points["bits"] == 4)].sort_values("ratio", ascending=False)
     if ref.empty:
         best = points.loc[points["ratio"].idxmax()]
-        return f"On {tensor}, the highest ratio is {best['ratio']:.1f}x ({best['label']}, error {best['rel_error']:.3f})."
+        return f"On {tensor}, the highest ratio is {best['ratio']:.1f}× ({best['label']}, error {best['rel_error']:.3f})."
     r = ref.iloc[0]
     err = float(r["rel_error"])
     others = points[(points["method"] != "int") & (points["rel_error"] <= err * 1.0001)]
-    base = f"On {tensor}, {r['label']} gives {r['ratio']:.2f}x at error {err:.3f}"
+    base = f"On {tensor}, {r['label']} gives {r['ratio']:.2f}× at error {err:.3f}"
     if others.empty:
         worse = points[points["method"] != "int"]
         if worse.empty:
             return base + "."
         closest = worse.loc[worse["rel_error"].idxmin()]
         return (f"{base}; no SVD/TT setting reaches that error (best {closest['label']}: error "
-                f"{closest['rel_error']:.3f} at {closest['ratio']:.2f}x): int-k dominates.")
+                f"{closest['rel_error']:.3f} at {closest['ratio']:.2f}×): int-k dominates.")
     best = others.loc[others["ratio"].idxmax()]
     verdict = "beats" if best["ratio"] > r["ratio"] else "does not beat"  # at equal or lower error
     return (f"{base}; the best {best['method'].upper()} at that error or less ({best['label']}) gives "
-            f"{best['ratio']:.2f}x, so it {verdict} int4.")
+            f"{best['ratio']:.2f}×, so it {verdict} int4.")
 
 
 def caption_budget(project: dict, wall: dict) -> str:
     """Total projected ratio, the component that holds most compressed bytes, and the wall."""
     comps = sorted(project["components"], key=lambda c: -c["bytes"])
     big = comps[0]
-    return (f"Plan {project['plan']!r} projects {project['ratio_projected']:.2f}x; "
+    return (f"Plan {project['plan']!r} projects {project['ratio_projected']:.2f}×; "
             f"{fr.label(big['component'])} keeps {_pct(big['bytes'] / project['bytes_projected'])} of the bytes. "
             f"{wall['message']}")
 
 
 def caption_runs(runs: pd.DataFrame) -> str:
-    """Best finished run that passed every gate (highest actual ratio, finite perplexity) vs the baseline.
+    """Best finished run that passed every gate (highest actual ratio, finite perplexity) vs ITS baseline.
 
     A run with a failed gate is never "best", however high its ratio; the caption counts those runs.
+    The baseline quoted is the run's own (same perplexity protocol); when the runs mix protocols the
+    caption says so (their perplexities are not comparable across protocols).
     """
+    from sahc_core.runs.protocol import baselines
+
     done = runs[runs["status"] == "done"] if "status" in runs else runs
     done = done[pd.to_numeric(done["ppl"], errors="coerce").map(math.isfinite)]
     if done.empty:
         return "No finished run with a finite perplexity yet: launch one on the Runs page."
     failed = pd.to_numeric(done["gates_failed"], errors="coerce").fillna(0) > 0 if "gates_failed" in done \
         else pd.Series(False, index=done.index)
-    tail = f"; {len(done)} finished run(s) in total, {int(failed.sum())} with failed gates."
+    tail = f"; {plural(len(done), 'finished run')} in total, {int(failed.sum())} with failed gates."
+    n_protocols = len(baselines(done)) if "protocol_key" in done else 1
+    if n_protocols > 1:
+        tail += f" The runs use {n_protocols} perplexity protocols: each is compared with its own baseline."
     ok = done[~failed]
     if ok.empty:
         return "Every finished run failed a quality gate" + tail
     best = ok.loc[ok["ratio"].idxmax()]
-    text = f"Best run passing every gate {best['plan_name']!r}: {best['ratio']:.2f}x at perplexity {best['ppl']:.2f}"
+    text = f"Best run passing every gate {best['plan_name']!r}: {best['ratio']:.2f}× at perplexity {best['ppl']:.2f}"
     base = float(best["baseline_ppl"]) if pd.notna(best["baseline_ppl"]) else math.nan
     if math.isfinite(base) and base > 0:
-        text += f" (baseline {base:.2f}, {100 * (best['ppl'] / base - 1):+.0f} %)"
+        text += f" (its baseline {base:.2f}, {100 * (best['ppl'] / base - 1):+,.0f} %)"
     return text + tail
 
 
 # -- data gathering (library calls; cached underneath) ----------------------------------------------
+#: Columns of :func:`runs_table` (the report's runs section).
+RUNS_COLUMNS = ["run_id", "plan_name", "status", "ratio", "ratio_projected", "ratio_actual", "ppl", "baseline_ppl",
+                "delta_ppl", "delta_ppl_pct", "protocol", "protocol_key", "tokens", "window", "stride", "dtype",
+                "gates_passed", "gates_failed", "started_at"]
+
+
 def runs_table(cache, model_fp: str | None = None) -> pd.DataFrame:
-    """One row per run of the model: run_id, plan_name, status, ratio (actual, else projected), ppl, baseline."""
+    """One row per run of the model (:data:`RUNS_COLUMNS`): ratio (actual, else projected), perplexity,
+    the baseline of the run's own protocol, Δppl against it, and the protocol itself."""
     from sahc_core.runs.jobs import list_runs
 
+    if cache is None:
+        return pd.DataFrame(columns=RUNS_COLUMNS)
     df = list_runs(cache)
     if model_fp is not None:
         df = df[df["model_fp"] == model_fp]
     ratio = df["ratio_actual"].where(df["ratio_actual"].notna(), df["ratio_projected"])
-    out = df.assign(ratio=ratio)[["run_id", "plan_name", "status", "ratio", "ratio_projected", "ratio_actual", "ppl",
-                                  "baseline_ppl", "gates_passed", "gates_failed", "started_at"]]
-    return out.reset_index(drop=True)
+    return df.assign(ratio=ratio)[RUNS_COLUMNS].reset_index(drop=True)
 
 
 def report_plan(cache, runs: pd.DataFrame):

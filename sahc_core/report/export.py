@@ -6,7 +6,8 @@
   choreographer. The binary is looked up as ``$BROWSER_PATH`` (choreographer's own variable), then
   ``chromium``, ``chromium-browser``, ``google-chrome`` on ``PATH``. Without one, or when the
   browser fails, :class:`ExportUnavailable` says so in one sentence; HTML and CSV still work.
-* **CSV**: ``DataFrame.to_csv(index=False)``; list/tuple cells are written as their ``str``.
+* **CSV**: ``DataFrame.to_csv(index=False)``; list/tuple cells are written as their ``str`` (raw numbers;
+  the HTML tables are the readable ones, :func:`sahc_core.figures.format.display_table`).
 """
 from __future__ import annotations
 
@@ -133,13 +134,16 @@ h1{font-size:2rem;margin-bottom:.2rem} h2{font-size:1.45rem;margin-top:2.2rem;bo
 h3{font-size:1.15rem;margin-top:1.4rem}
 .meta{color:#57606a;font-size:.9rem} .caption{font-size:1.1rem;font-weight:600;margin:.4rem 0 .6rem}
 .note{color:#57606a;font-size:.9rem;margin:.2rem 0 .8rem}
+.warning{background:#fff8c5;border:1px solid #d4a72c;padding:.4rem .6rem;border-radius:6px}
 table{border-collapse:collapse;font-size:.88rem;margin:.5rem 0 1rem} th,td{border:1px solid #d0d7de;padding:.25rem .5rem;
 text-align:right} th{background:#f6f8fa} td:first-child,th:first-child{text-align:left}
 """
 
 
 def _table_html(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, border=0, na_rep="—", float_format=lambda x: f"{x:,.4g}", escape=True)
+    from sahc_core.figures.format import display_table
+
+    return display_table(df).to_html(index=False, border=0, escape=True)
 
 
 def report_html(report: Report, study: Mapping[str, pd.DataFrame] | None = None,
@@ -167,6 +171,8 @@ def report_html(report: Report, study: Mapping[str, pd.DataFrame] | None = None,
         parts.append(f"<p class='caption'>{html.escape(sec.caption)}</p>")
         for note in sec.notes:
             parts.append(f"<p class='note'>{html.escape(note)}</p>")
+        for warning in sec.warnings:
+            parts.append(f"<p class='warning'>⚠ {html.escape(warning)}</p>")
         for fig in sec.figures:
             parts.append(pio.to_html(fig, full_html=False, include_plotlyjs=not plotly_included,
                                      config={"displaylogo": False, "responsive": True}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import pandas as pd
 
@@ -59,9 +60,12 @@ def _pareto(source, name: str, cache, device, progress, idx: int) -> rp.ReportSe
              "front (outlined).",)
     if points.empty:
         raise ValueError(f"no method could be measured on {name}.")
+    gates = [f"fails {f}" if f else ("weak checks only" if w else "all pass")
+             for f, w in zip(points["failed_gates"], points["weak_only"])]
+    tbl = points.assign(gates=gates)[["label", "method", "bits", "bytes", "ratio", "bits_per_weight", "rel_error",
+                                      "weight_cosine", "gates", "pareto"]]
     return rp.ReportSection(f"pareto-{idx}", f"3.{idx} Per-tensor Pareto: int-k vs SVD vs TT ({name})",
-                            rp.caption_pareto(points, name), (pareto_figure(points),),
-                            points.drop(columns=["config"]).round(5), notes)
+                            rp.caption_pareto(points, name), (pareto_figure(points),), tbl.round(5), notes)
 
 
 def _budget(source, cache, runs, target_ratio) -> rp.ReportSection:
@@ -71,11 +75,11 @@ def _budget(source, cache, runs, target_ratio) -> rp.ReportSection:
     plan = rp.report_plan(cache, runs)
     proj = project(plan, source)
     wall = embedding_wall(proj, target_ratio)
-    tbl = pd.DataFrame([{"component": fr.label(c["component"]), "original_MB": c["original_bytes"] / 1e6,
-                         "compressed_MB": c["bytes"] / 1e6, "ratio": c["ratio"],
+    tbl = pd.DataFrame([{"component": fr.label(c["component"]), "original_mb": c["original_bytes"] / 1e6,
+                         "compressed_mb": c["bytes"] / 1e6, "ratio": c["ratio"],
                          "share_of_compressed_pct": 100 * c["share_of_compressed"]} for c in proj["components"]])
-    total = pd.DataFrame([{"component": "Total", "original_MB": proj["bytes_original"] / 1e6,
-                           "compressed_MB": proj["bytes_projected"] / 1e6, "ratio": proj["ratio_projected"],
+    total = pd.DataFrame([{"component": "Total", "original_mb": proj["bytes_original"] / 1e6,
+                           "compressed_mb": proj["bytes_projected"] / 1e6, "ratio": proj["ratio_projected"],
                            "share_of_compressed_pct": 100.0}])
     notes = (f"Highest total ratio reachable with a 0-byte embedding under this plan: {wall['max_total_ratio']:.2f}x.",)
     return rp.ReportSection("budget", f"4. Byte budget and the embedding wall (plan {plan.name!r})",
@@ -85,9 +89,13 @@ def _budget(source, cache, runs, target_ratio) -> rp.ReportSection:
 
 
 def _runs(runs: pd.DataFrame) -> rp.ReportSection:
-    tbl = runs.drop(columns=[c for c in ("started_at",) if c in runs]).copy()
-    return rp.ReportSection("runs", "5. Runs: ratio vs perplexity against the baseline", rp.caption_runs(runs),
-                            (fr.runs_scatter(runs),), tbl)
+    from sahc_core.runs.protocol import mixed_warning
+
+    tbl = runs.drop(columns=[c for c in ("started_at", "protocol_key") if c in runs]).copy()
+    figures = (fr.runs_scatter(runs),) if len(fr.finished_runs(runs)) else ()  # empty state: the caption says why
+    warning = mixed_warning(fr.finished_runs(runs)) if figures else None
+    return rp.ReportSection("runs", "5. Runs: ratio vs perplexity against each run's own baseline",
+                            rp.caption_runs(runs), figures, tbl, warnings=(warning,) if warning else ())
 
 
 def _failed(key: str, title: str, exc: Exception) -> rp.ReportSection:
@@ -112,9 +120,7 @@ def build_sections(source, cache, device: str, target_ratio: float, pareto_tenso
             sections.append(_pareto(source, name, cache, device, progress, i))
         except (SahcError, ValueError) as exc:
             sections.append(_failed(f"pareto-{i}", f"3.{i} Per-tensor Pareto ({name})", exc))
-    runs = rp.runs_table(cache, source.fingerprint) if cache is not None else pd.DataFrame(
-        columns=["run_id", "plan_name", "status", "ratio", "ppl", "baseline_ppl", "gates_passed", "gates_failed",
-                 "started_at"])
+    runs = rp.runs_table(cache, source.fingerprint)
     try:
         sections.append(_budget(source, cache, runs, target_ratio))
     except (SahcError, ValueError) as exc:
@@ -125,8 +131,15 @@ def build_sections(source, cache, device: str, target_ratio: float, pareto_tenso
 
 def build_report(source, cache=None, device: str = "auto", target_ratio: float = rp.TARGET_RATIO,
                  pareto_tensors: Sequence[str] | None = None, progress=None) -> rp.Report:
-    """Compute (or read from the cache) every section of the report for ``source``."""
-    sections = build_sections(source, cache, device, target_ratio, pareto_tensors, progress)
+    """Compute (or read from the cache) every section of the report for ``source``.
+
+    Every figure gets one polish (:func:`sahc_core.figures.style.tidy_figure`: decade-only log axes,
+    automargins), so the page, the HTML and the PNG/SVG exports all show the same figures.
+    """
+    from sahc_core.figures.style import tidy_figure
+
+    sections = [replace(s, figures=tuple(tidy_figure(f) for f in s.figures))
+                for s in build_sections(source, cache, device, target_ratio, pareto_tensors, progress)]
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     return rp.Report(title=f"SAHC report: {source.path.name}",
                      subtitle=(f"{source.architecture} · {source.num_params:,} parameters · fingerprint "

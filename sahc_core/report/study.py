@@ -3,7 +3,7 @@
 Tables, in the study's order and form:
 
 1. architecture breakdown (component, % of parameters);
-2. singular values of the middle FFN layer's ``gate_proj``: σ₁, σ₅₁₂, σ₁₀₂₄, σ₂₀₄₈, σ_min, each also
+2. singular values of the middle FFN layer's ``gate_proj``: σ₁, σ₅₁₂, σ₁₀₂₄, σ₂₀₄₈, σₘᵢₙ, each also
    as % of σ₁. The study's matrix has full rank 4096; on another model the index keeps the same
    *fraction* of full rank (σ₅₁₂ -> index round(512/4096 · k)), and the table says which index it used;
 3. minimum rank for SVD error < 0.10 for gate / up / down of that layer (% of full rank);
@@ -68,14 +68,14 @@ def architecture_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def sigma_table(s, shape) -> pd.DataFrame:
-    """σ₁, σ₅₁₂, σ₁₀₂₄, σ₂₀₄₈, σ_min of descending singular values ``s`` (indices scaled, see module)."""
+    """σ₁, σ₅₁₂, σ₁₀₂₄, σ₂₀₄₈, σₘᵢₙ of descending singular values ``s`` (indices scaled, see module)."""
     k = len(s)
     rows = []
     for i in SIGMA_INDICES:
         j = scaled_index(i, k)
         rows.append({"σ": f"σ{str(i).translate(_SUB)}", "index here": j, "value": float(s[j - 1]),
                      "% of σ₁": 100 * float(s[j - 1]) / float(s[0])})
-    rows.append({"σ": "σ_min", "index here": k, "value": float(s[-1]), "% of σ₁": 100 * float(s[-1]) / float(s[0])})
+    rows.append({"σ": "σₘᵢₙ", "index here": k, "value": float(s[-1]), "% of σ₁": 100 * float(s[-1]) / float(s[0])})
     return pd.DataFrame(rows).round(4)
 
 
@@ -243,7 +243,7 @@ def reproduce_study(source, cache=None, device: str = "auto", progress: Progress
         title = f"Singular values of {gate} {list(sp.shape)}"
         t[title] = sigma_table(sp.singular_values, sp.shape)
         k = len(sp.singular_values)
-        n[title] = (f"Condition number σ_max/σ_min = {sp.singular_values[0] / sp.singular_values[-1]:.3g}; full rank {k}"
+        n[title] = (f"Condition number σₘₐₓ/σₘᵢₙ = {sp.singular_values[0] / sp.singular_values[-1]:.3g}; full rank {k}"
                     + ("" if k == STUDY_FULL_RANK else f" (the study's indices scaled by {k}/{STUDY_FULL_RANK})") + ".")
         rows = []
         for kind in ("gate_proj", "up_proj", "down_proj"):
@@ -256,7 +256,8 @@ def reproduce_study(source, cache=None, device: str = "auto", progress: Progress
             rows.append({"tensor": kind, "name": name, "min rank (error < 0.10)": r, "full rank": full,
                          "% of full rank": round(100 * r / full, 1)})
         t["Minimum rank for SVD error < 0.10"] = pd.DataFrame(rows)
-        n["Minimum rank for SVD error < 0.10"] = "Eckart–Young–Mirsky: smallest r with sqrt(Σ_{i>r} σ_i² / Σ σ_i²) ≤ 0.10."
+        n["Minimum rank for SVD error < 0.10"] = ("Eckart–Young–Mirsky: smallest r with √(Σ σᵢ² over i > r / Σ σᵢ² over all i) "
+                                                     "≤ 0.10.")
 
         per = _svd_rows(source, table, cache, device, progress, calib)
         title = "SVD rank 1/8 of full (the study's r512) + int4 factors, over FFN tensors"
