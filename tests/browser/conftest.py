@@ -6,6 +6,7 @@ Screenshots go to ``test-artifacts/screenshots/`` (git-ignored).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -130,3 +131,43 @@ def page(browser, server):
 def shots() -> Path:
     SHOTS.mkdir(parents=True, exist_ok=True)
     return SHOTS
+
+
+WHOLE = {"text": "shakespeare", "text_sha256": "ab" * 32, "tokens": 63989, "window": 2048, "stride": 2048,
+         "dtype": "float32", "device": "cpu", "max_tokens": None}
+CAPPED = {**WHOLE, "tokens": 4064, "max_tokens": 4096}
+
+
+@pytest.fixture(scope="module")
+def meeting(tmp_path_factory, tiny_model):
+    """A server of its own whose cache holds finished runs of the tiny model under two protocols and one
+    'running' run with a live stand-in worker (``sleep``)."""
+    from sahc_core.cache import Cache, to_json, utcnow
+    from sahc_core.io.source import ModelSource
+    from sahc_core.runs.jobs import process_start_time
+
+    _require_browser()
+    d = tmp_path_factory.mktemp("meeting")
+    cache = Cache(d / "sahc.duckdb")
+    fp = ModelSource.open(tiny_model).fingerprint
+    now = utcnow()
+    for rid, plan, ratio, ppl, base, proto in (("r-int4", "int4-g32", 3.9, 52.58, 33.07, WHOLE),
+                                               ("r-int8", "int8", 1.99, 29.28, 29.24, CAPPED),
+                                               ("r-int2", "int2", 7.5, 46218.0, 33.07, WHOLE)):
+        res = {"run_id": rid, "plan_name": plan, "ratio_projected": ratio, "ratio_actual": ratio, "ppl": ppl,
+               "baseline_ppl": base, "delta_ppl": ppl - base, "gates_passed": 9, "gates_failed": 0,
+               "protocol": proto, "components": []}
+        cache.execute("INSERT INTO runs (run_id, plan_name, plan, model_fp, status, stage, result, started_at, "
+                      "finished_at) VALUES (?, ?, ?, ?, 'done', 'done', ?, ?, ?)",
+                      [rid, plan, json.dumps({"name": plan, "default": {"method": "int", "bits": 4, "group_size": 32}}),
+                       fp, to_json(res), now, now])
+    worker = subprocess.Popen(["sleep", "900"], start_new_session=True)
+    cache.execute("INSERT INTO runs (run_id, plan_name, model_fp, status, stage, progress, pid, pid_start, "
+                  "cancel_requested, started_at) VALUES ('r-live', 'tt', ?, 'running', 'assemble', ?, ?, ?, false, ?)",
+                  [fp, to_json({"stage": "assemble", "tensors_done": 3, "tensors_total": 12, "fraction": 0.25}),
+                   worker.pid, process_start_time(worker.pid), now])
+    srv = AppServer(d / "sahc.duckdb", d / "streamlit.log")
+    yield srv, cache
+    srv.stop()
+    worker.kill()
+    worker.wait()
