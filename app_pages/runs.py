@@ -158,11 +158,15 @@ except SahcError as exc:
     st.stop()
 if cmp["protocol_warning"]:
     st.warning(cmp["protocol_warning"])
-st.plotly_chart(runs_scatter(cmp["runs"]), width="stretch", key="runs_scatter")
-st.markdown("**Baselines, one per perplexity protocol** (each run's Δppl is against its own)")
-app_state.show_table(cmp["baselines"], ["protocol", "tokens", "baseline_ppl", "n_runs", "run_ids"])
-st.markdown("**Per component**")
-app_state.show_table(cmp["components"])
+if cmp["baselines"].empty:
+    st.info("None of the picked runs finished with a perplexity yet: nothing to plot; their gate decisions follow.")
+else:
+    st.plotly_chart(runs_scatter(cmp["runs"]), width="stretch", key="runs_scatter")
+    st.markdown("**Baselines, one per perplexity protocol** (each run's Δppl is against its own)")
+    app_state.show_table(cmp["baselines"], ["protocol", "tokens", "baseline_ppl", "n_runs", "run_ids"])
+if not cmp["components"].empty:
+    st.markdown("**Per component**")
+    app_state.show_table(cmp["components"])
 gates = cmp["gates"]
 failed = gates[~gates["passed"].astype(bool)] if len(gates) else gates
 st.markdown(f"**Quality gates** ({len(gates):,} decisions, {len(failed):,} failed)")

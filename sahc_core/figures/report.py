@@ -53,7 +53,7 @@ def runs_scatter(runs: pd.DataFrame) -> go.Figure:
                        else "protocol not recorded")
     fig = go.Figure()
     groups = list(done.groupby("protocol_key", sort=False))
-    ys = [done["ppl"].astype(float)]
+    ys, lines = [done["ppl"].astype(float)], []
     for k, (_, g) in enumerate(groups):
         color = _PROTOCOL_COLORS[k % len(_PROTOCOL_COLORS)]
         name = g["protocol"].iloc[0] if len(groups) > 1 else "runs"
@@ -67,11 +67,13 @@ def runs_scatter(runs: pd.DataFrame) -> go.Figure:
                                                "Δ vs own baseline %{customdata[1]}<extra></extra>"))
         base = pd.to_numeric(g["baseline_ppl"], errors="coerce").dropna()
         if len(base):
-            b = float(base.iloc[0])
-            ys.append(pd.Series([b]))
-            tag = f" ({k + 1})" if len(groups) > 1 else ""
-            fig.add_hline(y=b, line=dict(color=color, dash="dash"), annotation_text=f"baseline {b:.2f}{tag}",
-                          annotation_font_color=color, annotation_position="top left")
+            lines.append((float(base.iloc[0]), color, f" ({k + 1})" if len(groups) > 1 else ""))
+    # highest baseline labelled above its line, the others below, alternating sides: close lines stay legible
+    for j, (b, color, tag) in enumerate(sorted(lines, reverse=True)):
+        ys.append(pd.Series([b]))
+        fig.add_hline(y=b, line=dict(color=color, dash="dash"), annotation_text=f"baseline {b:,.2f}{tag}",
+                      annotation_font_color=color,
+                      annotation_position=("top" if j == 0 else "bottom") + (" right" if j % 2 == 0 else " left"))
     title = None
     if len(groups) > 1:
         title = f"⚠ {len(groups)} perplexity protocols: read each run against the baseline in its colour"

@@ -36,9 +36,11 @@ def _ranks(n: int) -> np.ndarray:
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, height: int = 360, legend: bool = True) -> go.Figure:
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=height, margin=dict(t=50, l=10, r=10, b=10),
-                      legend=dict(font=dict(size=10)), hovermode="x unified" if legend else "closest",
-                      showlegend=legend)
+    # the legend goes under the plot (clear of the x title), so long tensor names do not squeeze the plot
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=height + (60 if legend else 0),
+                      margin=dict(t=50, l=10, r=10, b=10), showlegend=legend,
+                      legend=dict(font=dict(size=10), orientation="h", yanchor="top", y=-0.3, x=0),
+                      hovermode="x unified" if legend else "closest")
     return tidy_figure(fig)
 
 

@@ -204,7 +204,7 @@ def caption_runs(runs: pd.DataFrame) -> str:
     if ok.empty:
         return "Every finished run failed a quality gate" + tail
     best = ok.loc[ok["ratio"].idxmax()]
-    text = f"Best run passing every gate {best['plan_name']!r}: {best['ratio']:.2f}× at perplexity {best['ppl']:.2f}"
+    text = f"Best run passing every gate {best['plan_name']!r}: {best['ratio']:.2f}× at perplexity {best['ppl']:,.2f}"
     base = float(best["baseline_ppl"]) if pd.notna(best["baseline_ppl"]) else math.nan
     if math.isfinite(base) and base > 0:
         text += f" (its baseline {base:.2f}, {100 * (best['ppl'] / base - 1):+,.0f} %)"

@@ -78,11 +78,12 @@ def stage_rates(cache, model_fp: str | None = None, device: str = "cpu") -> tupl
     dev = _device_type(device)
     past = [(fp, r) for fp, r in _past_results(cache)
             if _device_type((r.get("protocol") or {}).get("device")) == dev]
-    same = [r for fp, r in past if model_fp is not None and fp == model_fp][:MAX_RUNS]
-    pool, whose = (same, "this model") if same else ([r for _, r in past][:MAX_RUNS], "other models")
+    timed = [(fp, rates) for fp, rates in ((fp, run_rates(r)) for fp, r in past) if rates]  # runs with timings
+    same = [rates for fp, rates in timed if model_fp is not None and fp == model_fp][:MAX_RUNS]
+    pool, whose = (same, "this model") if same else ([rates for _, rates in timed][:MAX_RUNS], "other models")
     measured: dict[str, list[float]] = {s: [] for s in STAGES}
-    for r in pool:
-        for s, v in run_rates(r).items():
+    for rates in pool:
+        for s, v in rates.items():
             measured[s].append(v)
     rates = {s: statistics.median(v) if v else PRIOR_RATES[s] for s, v in measured.items()}
     if not pool:

@@ -7,6 +7,7 @@ Run with ``pytest -m browser tests/browser/test_browser_meeting.py``. Screenshot
 """
 from __future__ import annotations
 
+import html
 import io
 import json
 import re
@@ -58,6 +59,18 @@ def _shot(page, shots: Path, name: str) -> None:
     page.wait_for_timeout(300)
 
 
+def _html_layouts(doc: str) -> list[dict]:
+    """The layout of every figure of an exported HTML report (the third argument of each Plotly.newPlot)."""
+    dec, out = json.JSONDecoder(), []
+    for m in re.finditer(r"Plotly\.newPlot\(\s*", doc):
+        i = m.end()
+        for k in range(3):  # "div id", data, layout
+            value, i = dec.raw_decode(doc, i)
+            i = re.compile(r"\s*,\s*").match(doc, i).end()
+        out.append(value)
+    return out
+
+
 def _build_report(page, url: str, model: str) -> None:
     open_app(page, url, model)
     goto(page, "Report", model)
@@ -69,14 +82,16 @@ def _build_report(page, url: str, model: str) -> None:
 
 def test_report_exports_png_and_svg_matching_the_html(browser, meeting, tiny_model, shots):
     """Render figures as PNG + SVG (the issue's crash), download the zip and open it: one PNG and one SVG
-    per figure of the HTML report, each SVG carrying its figure's title. Shot: report-export.png."""
+    per figure of the HTML report, each SVG carrying its figure's title and axis titles.
+    Shots: report-built.png (+ -full), report-export.png."""
     srv, _ = meeting
     ctx, page = _context(browser, 1280, 720)
     _build_report(page, srv.url, str(tiny_model))
+    _shot(page, shots, "report-built")
     with page.expect_download() as html_dl:
         page.get_by_role("button", name="Report (self-contained HTML)").click()
     doc = Path(html_dl.value.path()).read_text()
-    html_titles = [t for t in re.findall(r'"title":\{[^{}]*?"text":"((?:[^"\\]|\\.)*)"', doc)]
+    layouts = _html_layouts(doc)
     page.get_by_role("button", name="Render figures as PNG + SVG").click()
     page.get_by_role("button", name="Figures (PNG + SVG, zip)").wait_for(timeout=600_000)
     no_exception(page)
@@ -87,16 +102,16 @@ def test_report_exports_png_and_svg_matching_the_html(browser, meeting, tiny_mod
     names = sorted(zf.namelist())
     stems = sorted({n.rsplit(".", 1)[0] for n in names})
     assert names == sorted([f"{s}.png" for s in stems] + [f"{s}.svg" for s in stems])
-    n_figs = doc.count("Plotly.newPlot")
-    assert len(stems) == n_figs, (stems, n_figs)  # every figure of the HTML report, no more
+    assert len(stems) == len(layouts), (stems, len(layouts))  # every figure of the HTML report, no more
     for s in stems:
         png = zf.read(f"{s}.png")
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 2200  # 1100 px at 2×
         assert zf.read(f"{s}.svg").lstrip()[:4] == b"<svg"
-    svg_text = " ".join(zf.read(f"{s}.svg").decode() for s in stems)
-    for title in html_titles:  # every titled figure of the HTML report is in the SVGs
-        plain = re.sub(r"<[^>]+>", "", json.loads(f'"{title}"'))
-        assert plain.split()[0] in svg_text, title
+    svgs = [html.unescape(re.sub(r"<[^>]+>", "", zf.read(f"{s}.svg").decode())) for s in stems]  # the text
+    for lay in layouts:  # the same figures: each HTML figure's title and axis titles are in one of the SVGs
+        texts = [(lay.get(k) or {}).get("title", {}).get("text") for k in ("xaxis", "yaxis")]
+        texts = [re.sub(r"<[^>]+>", "", t) for t in [(lay.get("title") or {}).get("text"), *texts] if t]
+        assert texts and any(all(t in svg for t in texts) for svg in svgs), texts
     page.screenshot(path=str(shots / "report-export.png"))
     ctx.close()
 
@@ -125,7 +140,7 @@ def test_presentation_mode_lays_out_every_figure_without_clipping(browser, meeti
 
 def test_runs_table_refreshes_live_and_compares_per_protocol(browser, meeting, tiny_model, shots):
     """The Runs table's status and elapsed time change with no interaction; the comparison warns about the
-    two protocols and draws two baselines. Shot: runs-live.png."""
+    two protocols and draws two baselines. Shots: runs-live.png (+ -full)."""
     srv, cache = meeting
     ctx, page = _context(browser, 1280, 720)
     open_app(page, srv.url, str(tiny_model))
@@ -146,7 +161,7 @@ def test_runs_table_refreshes_live_and_compares_per_protocol(browser, meeting, t
     assert later != first  # stage and elapsed time moved on their own
     assert page.get_by_text(re.compile("different perplexity protocols")).count() >= 1
     no_exception(page)
-    page.screenshot(path=str(shots / "runs-live.png"))
+    _shot(page, shots, "runs-live")
     ctx.close()
 
 
