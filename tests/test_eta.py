@@ -58,6 +58,7 @@ def test_overall_eta_and_fraction_by_hand():
     frac, left = eta.overall({**p, "stage": "baseline", "tokens_total": 4000, "fraction": 0.0, "eta_s": None})
     assert left == pytest.approx(40.0 + 40.0)
     assert eta.overall({"stage": "done", "expected": exp}) == (1.0, 0.0)
+    assert eta.overall({"stage": "calibration", "expected": exp, "stage_elapsed_s": 5.0})[1] == pytest.approx(35.0)
     assert eta.overall({"stage": "assemble"}) == (None, None)  # a run that recorded no expectation
 
 

@@ -26,7 +26,7 @@ APP = str(Path(__file__).resolve().parents[1] / "app.py")
 def tiny_report(tiny_llama_dir, tmp_path_factory):
     from sahc_core.cache import Cache
     from sahc_core.io.source import ModelSource
-    from sahc_core.report.build import build_report
+    from sahc_core.report.sections import build_report
     from sahc_core.report.study import reproduce_study
 
     src = ModelSource.open(tiny_llama_dir)
@@ -41,13 +41,13 @@ def _fake_images(figures, fmt="png", **_):
 
 @pytest.fixture()
 def report_app(tiny_report, monkeypatch, tmp_path):
-    import sahc_core.report.build as build
     import sahc_core.report.export as export
+    import sahc_core.report.sections as sections
     import sahc_core.report.study as study
 
     report, tables = tiny_report
     monkeypatch.setenv("SAHC_CACHE", str(tmp_path / "c.duckdb"))
-    monkeypatch.setattr(build, "build_report", lambda *a, progress=None, **k: (progress(1, 1, "report"), report)[1])
+    monkeypatch.setattr(sections, "build_report", lambda *a, progress=None, **k: (progress(1, 1, "report"), report)[1])
     monkeypatch.setattr(study, "reproduce_study", lambda *a, progress=None, **k: tables)
     monkeypatch.setattr(export, "figure_images", _fake_images)
     at = AppTest.from_file(APP, default_timeout=300)

@@ -40,8 +40,9 @@ def test_whatif_page_sliders_move_the_ratio(tiny_llama_dir, monkeypatch, tmp_pat
     err = float(_metric(at, "Relative error ‖W−Ŵ‖/‖W‖"))
     assert 0 < err < 1
     badges = [m.value for m in at.markdown if "-badge[" in m.value]  # gate badges: one per gate
-    assert any(b.startswith(":green-badge[") and "rel_error" in b for b in badges)
-    assert any("theory_vs_actual" in b for b in badges)
+    # rel_error < 1 only rules out "worse than zeros": a grey (weak) pass, never green (app_state.gate_badges)
+    assert any(b.startswith(":gray-badge[") and "Relative error" in b for b in badges)
+    assert any("Theory vs actual" in b for b in badges)
 
     at.radio(key="wi_method").set_value("SVD + int-k factors").run()
     assert not at.exception and not at.error

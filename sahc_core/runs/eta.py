@@ -184,19 +184,21 @@ def overall(progress: Mapping | None) -> tuple[float | None, float | None]:
 
     Finished stages count with their measured ``stage_seconds``; the current stage with its live
     ``eta_s`` (else its expected time × the fraction left); later stages with their expected time,
-    using the real token count once the perplexity stages know it (``tokens_total``).
+    using the real token count once the perplexity stages know it (``tokens_total``). During a stage
+    before them (``project``, ``calibration``) the ETA is the four estimated stages, without the rest
+    of that stage.
     """
     p = progress or {}
     exp = p.get("expected")
     stage = p.get("stage")
-    if not exp or stage not in (*STAGES, "project", "done"):
+    if not exp or not stage:
         return None, None
     if stage == "done":
         return 1.0, 0.0
     tokens = p.get("tokens_total") or exp["tokens"]
     expected = stage_seconds(exp["params"], tokens, exp["rates"], exp["baseline_cached"])
     spent = sum(float(v) for v in (p.get("stage_seconds") or {}).values()) + float(p.get("stage_elapsed_s") or 0.0)
-    if stage == "project":
+    if stage not in STAGES:  # "project", "calibration": before the estimated stages (their own time not counted)
         left = sum(expected.values())
     else:
         i = STAGES.index(stage)
