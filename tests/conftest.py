@@ -41,3 +41,17 @@ def default_model() -> Path:
     from sahc_core.io.default_model import default_model_dir
 
     return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_report(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``(source, cache, report, progress calls)``: the report of the tiny llama, built once (read-only use)."""
+    from sahc_core.cache import Cache
+    from sahc_core.io.source import ModelSource
+    from sahc_core.report.sections import build_report
+
+    src = ModelSource.open(tiny_llama_dir)
+    cache = Cache(tmp_path_factory.mktemp("tiny_report") / "c.duckdb")
+    calls: list = []
+    report = build_report(src, cache, device="cpu", progress=lambda d, t, w: calls.append((d, t, w)))
+    return src, cache, report, calls

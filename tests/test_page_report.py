@@ -23,15 +23,12 @@ APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
 @pytest.fixture(scope="module")
-def tiny_report(tiny_llama_dir, tmp_path_factory):
-    from sahc_core.cache import Cache
-    from sahc_core.io.source import ModelSource
-    from sahc_core.report.sections import build_report
+def tiny_report(tiny_llama_report):
+    """The tiny llama's report (conftest.py) and its study tables."""
     from sahc_core.report.study import reproduce_study
 
-    src = ModelSource.open(tiny_llama_dir)
-    cache = Cache(tmp_path_factory.mktemp("rep") / "c.duckdb")
-    return build_report(src, cache, device="cpu"), reproduce_study(src, cache, device="cpu", with_tt=False)
+    src, cache, report, _ = tiny_llama_report
+    return report, reproduce_study(src, cache, device="cpu", with_tt=False)
 
 
 def _fake_images(figures, fmt="png", **_):

@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 
 from sahc_core.report import build as rp
-from sahc_core.report.sections import build_report
 from sahc_core.report.export import ExportUnavailable, browser_path, figure_images, report_html, write_report
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -105,16 +104,10 @@ def test_caption_shares_and_runs():
 
 
 # -- the report on a tiny model ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def built(tiny_llama_dir, tmp_path_factory):
-    from sahc_core.cache import Cache
-    from sahc_core.io.source import ModelSource
-
-    src = ModelSource.open(tiny_llama_dir)
-    cache = Cache(tmp_path_factory.mktemp("rep") / "c.duckdb")
-    calls = []
-    report = build_report(src, cache, device="cpu", progress=lambda d, t, w: calls.append((d, t, w)))
-    return src, cache, report, calls
+@pytest.fixture()
+def built(tiny_llama_report):
+    """``(source, cache, report, progress calls)`` of the tiny llama (built once per session, conftest.py)."""
+    return tiny_llama_report
 
 
 def test_report_sections_in_story_order(built):
