@@ -13,7 +13,7 @@ from sahc_core.figures import format as fm
 from sahc_core.figures.style import axis_type, decade_range, slide_figure, tidy_figure
 
 
-@pytest.mark.parametrize("seconds,text", [(0.4, "0 s"), (42, "42 s"), (1745, "29 min 05 s"), (3725, "1 h 02 min")])
+@pytest.mark.parametrize("seconds,text", [(0, "0 s"), (0.4, "< 1 s"), (42, "42 s"), (1745, "29 min 05 s"), (3725, "1 h 02 min")])
 def test_durations(seconds, text):
     assert fm.fmt_duration(seconds) == text
 

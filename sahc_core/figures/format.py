@@ -134,9 +134,11 @@ def fmt_pct(frac: Any, digits: int = 1) -> str:
 
 
 def fmt_duration(seconds: Any) -> str:
-    """``"42 s"``, ``"3 min 05 s"``, ``"1 h 02 min"``."""
+    """``"< 1 s"``, ``"42 s"``, ``"3 min 05 s"``, ``"1 h 02 min"``."""
     if is_missing(seconds) or not math.isfinite(float(seconds)):
         return MISSING
+    if 0 < float(seconds) < 0.5:
+        return "< 1 s"
     s = max(0, int(round(float(seconds))))
     if s < 60:
         return f"{s} s"
