@@ -1,6 +1,7 @@
 """Budget page: a method per component -> exact projected bytes, ratio, and the embedding wall."""
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 import app_state
@@ -79,7 +80,7 @@ with st.expander("Load a plan"):
         saved = []
     l1, l2 = st.columns(2)
     l1.selectbox("Saved plans", saved, key="budget_pick")
-    l1.button("Load saved plan", on_click=_load, args=("cache", comps), disabled=not saved)
+    l1.button("Load saved plan", on_click=_load, args=("cache", comps), disabled=not saved, key="budget_load")
     l2.file_uploader("Plan JSON", type="json", key="budget_upload", on_change=_load, args=("upload", comps))
     if err := st.session_state.pop("budget_load_error", None):
         st.error(err)
@@ -99,7 +100,8 @@ fallback = n2.selectbox("Tensors a method cannot take", list(FALLBACKS), key="bu
 overrides = st.session_state.get("budget_overrides", [])
 if overrides:
     st.caption("Per-tensor overrides from the loaded plan (first match wins):")
-    st.json(overrides, expanded=False)
+    app_state.show_table(pd.DataFrame([{"pattern": o["pattern"], "setting": registry.label(registry.config_from_dict(
+        {k: v for k, v in o.items() if k != "pattern"}))} for o in overrides]))
 
 try:
     plan = CompressionPlan.from_dict(plan_dict(name, choices, overrides, FALLBACKS[fallback]))
@@ -120,7 +122,7 @@ if result["n_fallback"]:
 
 left, right = st.columns(2)
 left.subheader("Where the bytes go")
-left.plotly_chart(bytes_breakdown_figure(result), width="stretch")
+left.plotly_chart(bytes_breakdown_figure(result), width="stretch", key="budget_fig_bytes")
 right.subheader("The embedding wall")
 target = right.number_input("Target total ratio", 1.0, 1000.0, 5.0, step=0.5, key="budget_target")
 if "embedding" in {c["component"] for c in result["components"]}:
@@ -130,20 +132,25 @@ if "embedding" in {c["component"] for c in result["components"]}:
                    f"(it now gives {wall['embedding_ratio_now']:.1f}x).")
     else:
         right.warning(wall["message"])
-    right.plotly_chart(wall_figure(result, target), width="stretch")
+    right.plotly_chart(wall_figure(result, target), width="stretch", key="budget_fig_wall")
 else:
     right.info("This model has no embedding component.")
 
 st.subheader("Per component")
-st.dataframe([{k: v for k, v in c.items()} for c in result["components"]], hide_index=True, width="stretch")
+app_state.show_table(pd.DataFrame(result["components"]),
+                     ["component", "params", "n_tensors", "original_bytes", "bytes", "ratio", "share_of_compressed"])
 with st.expander("Per tensor"):
-    st.dataframe(result["tensors"].astype({"shape": str, "config": str}), hide_index=True, width="stretch")
+    tensors = result["tensors"]
+    app_state.show_table(tensors.assign(setting=[registry.label(registry.config_from_dict(c)) if c else "tied"
+                                                 for c in tensors["config"]]),
+                         ["name", "component", "shape", "setting", "rule", "fallback_reason", "orig_bytes", "bytes"])
 
 s1, s2 = st.columns(2)
-if s1.button("Save plan to cache", disabled=cache is None):
+if s1.button("Save plan to cache", disabled=cache is None, key="budget_save"):
     try:
         save_plan(cache, plan)
         s1.success(f"Saved plan '{plan.name}'.")
     except SahcError as exc:
         app_state.show_error(exc)
-s2.download_button("Download plan JSON", plan.to_json(), f"{plan.name}.json", "application/json")
+s2.download_button("Download plan JSON", plan.to_json(), f"{plan.name}.json", "application/json",
+                   key="budget_download")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 import app_state
+from sahc_core.io.prequant import model_grids, summary as prequant_summary
 from sahc_core.errors import SahcError
 from sahc_core.figures.format import MISSING, component_label, fmt_params, fmt_pct, is_missing
 from sahc_core.figures.model import shares_bar, shares_treemap
@@ -28,6 +29,13 @@ except SahcError as exc:
     st.stop()
 shares = component_shares(table)
 
+
+@st.cache_data(show_spinner="Checking for pre-quantized grids (a sample of rows per tensor, once)…")
+def _grids(fingerprint: str, _source) -> dict:
+    return model_grids(_source, cache=app_state.current_cache())
+
+
+
 if app_state.is_default_model():
     from sahc_core.io.default_model import DEFAULT_MODEL_NOTE
 
@@ -37,6 +45,14 @@ if not is_known_architecture(source.architecture):
 if non_float := sorted({d for d in table["dtype"] if not is_analysed(d)}):
     st.warning(f"Some tensors are stored as {', '.join(non_float)}, not as floats: they are listed but never "
                "analysed or compressed (a plan on this model is refused).")
+
+grids = _grids(source.fingerprint, source)
+if pre := prequant_summary(grids):
+    st.warning(f"{pre['n_prequantized']:,} of {pre['n_total']:,} tensors already lie on a low-bit grid (most: "
+               f"{pre['bits']}-bit in blocks of {pre['block']}): this model was dequantized from a low-bit format. "
+               "Low-bit errors measured on it understate those of the original weights, and a setting that "
+               "reproduces the grid shows an error of about 0 (the What-if page flags it).",
+               icon=":material/grid_on:")
 
 total = int(table["params"].sum())
 emb = shares.set_index("component")["share"].get("embedding", 0.0)
@@ -73,10 +89,14 @@ if view.empty:
 else:
     shown = view.assign(shape=view["shape"].map(lambda s: " × ".join(map(str, s))),
                         component=view["component"].map(component_label),
-                        layer=view["layer"].map(lambda v: MISSING if is_missing(v) else str(int(v))))
-    st.dataframe(shown[["name", "shape", "dtype", "component", "kind", "layer", "params"]], hide_index=True,
+                        layer=view["layer"].map(lambda v: MISSING if is_missing(v) else str(int(v))),
+                        grid=view["name"].map(lambda n: f"{grids[n]['bits']}-bit / {grids[n]['block']}"
+                                              if grids.get(n) else MISSING))
+    st.dataframe(shown[["name", "shape", "dtype", "component", "kind", "layer", "params", "grid"]], hide_index=True,
                  width="stretch", height=420, column_config={  # numbers stay numbers here: the table sorts
                      "name": "Tensor", "shape": "Shape", "dtype": "Dtype", "component": "Component", "kind": "Kind",
-                     "layer": "Layer", "params": st.column_config.NumberColumn("Parameters", format="localized")})
+                     "layer": "Layer", "params": st.column_config.NumberColumn("Parameters", format="localized"),
+                     "grid": st.column_config.TextColumn("Pre-quantized grid", help="bits / block size of a low-bit "
+                                                         "grid the values already lie on")})
 st.download_button("Download tensor table (CSV)", view.to_csv(index=False), "tensors.csv", "text/csv",
                    key="model_download")

@@ -107,7 +107,9 @@ if pkey in st.session_state:
     shown = [k for k in METRICS if k != "output_error" or df["output_error"].notna().any()]
     metric = st.radio("Y axis", shown, horizontal=True, key="wi_pareto_metric", format_func=METRICS.get)
     st.plotly_chart(pareto_figure(df, current=meas, metric=metric), width="stretch", key="wi_pareto_fig")
-    st.dataframe(df[df["frontier"]].drop(columns=["config"]), hide_index=True, width="stretch")
+    front = df[df["frontier"]].assign(gates=lambda d: d["failed_gates"].map(lambda f: f"fails {f}" if f else "all pass"))
+    app_state.show_table(front, ["label", "bytes", "ratio", "bits_per_weight", "rel_error", "output_error",
+                                 "weight_cosine", "gates"])
 
 if comp == "embedding":
     st.subheader("Tensor-Train sweep (the study's table)")
@@ -124,4 +126,4 @@ if comp == "embedding":
     if tkey in st.session_state:
         tdf = st.session_state[tkey]
         st.plotly_chart(tt_sweep_figure(tdf, thr), width="stretch", key="wi_tt_fig")
-        st.dataframe(tdf, hide_index=True, width="stretch")
+        app_state.show_table(tdf, ["tt_ranks", "bytes", "ratio", "bits_per_weight", "cosine", "rel_error", "passed"])

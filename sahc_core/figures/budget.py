@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from sahc_core.figures.format import component_label
 from sahc_core.figures.model import COMPONENT_COLORS
+from sahc_core.figures.style import tidy_figure
 from sahc_core.plans.plan import embedding_wall
 
 #: Plan-JSON fallback configs offered by the page (label -> config dict or None = the methods adapt
@@ -51,16 +53,23 @@ def bytes_breakdown_figure(result: Mapping[str, Any]) -> go.Figure:
     df = breakdown_frame(result)
     fig = go.Figure()
     for comp, g in df.groupby("component", sort=False):
-        fig.add_bar(x=g["side"], y=g["MB"], name=str(comp), marker_color=COMPONENT_COLORS.get(str(comp), "#999"),
-                    hovertemplate=f"{comp}: %{{y:,.2f}} MB<extra></extra>")
+        fig.add_bar(x=g["side"], y=g["MB"], name=component_label(str(comp)),
+                    marker_color=COMPONENT_COLORS.get(str(comp), "#999"),
+                    hovertemplate=f"{component_label(str(comp))}: %{{y:,.2f}} MB<extra></extra>")
     fig.update_layout(barmode="stack", yaxis_title="MB", height=380, margin=dict(t=30, b=10),
-                      title=f"{result['bytes_original'] / _MB:,.1f} MB -> {result['bytes_projected'] / _MB:,.1f} MB "
+                      title=f"{result['bytes_original'] / _MB:,.1f} MB → {result['bytes_projected'] / _MB:,.1f} MB "
                             f"({result['ratio_projected']:.2f}x)")
-    return fig
+    return tidy_figure(fig)
+
+
+#: The wall chart stops where the embedding would need more than this ratio (near the asymptote the
+#: needed ratio runs to 1e14, which says nothing more than "impossible" and wrecks the axis).
+WALL_MAX_RATIO = 1000.0
 
 
 def wall_curve(result: Mapping[str, Any], targets: Sequence[float] | None = None) -> pd.DataFrame:
-    """Needed embedding ratio for a range of total target ratios (NaN where impossible)."""
+    """Needed embedding ratio for a range of total target ratios (NaN where impossible or beyond
+    :data:`WALL_MAX_RATIO`)."""
     if targets is None:
         top = embedding_wall(result, 1e9)["max_total_ratio"]
         hi = top * 0.999 if math.isfinite(top) else 20.0 * result["ratio_projected"]
@@ -68,8 +77,8 @@ def wall_curve(result: Mapping[str, Any], targets: Sequence[float] | None = None
     rows = []
     for t in targets:
         w = embedding_wall(result, float(t))
-        rows.append({"target_ratio": float(t),
-                     "embedding_ratio_needed": w["embedding_ratio_needed"] if w["feasible"] else np.nan})
+        need = w["embedding_ratio_needed"] if w["feasible"] else np.nan
+        rows.append({"target_ratio": float(t), "embedding_ratio_needed": need if need <= WALL_MAX_RATIO else np.nan})
     return pd.DataFrame(rows)
 
 
@@ -85,9 +94,9 @@ def wall_figure(result: Mapping[str, Any], target: float) -> go.Figure:
     if math.isfinite(cur["max_total_ratio"]):
         fig.add_vline(x=cur["max_total_ratio"], line_dash="dash",
                       annotation_text=f"wall {cur['max_total_ratio']:.2f}x")
-    if cur["feasible"]:
+    if cur["feasible"] and cur["embedding_ratio_needed"] <= WALL_MAX_RATIO:
         fig.add_scatter(x=[target], y=[cur["embedding_ratio_needed"]], mode="markers", name="target",
                         marker=dict(size=11, color="#E45756"))
-    fig.update_layout(xaxis_title="total ratio target (x)", yaxis_title="embedding / LM head ratio needed (x)",
+    fig.update_layout(xaxis_title="total ratio target (×)", yaxis_title="embedding / LM head ratio needed (×)",
                       yaxis_type="log", height=380, margin=dict(t=30, b=10), showlegend=False)
-    return fig
+    return tidy_figure(fig)

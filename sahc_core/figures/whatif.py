@@ -4,9 +4,11 @@ from __future__ import annotations
 import pandas as pd
 import plotly.graph_objects as go
 
+from sahc_core.figures.style import axis_type, tidy_figure
 from sahc_core.methods import registry
 
-METRICS = {"rel_error": "relative error ‖W−Ŵ‖/‖W‖", "output_error": "output error ‖X(W−Ŵ)ᵀ‖/‖XWᵀ‖ (held-out)",
+METRICS = {"rel_error": "relative error ‖W−Ŵ‖<sub>F</sub> / ‖W‖<sub>F</sub>",
+           "output_error": "output error ‖X(W−Ŵ)ᵀ‖<sub>F</sub> / ‖XWᵀ‖<sub>F</sub> (held-out)",
            "weight_cosine": "weight cosine"}
 
 
@@ -53,9 +55,10 @@ def pareto_figure(df: pd.DataFrame, current: dict | None = None, metric: str = "
         fig.add_hline(y=1.0, line=dict(color="#E45756", dash="dash", width=1),
                       annotation_text="zero matrix (error 1.0)", annotation_position="top left")
     fig.update_layout(xaxis=dict(title="stored bytes (log)", type="log"),
-                      yaxis=dict(title=METRICS[metric]),
+                      yaxis=dict(title=METRICS[metric], type=axis_type(df[metric]) if metric != "weight_cosine"
+                                 else "linear"),
                       height=420, margin=dict(t=30, b=10), legend=dict(orientation="h", y=1.12))
-    return fig
+    return tidy_figure(fig)
 
 
 def tt_sweep_figure(df: pd.DataFrame, cos_threshold: float = 0.95) -> go.Figure:
@@ -70,4 +73,4 @@ def tt_sweep_figure(df: pd.DataFrame, cos_threshold: float = 0.95) -> go.Figure:
     fig.update_layout(xaxis=dict(title="compression ratio vs 16-bit (log)", type="log"),
                       yaxis=dict(title="mean per-token cosine"), height=380, margin=dict(t=30, b=10),
                       showlegend=False)
-    return fig
+    return tidy_figure(fig)

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from sahc_core.io.dtypes import is_analysed
+
 #: Block sizes tried, largest first (the quantizer's block is the largest that passes).
 BLOCKS = (128, 64, 32, 16)
 #: Blocks sampled per tensor (from evenly spaced rows).
@@ -129,7 +131,7 @@ def sample_rows(path: str, name: str, shape: tuple[int, ...], max_values: int, c
 def tensor_grid(source: Any, name: str, max_values: int = SAMPLE_BLOCKS * BLOCKS[0]) -> dict | None:
     """:func:`detect_grid` of tensor ``name`` of a ``ModelSource``, from a sample of its rows."""
     info = source.info(name)
-    if len(info.shape) < 2 or info.dtype not in ("F64", "F32", "F16", "BF16"):
+    if len(info.shape) < 2 or not is_analysed(info.dtype):
         return None  # 1-D tensors (norms, biases) are kept in 16-bit by every plan
     return detect_grid(sample_rows(str(source.path / info.file), name, tuple(info.shape), max_values))
 
