@@ -7,6 +7,7 @@ import app_state
 from sahc_core.errors import SahcError
 from sahc_core.figures.format import display_table, fmt_duration
 from sahc_core.figures.report import runs_scatter
+from sahc_core.plans.export import export_run
 from sahc_core.plans.plan import CompressionPlan, example_plans, load_plans
 from sahc_core.runs.eta import STAGES, estimate_sentence, overall, prelaunch_estimate
 from sahc_core.runs.jobs import cancel_run, delete_run_files, list_runs, progress_parts, run_status, start_run
@@ -70,6 +71,34 @@ with st.expander("Launch a run", expanded=True):
             st.success(f"Run {run_id} started; its progress shows below.")
     except (SahcError, ValueError) as exc:
         app_state.show_error(exc)
+
+
+def export_ui(finished: list[str]) -> None:
+    """Pick a finished run and a format; the export is written next to the cache (or where you say)."""
+    if not finished:
+        st.caption("No finished run with its checkpoint files on disk to export.")
+        return
+    c = st.columns([2, 2, 1])
+    rid = c[0].selectbox("Run", finished, key="runs_export_pick")
+    fmt = c[1].radio("Format", ["compressed-tensors", "dense", "gguf"], horizontal=True, key="runs_export_format")
+    dtype = c[2].selectbox("dtype", ["auto", "bfloat16", "float16", "float32"], key="runs_export_dtype",
+                           help="auto: the dtype the run's perplexity was measured in (so the export's equals it)")
+    out = st.text_input("Output folder", str(cache.path.parent / "exports" / f"{rid}-{fmt}"), key="runs_export_out")
+    force = st.checkbox("Replace an earlier export in that folder", key="runs_export_force")
+    if st.button("Export", key="runs_export"):
+        bar = st.progress(0.0, text="Exporting…")
+        try:
+            res = export_run(cache, rid, out, fmt, dtype=dtype, force=force,
+                             progress=lambda d, t, name: bar.progress(d / t, text=f"{d}/{t} tensors"))
+        except SahcError as exc:
+            app_state.show_error(exc)
+        else:
+            st.success(f"Wrote {res['out']}: {res['bytes'] / 1e6:,.1f} MB on disk (the run's checkpoint: "
+                       f"{(res.get('run_bytes_actual') or 0) / 1e6:,.1f} MB), {res['dtype']}.")
+            for note in res.get("notes", []):
+                st.caption(note)
+        finally:
+            bar.empty()
 
 
 def progress_ui(rid: str) -> None:
@@ -144,6 +173,9 @@ with st.expander(f"Disk space: {on_disk['checkpoint_mb'].sum():,.0f} MB of check
                 app_state.show_error(exc)
             else:
                 st.success(f"Deleted the checkpoint of {victim}: {freed / 1e6:,.1f} MB freed.")
+
+with st.expander("Export a run: compressed-tensors (vLLM, transformers), a dense Hugging Face model, GGUF"):
+    export_ui(runs[(runs["status"] == "done") & (runs["checkpoint_mb"] > 0)]["run_id"].tolist())
 
 st.subheader("Compare runs")
 done = runs[runs["status"].isin(["done", "failed", "cancelled"])]["run_id"].tolist()

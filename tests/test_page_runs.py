@@ -191,6 +191,15 @@ def test_every_widget_on_the_default_model(filled, monkeypatch: pytest.MonkeyPat
     at.button(key="runs_start").click().run()
     assert calls[0][0].name == "int8" and calls[0][1] == {"corpus": None, "window": 512, "max_tokens": 2048}
     at.button(key="runs_cancel_r-live").click().run()
+    # export: the fake checkpoint has no manifest, so the export is refused in one line (tests/test_model_export.py
+    # exports real runs)
+    at.selectbox(key="runs_export_pick").select("r-int4").run()
+    at.radio(key="runs_export_format").set_value("dense").run()
+    at.selectbox(key="runs_export_dtype").select("float32").run()
+    at.text_input(key="runs_export_out").input(str(cache.path.parent / "exp")).run()
+    at.checkbox(key="runs_export_force").check().run()
+    at.button(key="runs_export").click().run()
+    assert not at.exception and at.error and "r-int4" in at.error[0].value, [e.value for e in at.error]
     at.selectbox(key="runs_free_pick").select("r-int4").run()
     at.checkbox(key="runs_free_sure").check().run()
     at.button(key="runs_free").click().run()
