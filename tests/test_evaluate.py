@@ -117,8 +117,8 @@ def test_stride_gives_more_context_lower_ppl(default_model) -> None:
 
     model, tok = load_model(default_model, device="cpu")
     text = default_corpus().test_text[:6000]
-    flat = perplexity(model, tok, text, PplConfig(window=32, max_tokens=256))
-    sliding = perplexity(model, tok, text, PplConfig(window=32, stride=16, max_tokens=256))
+    flat = perplexity(model, tok, text, PplConfig(window=16, max_tokens=160))
+    sliding = perplexity(model, tok, text, PplConfig(window=16, stride=8, max_tokens=160))
     assert sliding.tokens == sliding.text_tokens - 1 and flat.tokens < sliding.tokens
     assert sliding.ppl < 0.9 * flat.ppl
 
