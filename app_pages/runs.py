@@ -64,8 +64,14 @@ with st.expander("Launch a run", expanded=True):
         protocol = protocol_ui()
         source = app_state.current_source()
         if source is not None:
-            est = _estimate(source.fingerprint, protocol["corpus"], protocol["window"], protocol["max_tokens"], source)
-            (st.warning if est["seconds"] > LONG_RUN_S else st.info)(estimate_sentence(est))
+            # A corpus the estimate cannot read is named here; the button still shows, and starting
+            # repeats the same validation (one message, never a run on a bad corpus).
+            try:
+                est = _estimate(source.fingerprint, protocol["corpus"], protocol["window"], protocol["max_tokens"],
+                                source)
+                (st.warning if est["seconds"] > LONG_RUN_S else st.info)(estimate_sentence(est))
+            except (SahcError, ValueError) as exc:
+                app_state.show_error(exc)
         if st.button("Start run", type="primary", disabled=plan is None, key="runs_start"):
             run_id = start_run(cache, plan, app_state.model_dir(), **protocol)
             st.success(f"Run {run_id} started; its progress shows below.")
