@@ -45,7 +45,7 @@ from sahc_core.methods.lowrank import svd_factors
 from sahc_core.workspace import Workspace
 
 #: Bump when a measured number would change for the same inputs (invalidates cached rows).
-MEASURE_VERSION = 2
+MEASURE_VERSION = 3  # 3: predictions from what is stored (theory gate both ways), no int quant_error
 _KIND_MEASURE = "whatif_measure"
 _KIND_OUTCOS = "whatif_output_cosine"
 #: The end of the sentence a NaN / Inf / empty tensor gets (never "worse than a zero matrix").
