@@ -199,8 +199,9 @@ def measure_tensor(source: ModelSource, name: str, cfg: Any, cache: Cache | None
         ``weight_cosine``, ``output_error`` (with ``calib``), ``gates`` (list of dicts), ``seconds``,
         ``cached``, the fitting keys (``note``, ``group_size_requested``, ``group_size``) when the
         setting was adapted, ``prequantized`` / ``prequantized_artifact`` / ``prequantized_note`` when
-        the tensor already lies on a low-bit grid (``io.prequant``), plus method keys (int: ``quant_error``, ``predicted_error``; svd:
-        ``rank``, ``trunc_error``, ``quant_error``, ``eym_error``; tt: ``tt_shape``).
+        the tensor already lies on a low-bit grid (``io.prequant``), plus method keys (int: ``predicted_error``; svd:
+        ``rank``, ``trunc_error``, ``quant_error``, ``eym_error``, ``predicted_error``; tt: ``tt_shape``,
+        ``predicted_error``).
     """
     info = source.info(name)
     _check_nonempty(source, name)
