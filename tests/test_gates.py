@@ -183,29 +183,11 @@ def test_gate_to_dict_is_json():
 
 
 # -- how the UI reads a gate ------------------------------------------------------------------------
-def test_every_gate_the_code_emits_is_described():
-    import math
-
-    from sahc_core.gates import (GATE_INFO, coverage_gate, cosine_gate, gate_info, ppl_gate, shape_gate,
-                                 tensor_gates)
-
-    emitted = {g.gate for g in tensor_gates("w", {"rel_error": 0.5, "eym_error": 0.4, "quant_error": 0.1},
-                                            output_cosine=0.99)}
-    emitted |= {cosine_gate("w", 0.9, gate=k).gate for k in ("block_output_cosine", "lm_head_output_cosine")}
-    emitted |= {shape_gate({}, {}).gate, coverage_gate([], []).gate, ppl_gate(math.inf).gate}
-    assert emitted <= set(GATE_INFO)
-    for name in emitted:
-        info = gate_info(name)
-        assert info.label and info.why.endswith(".") and info.kind in ("sanity", "consistency", "quality", "integrity")
-    new = gate_info("ppl_increase")  # a gate another change adds later still reads
-    assert new.label == "ppl_increase" and new.kind == "other" and not new.weak
-
-
 def test_a_pass_that_only_rules_out_zeros_is_weak():
     from sahc_core.gates import gate_verdict
 
     assert gate_verdict("rel_error", True) == "weak pass"  # the 0.8168 < 1
-    assert gate_verdict("theory_vs_actual", True) == "weak pass"
+    assert gate_verdict("theory_vs_actual", True) == "pass"  # two-sided against an independent prediction
     assert gate_verdict("output_cosine", True) == "pass"
     assert gate_verdict("rel_error", False) == "fail"
 

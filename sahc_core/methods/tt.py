@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from sahc_core import metrics
 from sahc_core.methods.quant import (QuantConfig, QuantizedTensor, _as_int, load_part, optional_quant_config, part_state,
                              quant_bytes, quantize, state_nbytes)
 
@@ -422,7 +423,7 @@ def predicted(svd_cores: tuple[Tensor, ...], discarded: tuple[float, ...], q: Qu
 
 def _extras(W: Tensor, c: TTMatrix, W_hat: Tensor) -> dict:
     fresh = c if c.svd_cores is not None else tt_decompose(W, c.config)  # loaded: redo the sweep once
-    norm2 = float(torch.linalg.vector_norm(W.detach().double())) ** 2
+    norm2 = float(metrics.row_norm2(W.detach()).sum())  # float64 sum of per-row norms, no float64 copy of W
     return {"tt_shape": c.tt_shape, "padded_rows": c.padded_rows, "padded_cols": c.padded_cols,
             **predicted(fresh.svd_cores, fresh.discarded, c.config.quant_config, norm2,
                         padded=bool(c.padded_rows or c.padded_cols))}
