@@ -32,3 +32,5 @@ bench: install
 	$(BIN)/python bench/spectrum.py
 	$(BIN)/python bench/whatif.py
 	$(BIN)/python bench/ppl.py
+	$(BIN)/python bench/study.py
+	$(BIN)/python bench/runs.py

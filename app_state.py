@@ -185,6 +185,9 @@ def gate_line(row) -> str:
         test = f"{value} is finite" if failed == 0 else f"{value} is not finite"
     elif row["op"] == "= all":
         test = f"{value} of tensors"
+    elif row["op"] == "within":  # two-sided: measured / predicted in [1/f, f]
+        f = _gate_value(row["threshold"], row["op"])
+        test = f"{'worst ' if n > 1 else ''}{value} {'in' if failed == 0 else 'outside'} [1/{f}, {f}]"
     else:
         test = f"{'worst ' if n > 1 else ''}{value} {row['op'] if failed == 0 else 'vs ' + row['op']} " \
                f"{_gate_value(row['threshold'], row['op'])}"

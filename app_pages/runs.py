@@ -10,14 +10,17 @@ from sahc_core.figures.report import runs_scatter
 from sahc_core.plans.export import export_run
 from sahc_core.plans.plan import CompressionPlan, example_plans, load_plans
 from sahc_core.runs.eta import STAGES, estimate_sentence, overall, prelaunch_estimate
+from sahc_core.gates import PPL_THRESHOLD, summary_line
 from sahc_core.runs.jobs import cancel_run, delete_run_files, list_runs, progress_parts, run_status, start_run
 from sahc_core.runs.pipeline import compare_runs
 
 #: Above this, the pre-launch estimate is a warning rather than a note.
 LONG_RUN_S = 600
 TABLE = ["run_id", "plan_name", "status", "duration_s", "ratio_actual", "ppl", "baseline_ppl", "delta_ppl",
-         "delta_ppl_pct", "protocol", "gates_failed", "checkpoint_mb", "error"]
-HEADERS = {"duration_s": "Elapsed / duration", "status": "Status (stage)"}
+         "delta_ppl_pct", "ppl_threshold", "protocol", "gates_failed", "checkpoint_mb", "error"]
+HEADERS = {"duration_s": "Elapsed / duration", "status": "Status (stage)",
+           "ppl_threshold": "Perplexity gate: max Δppl (%)"}
+KINDS = {"ppl_threshold": "frac"}
 
 st.title("Runs")
 st.caption("A run assembles the compressed checkpoint of a plan, checks every quality gate and measures perplexity "
@@ -44,13 +47,17 @@ def plan_ui() -> CompressionPlan | None:
 
 
 def protocol_ui() -> dict:
-    """Perplexity protocol: corpus path (blank = Shakespeare test split), window, token cap (0 = default)."""
-    c = st.columns(3)
+    """Perplexity protocol: corpus path (blank = Shakespeare test split), window, token cap (0 = default),
+    and the largest perplexity increase the ``ppl_increase`` gate passes."""
+    c = st.columns(4)
     corpus = c[0].text_input("Corpus (text file or folder; blank = embedded Shakespeare test split)",
                              key="runs_corpus").strip()
     window = c[1].number_input("Window (0 = min(2048, model max))", 0, 1 << 17, 0, step=256, key="runs_window")
     max_tokens = c[2].number_input("Max tokens (0 = whole text)", 0, 1 << 30, 0, step=1024, key="runs_max_tokens")
-    return {"corpus": corpus or None, "window": int(window) or None, "max_tokens": int(max_tokens) or None}
+    pct = c[3].number_input("Max perplexity increase (%)", 0.0, 10_000.0, 100 * PPL_THRESHOLD, step=1.0,
+                            key="runs_ppl_threshold", help="the ppl_increase gate: (ppl − baseline) / baseline")
+    return {"corpus": corpus or None, "window": int(window) or None, "max_tokens": int(max_tokens) or None,
+            "ppl_threshold": float(pct) / 100}
 
 
 @st.cache_data(ttl=30, show_spinner="Estimating the run time…")
@@ -149,7 +156,7 @@ def live_runs(sizes: dict) -> None:
     live = runs.assign(checkpoint_mb=runs["run_id"].map(sizes),
                        status=[f"{s} ({g})" if s in ("queued", "running") else s
                                for s, g in zip(runs["status"], runs["stage"].fillna("queued"))])
-    st.dataframe(display_table(live, TABLE, headers=HEADERS), hide_index=True, width="stretch")
+    st.dataframe(display_table(live, TABLE, headers=HEADERS, kinds=KINDS), hide_index=True, width="stretch")
 
 
 try:
@@ -211,6 +218,7 @@ st.markdown(f"**Quality gates** ({len(gates):,} decisions, {len(failed):,} faile
 if len(failed):
     st.error(f"{len(failed)} gate(s) failed in the selected runs: "
              + ", ".join(sorted(set(failed["gate"] + " on " + failed["tensor"])))[:400])
+st.caption(summary_line(gates))  # the count per gate, weak ones marked, in one line
 app_state.gate_badges(gates)
 with st.expander("Gate log (failed first)"):
     app_state.show_table(gates, ["run_id", "tensor", "gate", "value", "threshold", "passed", "evidence"])

@@ -6,10 +6,10 @@ import streamlit as st
 import torch
 
 import app_state
-from sahc_core.errors import SahcError
+from sahc_core.errors import NumericalError, SahcError
 from sahc_core.figures.spectrum import (STABLE_RANK, energy_figure, layer_heatmap, output_rank_figure,
                                         rank_error_figure, sigma_figure)
-from sahc_core.spectra.scan import cached_scan, matrix_table, results_frame, scan
+from sahc_core.spectra.scan import cached_scan, failed, matrix_table, results_frame, scan
 from sahc_core.spectra.spectrum import tensor_spectrum
 
 MODES = ("This tensor", "All projections of this layer", "This projection across layers")
@@ -60,12 +60,16 @@ def selection_ui(table: pd.DataFrame) -> tuple[str, list[str], str, list[int] | 
 
 
 def compute(names: list[str], device: str) -> list:
-    """Spectra of the selected tensors (cached in DuckDB), with a progress bar for several."""
+    """Spectra of the selected tensors (cached in DuckDB), with a progress bar for several; a tensor
+    without a spectrum (NaN / Inf / no elements) gets its own st.error and the others are still shown."""
     bar = st.progress(0.0, text="Computing spectra…") if len(names) > 1 else None
     results = []
     with st.spinner(f"Singular values of {len(names)} tensor(s)…"):
         for i, n in enumerate(names):
-            results.append(tensor_spectrum(source, n, cache=cache, device=device))
+            try:
+                results.append(tensor_spectrum(source, n, cache=cache, device=device))
+            except NumericalError as exc:
+                app_state.show_error(exc)
             if bar is not None:
                 bar.progress((i + 1) / len(names), text=f"{i + 1}/{len(names)} tensors")
     if bar is not None:
@@ -99,6 +103,8 @@ try:
     results = compute(names, device)
 except (SahcError, ValueError) as exc:
     app_state.show_error(exc)
+    st.stop()
+if not results:
     st.stop()
 
 n_cached = sum(r.cached for r in results)
@@ -151,6 +157,9 @@ try:
 except (SahcError, ValueError) as exc:
     app_state.show_error(exc)
     st.stop()
+for rec in failed(scanned).itertuples():
+    st.error(f"Not in the heatmaps: {rec.error}")
+scanned = scanned[scanned["error"].isna()] if "error" in scanned else scanned
 if scanned.empty:
     st.info("No scan yet: press **Scan** above to fill the layer heatmaps (each tensor is cached as it finishes, "
             "so a scan resumes where it stopped).")

@@ -24,3 +24,15 @@ class CorpusError(SahcError):
 
 class JobError(SahcError):
     """A background job that cannot be started, found or cancelled."""
+
+
+class NumericalError(SahcError):
+    """A tensor or a result holding NaN / Inf values or no elements, so the number asked for is undefined.
+
+    ``value`` is the offending number when there is one (a perplexity of ``inf`` or ``nan``), so a
+    caller can still log it (the audit log keeps non-finite values as measured).
+    """
+
+    def __init__(self, message: str, value: float = float("nan")) -> None:
+        super().__init__(message)
+        self.value = value

@@ -4,37 +4,47 @@ A gate turns one measured number into a pass/fail decision with the threshold an
 that led to it. Nothing here computes a tensor: per-tensor gates read the dict that
 ``methods.measure`` (or ``whatif.measure_tensor``) returns, model-level gates read counts. Every
 decision can be written to the ``audit_log`` table with :func:`log_gates`, so a failure is never
-silent.
+silent. Each gate tests something the others do not; :data:`GATE_INFO` says what (its kind, the
+comparison, why it matters, and whether a pass is *weak*: it only rules out a broken result), and
+:func:`gate_summary` counts decisions per gate, so "487 gates passed" cannot hide that 272 of them
+are the same weak check.
 
 Per-tensor gates
 ----------------
 ``rel_error``         ``||W - Ŵ||_F / ||W||_F < 1.0``; a zero matrix scores exactly 1.0, so an
-                      approximation at or above 1.0 is worse than deleting the tensor.
-``theory_vs_actual``  measured error / predicted error <= ``theory_gap_factor`` (default 2.0).
-                      Prediction: SVD -> Eckart–Young–Mirsky error of the kept rank, combined in
-                      quadrature with the measured factor-quantization error when there is one
-                      (the factor-quantization error ``ΔA·B + A·ΔB`` lies in span(U_r) / span(V_r),
-                      orthogonal to the EYM residual, so ``total² ≈ eym² + quant²``). Int -> the
-                      uniform rounding-noise model ``sqrt(Σ_g n_g Δ_g² / 12) / ||W||_F`` with step
-                      ``Δ_g`` per group (supplied by the caller as ``predicted_error``).
-                      Why 2.0: numerical noise and non-uniform rounding move the ratio by a few
-                      percent, and heavy-tailed groups by tens of percent, never by 2x; a 2x gap
-                      means the model of the error is wrong (the study's 21x gap: a rank assumption
-                      that the real spectrum did not honour; or a broken quantizer), which is what
-                      the gate is for.
-``quant_error``       quantization part of the error <= ``quant_threshold`` (default 1.0, i.e. the
-                      quantizer alone must not be worse than zeros; set lower to be strict).
-``output_cosine``     cos(W·x, Ŵ·x) on real activations >= ``cos_threshold`` (default 0.95).
+                      approximation at or above 1.0 is worse than deleting the tensor. Weak: a pass
+                      says nothing about quality.
+``theory_vs_actual``  measured / predicted error in ``[1/f, f]``, ``f = theory_gap_factor`` (default 2).
+                      The prediction never uses the measured error; the method computes it from what
+                      it stores (``predicted_error`` and its ``prediction`` basis in the measurement):
+                      int-k -> the rounding-noise model ``sqrt(Σ_g n_g Δ_g² / 12) / ||W||_F`` from the
+                      stored steps Δ_g; SVD -> Eckart–Young–Mirsky error of the kept rank from σ, in
+                      quadrature with the same noise model pushed through the factors (``‖v_k‖² =
+                      σ_k``); TT -> the discarded energies of the TT-SVD sweep (Oseledets 2011, Thm 2.2)
+                      in quadrature with the cores' noise model. ``keep`` has no prediction, so no gate.
+                      Both directions: a measured error far above the model means a broken rank
+                      assumption or quantizer (the study's 21x gap); far below it means the model does
+                      not describe the tensor (e.g. weights that already lie on a coarser grid: a
+                      GGUF-dequantized checkpoint re-quantized on the same blocks). Why f = 2: on the
+                      default model's 211 matrices the ratio is 0.99-1.01 for int8 per row, 0.84-0.99
+                      for int4 g64, 0.91-0.99 for int4 g128, 1.00 for SVD half rank + int4 factors and
+                      1.00-1.06 for TT of the embedding (non-uniform rounding, the exact extremes of a
+                      min-max grid), while the failures above move it 3x or more (int4 g32 on this
+                      Q4_1-derived model: measured ~0, ratio < 0.01 on 210 of 211). A prediction that is
+                      only an upper bound (a TT layout with zero padding, whose padded part the
+                      measurement drops) is checked on the upper side only (``sides: "upper"``).
+                      Errors below ``THEORY_FLOOR`` (1e-5, float32 arithmetic noise) count as the floor.
+``output_cosine``     cos(W·x, Ŵ·x) on real activations >= ``cos_threshold`` (default 0.95); also
+                      ``block_output_cosine`` (the attention / MLP block) and ``lm_head_output_cosine``.
 
 Model-level gates: :func:`shape_gate` (every tensor shape matches, matched/total),
-:func:`coverage_gate` (every tensor accounted for in the plan), :func:`ppl_gate` (perplexity finite).
+:func:`coverage_gate` (every tensor accounted for in the plan), :func:`ppl_increase_gate`
+(``(ppl - baseline) / baseline <= threshold``, default +10 %; a non-finite perplexity fails it and,
+in a run, fails the run with the reason).
 
-What a gate means (:data:`GATE_INFO`, :func:`gate_info`): its kind (``sanity``: rules out a broken
-result; ``consistency``: the error model holds; ``quality``: the compressed model is close to the
-original; ``integrity``: the checkpoint is complete), the comparison it makes, one line on why it
-matters, and ``weak``: a pass that only rules out "worse than zeros" (or a broken computation) and
-says nothing about quality, which the UI shows grey rather than green. A gate name without an entry
-gets a neutral default, so a new gate can be logged before it is described here.
+The former ``quant_error`` gate (the int error against 1.0: the ``rel_error`` gate again) and
+``ppl_finite`` gate (finiteness only: a 59 % perplexity rise passed) are no longer computed; their
+:data:`GATE_INFO` entries stay so old audit-log rows still read correctly.
 """
 from __future__ import annotations
 
@@ -51,31 +61,37 @@ from sahc_core.jsonutil import jsonable
 #: Default gate thresholds (documented in the module docstring).
 COS_THRESHOLD = 0.95
 THEORY_GAP_FACTOR = 2.0
-QUANT_THRESHOLD = 1.0
 REL_ERROR_THRESHOLD = 1.0
+#: Default largest relative perplexity increase over the baseline: +10 %.
+PPL_THRESHOLD = 0.10
+#: Relative errors below this are float32 arithmetic noise; the theory ratio clamps both sides to it.
+THEORY_FLOOR = 1e-5
 
 
 @dataclass(frozen=True)
 class GateInfo:
-    """How to read one gate (see the module docstring)."""
+    """How to read one gate: a human label, its kind, the comparison, why it matters, a weak pass.
 
-    label: str          # human name, e.g. "Relative error"
-    kind: str           # "sanity" | "consistency" | "quality" | "integrity" | "other"
-    op: str             # how value meets threshold, e.g. "<", "≤", "≥", "= all", "finite"
-    why: str            # one line: why it matters
-    weak: bool = False  # a pass only rules out a broken result (shown grey, not green)
+    ``kind``: ``sanity`` (rules out a broken result), ``consistency`` (the error model holds),
+    ``quality`` (the compressed model stays close to the original), ``integrity`` (the checkpoint is
+    complete). ``weak``: a pass only rules out a broken result and says nothing about quality (a UI
+    shows it grey, not green).
+    """
+
+    label: str
+    kind: str
+    op: str
+    why: str
+    weak: bool = False
 
 
 GATE_INFO: dict[str, GateInfo] = {
     "rel_error": GateInfo("Relative error", "sanity", "<",
                           "‖W−Ŵ‖/‖W‖ < 1 only rules out an approximation worse than replacing W by zeros.", weak=True),
-    "quant_error": GateInfo("Quantization error", "sanity", "≤",
-                            "The quantizer's own error must not exceed that of zeros; a pass says nothing about "
-                            "quality.", weak=True),
-    "theory_vs_actual": GateInfo("Theory vs actual", "consistency", "≤",
-                                 "Measured / predicted error within 2× means the error model (Eckart–Young, rounding "
-                                 "noise) holds; a large gap means a broken rank assumption or quantizer. It does not "
-                                 "judge quality.", weak=True),
+    "theory_vs_actual": GateInfo("Theory vs actual", "consistency", "within",
+                                 "Measured / predicted error within [1/2, 2]: the error model (Eckart–Young from σ, "
+                                 "rounding noise from the stored steps, the TT-SVD bound) describes this tensor; a "
+                                 "gap means a broken rank assumption or quantizer, or weights already on a grid."),
     "output_cosine": GateInfo("Output cosine", "quality", "≥",
                               "The layer's outputs on real calibration text must stay aligned with the original's; "
                               "below 0.95 the model usually breaks downstream."),
@@ -87,17 +103,21 @@ GATE_INFO: dict[str, GateInfo] = {
                             "Every tensor of the checkpoint has the original's shape, or the model cannot load."),
     "plan_coverage": GateInfo("Plan covers every tensor", "integrity", "= all",
                               "Every tensor is accounted for by the plan, so no weight is silently dropped."),
-    "ppl_finite": GateInfo("Perplexity finite", "sanity", "finite",
-                           "A non-finite perplexity means the compressed model diverged; a pass says nothing about "
-                           "how much worse it got.", weak=True),
+    "ppl_increase": GateInfo("Perplexity increase", "quality", "≤",
+                             "(ppl − baseline) / baseline on the same text and protocol must stay within the "
+                             "threshold (default +10 %): the end-to-end quality of the compressed model."),
+    # no longer computed; kept so audit-log rows of older runs still read correctly
+    "quant_error": GateInfo("Quantization error (legacy)", "sanity", "≤",
+                            "Repeated the relative-error check for int-k; no longer computed.", weak=True),
+    "ppl_finite": GateInfo("Perplexity finite (legacy)", "sanity", "finite",
+                           "Checked finiteness only; replaced by the perplexity-increase gate.", weak=True),
 }
-_UNKNOWN_GATE = GateInfo("", "other", "vs", "No description recorded for this gate yet.")
 
 
 def gate_info(gate: str) -> GateInfo:
     """The :data:`GATE_INFO` entry of ``gate``, or a neutral default (its label = the gate name)."""
     info = GATE_INFO.get(gate)
-    return info if info is not None else GateInfo(gate, _UNKNOWN_GATE.kind, _UNKNOWN_GATE.op, _UNKNOWN_GATE.why)
+    return info if info is not None else GateInfo(gate, "other", "vs", "No description recorded for this gate yet.")
 
 
 def gate_verdict(gate: str, passed: bool) -> str:
@@ -107,41 +127,69 @@ def gate_verdict(gate: str, passed: bool) -> str:
     return "weak pass" if gate_info(gate).weak else "pass"
 
 
+def _worst(values: pd.Series, op: str) -> float | None:
+    """The value farthest on the failing side: max for < / ≤, min for ≥, farthest from 1 (in log) for within."""
+    v = pd.to_numeric(values, errors="coerce")
+    if v.isna().all():
+        return None
+    if op in ("<", "≤"):
+        return float(v.max())
+    if op == "within":
+        dist = v.map(lambda x: abs(math.log(x)) if x > 0 and math.isfinite(x) else math.inf)
+        return float(v[dist.idxmax()])
+    return float(v.min())
+
+
 def gate_summary(gates: pd.DataFrame | Iterable[Mapping]) -> pd.DataFrame:
-    """One row per gate name: decisions, failures, worst value, threshold, verdict and how to read it.
+    """One row per gate name: how many decisions, how many failed, the worst value, and how to read it.
 
     Parameters
     ----------
     gates : DataFrame or iterable of dicts
-        Gate decisions with ``gate``, ``value``, ``threshold``, ``passed`` (an audit log or
-        ``GateResult.to_dict()`` rows).
+        Decisions with ``gate``, ``value``, ``threshold``, ``passed`` (an audit log, a run result's
+        ``gates`` or ``GateResult.to_dict()`` rows).
 
     Returns
     -------
     DataFrame
-        ``gate``, ``label``, ``kind``, ``op``, ``why``, ``weak``, ``n``, ``n_failed``, ``worst`` (the
-        value farthest on the failing side: max for < / ≤ gates, min otherwise), ``threshold``,
-        ``verdict`` ("fail" if any failed, else "weak pass" / "pass"); failures first.
+        ``gate``, ``label``, ``kind``, ``op``, ``why``, ``weak``, ``n``, ``n_failed``, ``worst``,
+        ``threshold``, ``verdict`` ("fail" when any failed, else "weak pass" / "pass"); failures
+        first, then meaningful passes, then weak passes.
     """
-    df = pd.DataFrame(list(gates) if not isinstance(gates, pd.DataFrame) else gates)
+    df = gates.copy() if isinstance(gates, pd.DataFrame) else pd.DataFrame(list(gates))
     cols = ["gate", "label", "kind", "op", "why", "weak", "n", "n_failed", "worst", "threshold", "verdict"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     rows = []
     for gate, g in df.groupby("gate", sort=False):
         info = gate_info(str(gate))
-        vals = pd.to_numeric(g["value"], errors="coerce")
-        worst = vals.max() if info.op in ("<", "≤") else vals.min()
         n_failed = int((~g["passed"].astype(bool)).sum())
         thr = pd.to_numeric(g["threshold"], errors="coerce")
         rows.append({"gate": gate, "label": info.label, "kind": info.kind, "op": info.op, "why": info.why,
-                     "weak": info.weak, "n": len(g), "n_failed": n_failed,
-                     "worst": float(worst) if pd.notna(worst) else None,
+                     "weak": info.weak, "n": len(g), "n_failed": n_failed, "worst": _worst(g["value"], info.op),
                      "threshold": float(thr.iloc[0]) if thr.notna().any() else None,
                      "verdict": "fail" if n_failed else gate_verdict(str(gate), True)})
     out = pd.DataFrame(rows, columns=cols)
     order = out["verdict"].map({"fail": 0, "pass": 1, "weak pass": 2})
     return out.assign(_o=order).sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
+
+
+def summary_line(gates: pd.DataFrame | Iterable[Mapping]) -> str:
+    """One sentence of :func:`gate_summary`, e.g. "2 of 487 gates failed: theory_vs_actual 2/211; passed: ...".
+
+    Weak gates are marked "(weak)", so their passes are not read as quality.
+    """
+    summ = gate_summary(gates)
+    if summ.empty:
+        return "no gate decisions."
+
+    def part(r) -> str:
+        return f"{r.gate} {r.n_failed}/{r.n}" + (" (weak)" if r.weak else "")
+    n, failed = int(summ["n"].sum()), int(summ["n_failed"].sum())
+    bad = [part(r) for r in summ.itertuples() if r.n_failed]
+    ok = [part(r) for r in summ.itertuples() if not r.n_failed]
+    head = f"{failed} of {n} gates failed" + (": " + ", ".join(bad) if bad else "")
+    return head + ("; passed: " + ", ".join(ok) if ok else "") + "."
 
 
 def failed_gate_names(gates: Iterable[Mapping]) -> str:
@@ -184,10 +232,30 @@ def _num(measured: Mapping, key: str) -> float | None:
 
 
 def _ratio(measured_err: float, predicted: float) -> float:
-    """measured / predicted; an exact prediction of 0 is met only by a measured 0."""
-    if predicted > 0:
-        return measured_err / predicted
-    return 1.0 if measured_err <= 1e-12 else math.inf
+    """measured / predicted, each clamped to :data:`THEORY_FLOOR` (float32 noise is no model failure)."""
+    return max(measured_err, THEORY_FLOOR) / max(predicted, THEORY_FLOOR)
+
+
+def theory_gate(name: str, measured: Mapping, factor: float = THEORY_GAP_FACTOR,
+                evidence: Mapping | None = None) -> GateResult | None:
+    """``theory_vs_actual``: measured / predicted error within ``[1/factor, factor]`` (module docstring).
+
+    ``measured`` needs ``rel_error`` and the method's ``predicted_error`` (``None`` -> no gate);
+    ``prediction`` names the basis and ``prediction_sides`` (``"two"`` default, ``"upper"`` for a
+    bound) which sides are tested. A NaN measurement fails.
+    """
+    predicted = _num(measured, "predicted_error")
+    if predicted is None:
+        return None
+    err = float(measured["rel_error"])
+    sides = measured.get("prediction_sides", "two")
+    r = _ratio(err, predicted) if math.isfinite(err) and math.isfinite(predicted) else math.nan
+    ok = bool(r <= factor and (sides == "upper" or r >= 1.0 / factor))
+    keys = ("eym_error", "trunc_error", "quant_error", "predicted_quant_error", "trunc_bound", "core_noise")
+    return GateResult("theory_vs_actual", name, r, factor, ok,
+                      {**dict(evidence or {}), "measured_error": err, "predicted_error": predicted,
+                       "basis": measured.get("prediction"), "sides": sides, "lower": 1.0 / factor if sides == "two"
+                       else None, **{k: measured[k] for k in keys if k in measured}})
 
 
 def tensor_gates(
@@ -196,7 +264,6 @@ def tensor_gates(
     output_cosine: float | None = None,
     cos_threshold: float = COS_THRESHOLD,
     theory_gap_factor: float = THEORY_GAP_FACTOR,
-    quant_threshold: float = QUANT_THRESHOLD,
 ) -> list[GateResult]:
     """Evaluate the per-tensor gates on one measurement.
 
@@ -205,45 +272,34 @@ def tensor_gates(
     name : str
         Tensor name (goes into every result and the audit log).
     measured : dict
-        Output of ``methods.measure``: needs ``rel_error``; uses ``eym_error`` / ``quant_error``
-        (SVD), ``predicted_error`` (any method, takes precedence), ``method``, ``bytes``, ``ratio``.
+        Output of ``methods.measure``: needs ``rel_error``; uses the method's ``predicted_error``
+        (with ``prediction``, ``prediction_sides``), ``method``, ``bytes``, ``ratio``.
     output_cosine : float, optional
         Output cosine on real activations; the gate is skipped when ``None``.
-    cos_threshold, theory_gap_factor, quant_threshold : float
+    cos_threshold, theory_gap_factor : float
         Thresholds (see module docstring for the defaults and why).
 
     Returns
     -------
     list of GateResult
-        ``rel_error`` always; ``theory_vs_actual`` when a prediction exists; ``quant_error`` when
-        the measurement has one; ``output_cosine`` when given.
+        ``rel_error`` always; ``theory_vs_actual`` when the method predicts its error;
+        ``output_cosine`` when given.
     """
     if "rel_error" not in measured:
         raise ValueError("the measurement has no 'rel_error'; pass the dict that methods.measure returns.")
     if not 0.0 < cos_threshold <= 1.0:
         raise ValueError(f"cos_threshold must be in (0, 1], got {cos_threshold}.")
-    if theory_gap_factor < 1.0:
-        raise ValueError(f"theory_gap_factor must be >= 1, got {theory_gap_factor}.")
-    if quant_threshold <= 0:
-        raise ValueError(f"quant_threshold must be > 0, got {quant_threshold}.")
+    if not theory_gap_factor > 1.0:
+        raise ValueError(f"theory_gap_factor must be > 1, got {theory_gap_factor}.")
     base = {k: measured[k] for k in ("method", "bytes", "ratio", "bits_per_weight", "config") if k in measured}
     err = float(measured["rel_error"])
+    note = ("a zero matrix has relative error 1.0" if math.isfinite(err)
+            else "the error is undefined (NaN / Inf values in W or Ŵ)")
     out = [GateResult("rel_error", name, err, REL_ERROR_THRESHOLD, bool(err < REL_ERROR_THRESHOLD),
-                      {**base, "note": "a zero matrix has relative error 1.0"})]
-
-    eym, quant, predicted = _num(measured, "eym_error"), _num(measured, "quant_error"), _num(measured, "predicted_error")
-    basis = measured.get("prediction")
-    if predicted is None and eym is not None:
-        predicted = math.sqrt(eym**2 + (quant or 0.0) ** 2)
-        basis = "EYM error of the kept rank (+ factor quantization error in quadrature)"
-    if predicted is not None:
-        r = _ratio(err, predicted)
-        out.append(GateResult("theory_vs_actual", name, r, theory_gap_factor, bool(r <= theory_gap_factor),
-                              {**base, "measured_error": err, "predicted_error": predicted, "eym_error": eym,
-                               "quant_error": quant, "basis": basis}))
-    if quant is not None:
-        out.append(GateResult("quant_error", name, quant, quant_threshold, bool(quant <= quant_threshold),
-                              {**base, "note": "error due to quantization alone, relative to ||W||_F"}))
+                      {**base, "note": note})]
+    theory = theory_gate(name, measured, theory_gap_factor, base)
+    if theory is not None:
+        out.append(theory)
     if output_cosine is not None:
         out.append(cosine_gate(name, output_cosine, cos_threshold, evidence=base))
     return out
@@ -284,10 +340,23 @@ def coverage_gate(model_tensors: Iterable[str], planned: Iterable[str]) -> GateR
                        "unknown_in_plan": sorted(plan_set - model_set)[:20]})
 
 
-def ppl_gate(ppl: float, evidence: Mapping | None = None) -> GateResult:
-    """Perplexity is finite (the study's first pipeline reported a ratio while its ppl was inf)."""
-    v = float(ppl)
-    return GateResult("ppl_finite", "*", v, math.inf, bool(math.isfinite(v)), dict(evidence or {}))
+def ppl_increase_gate(ppl: float, baseline_ppl: float, threshold: float = PPL_THRESHOLD,
+                      evidence: Mapping | None = None) -> GateResult:
+    """``ppl_increase``: ``(ppl - baseline) / baseline <= threshold`` (both on the same text and protocol).
+
+    A non-finite ``ppl`` (or baseline) has value NaN / inf and fails. ``evidence`` should hold the
+    protocol (tokens, window, stride, dtype, text); both perplexities are added.
+    """
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"the perplexity threshold must be a finite number >= 0 (0.10 = +10 %), got {threshold!r}.")
+    p, b = float(ppl), float(baseline_ppl)
+    if math.isfinite(p) and math.isfinite(b) and b > 0:
+        value = (p - b) / b
+    else:
+        value = math.inf if (p == math.inf and math.isfinite(b)) else math.nan
+    return GateResult("ppl_increase", "*", value, float(threshold), bool(value <= threshold),
+                      {**dict(evidence or {}), "ppl": p, "baseline_ppl": b,
+                       "note": f"relative perplexity increase over the baseline, at most {threshold:+.0%}"})
 
 
 def log_gates(cache: Cache, model_fp: str, gates: list[GateResult], run_id: str | None = None) -> None:

@@ -6,6 +6,8 @@ Definitions (design.md "Numbers"):
 - weight cosine: mean over rows of ``cos(W_i, Ŵ_i)`` (rows = the last dimension; two zero rows count
   1, one zero row counts 0);
 - output cosine: mean over tokens of ``cos(W x_n, Ŵ x_n)`` on real activations;
+- a ``W`` holding NaN or Inf has no defined error: the functions return ``nan`` (never the 1.0 of a
+  zero matrix), and :func:`check_finite` names the tensor and says why before any work;
 - output error ``‖X Wᵀ − X Ŵᵀ‖_F / ‖X Wᵀ‖_F`` from the calibration second moment ``H = XᵀX`` alone
   (trace form ``sqrt(tr(E H Eᵀ) / tr(W H Wᵀ))``, ``E = W − Ŵ``), or for an embedding from the
   token counts ``c`` (``sqrt(Σ_t c_t ‖E_t‖² / Σ_t c_t ‖W_t‖²)``: the looked-up rows).
@@ -22,8 +24,45 @@ import math
 import torch
 from torch import Tensor
 
+from sahc_core.errors import NumericalError
+
 #: Rows of W (and Ŵ) turned into float64 at a time by :func:`output_error` (bounds the temporaries).
 _OUTPUT_ERROR_ROWS = 4096
+
+
+def check_finite(W: Tensor, what: str, consequence: str) -> None:
+    """Raise :class:`NumericalError` naming ``what`` when ``W`` is empty or holds NaN / Inf values.
+
+    Parameters
+    ----------
+    W : Tensor
+        Any tensor (one pass over it; callers with row norms at hand check those first, see
+        :func:`check_row_norms`).
+    what : str
+        How the message names it, e.g. ``"tensor 'model.layers.0.mlp.down_proj.weight'"``.
+    consequence : str
+        What cannot be computed, e.g. ``"its spectrum is undefined"``.
+    """
+    n = W.numel()
+    if n == 0:
+        raise NumericalError(f"{what} has no elements (shape {tuple(W.shape)}), so {consequence}; "
+                             "leave the tensor out or repair the checkpoint.")
+    if W.dtype.is_floating_point or W.dtype.is_complex:
+        nan = int(torch.isnan(W).sum())
+        inf = int(torch.isinf(W).sum())
+        if nan or inf:
+            raise NumericalError(f"{what} holds {nan:,} NaN and {inf:,} Inf value(s) among its {n:,} entries, so "
+                                 f"{consequence}; repair the checkpoint or leave the tensor out.", math.nan)
+
+
+def check_row_norms(W: Tensor, w_row2: Tensor, what: str, consequence: str) -> None:
+    """:func:`check_finite` at the cost of a look at the row norms: only a non-finite norm reads ``W``
+    again (to count its NaN / Inf); a norm that overflows although every entry is finite is named so."""
+    if W.numel() and bool(torch.isfinite(w_row2).all()):
+        return
+    check_finite(W, what, consequence)
+    raise NumericalError(f"{what} has entries so large that their squared row norms overflow, so {consequence}; "
+                         "rescale the tensor.", math.inf)
 
 
 def rows(x: Tensor) -> Tensor:
@@ -45,7 +84,10 @@ def from_row_norms(w_row2: Tensor, h_row2: Tensor, e_row2: Tensor) -> tuple[floa
     den = (w_row2 * h_row2).sqrt()
     cos = torch.where(den > 0, dot / den.clamp_min(1e-300), ((w_row2 == 0) & (h_row2 == 0)).double())
     w2 = float(w_row2.sum())
-    rel = math.sqrt(max(float(e_row2.sum()), 0.0) / w2) if w2 > 0 else 1.0
+    if w2 > 0:
+        rel = math.sqrt(max(float(e_row2.sum()), 0.0) / w2)
+    else:  # a zero W scores 1.0 by definition; a W with NaN / Inf has no error (never "a zero matrix")
+        rel = 1.0 if w2 == 0 else math.nan
     return rel, float(cos.clamp(-1.0, 1.0).mean())
 
 

@@ -132,12 +132,33 @@ def test_gate_badges_read_honestly(filled, tiny_llama_dir) -> None:
     at = _page(str(tiny_llama_dir))
     lines = [m.value for m in at.markdown if "-badge[" in m.value]
     theory = next(line for line in lines if "Theory vs actual" in line)
-    assert theory.startswith(":red-badge[") and "1 of 1 fail" not in theory and "21 vs ≤ 2" in theory
+    assert theory.startswith(":red-badge[") and "1 of 1 fail" not in theory and "21 outside [1/2, 2]" in theory
+    assert "consistency" in theory  # the two-sided theory gate is no weak pass
     rel = next(line for line in lines if "Relative error" in line)
     assert rel.startswith(":gray-badge[") and "sanity" in rel and "0.2 < 1" in rel and "zeros" in rel
     shape = next(line for line in lines if "Shapes match" in line)
     assert shape.startswith(":green-badge[") and "integrity" in shape
     assert any("r-int8" in w.value and "1 quality gate" in w.value for w in at.warning)
+    # the decisions counted per gate in one line, weak ones marked
+    assert any(c.value.startswith("1 of 3 gates failed: theory_vs_actual 1/1") and "rel_error 0/1 (weak)" in c.value
+               for c in at.caption)
+
+
+def test_perplexity_gate_threshold_is_set_at_launch_and_shown(filled, tiny_llama_dir, monkeypatch) -> None:
+    import sahc_core.runs.jobs as jobs
+
+    calls = []
+    monkeypatch.setattr(jobs, "start_run", lambda cache, plan, model_dir, **kw: calls.append(kw) or "r-new")
+    cache, _ = filled
+    cache.execute("UPDATE runs SET result = json_merge_patch(result, '{\"ppl_threshold\": 0.25}') "
+                  "WHERE run_id = 'r-int4'")
+    at = _page(str(tiny_llama_dir))
+    assert at.number_input(key="runs_ppl_threshold").value == 10.0  # the default gate, +10 %, shown
+    at.number_input(key="runs_ppl_threshold").set_value(25.0).run()
+    at.button(key="runs_start").click().run()
+    assert not at.exception and calls[0]["ppl_threshold"] == 0.25
+    table = at.dataframe[0].value.set_index("Run")
+    assert table.loc["r-int4", "Perplexity gate: max Δppl (%)"].startswith("25")
 
 
 def test_cancel_button_signals_the_worker(filled, tiny_llama_dir) -> None:
@@ -187,9 +208,11 @@ def test_every_widget_on_the_default_model(filled, monkeypatch: pytest.MonkeyPat
     at.text_input(key="runs_corpus").input("").run()
     at.number_input(key="runs_window").set_value(512).run()
     at.number_input(key="runs_max_tokens").set_value(2048).run()
+    at.number_input(key="runs_ppl_threshold").set_value(25.0).run()
     assert any("≈ 2,000 scored tokens" in m.value for m in [*at.info, *at.warning]), [m.value for m in at.info]
     at.button(key="runs_start").click().run()
-    assert calls[0][0].name == "int8" and calls[0][1] == {"corpus": None, "window": 512, "max_tokens": 2048}
+    assert calls[0][0].name == "int8" and calls[0][1] == {"corpus": None, "window": 512, "max_tokens": 2048,
+                                                          "ppl_threshold": 0.25}
     at.button(key="runs_cancel_r-live").click().run()
     # export: the fake checkpoint has no manifest, so the export is refused in one line (tests/test_model_export.py
     # exports real runs)

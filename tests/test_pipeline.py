@@ -1,7 +1,9 @@
 """The whole run on the tiny llama: assemble, gates, perplexity vs a cached baseline, cancel, failure."""
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -75,12 +77,29 @@ def test_run_int4_end_to_end_with_cached_baseline(tmp_path: Path, model_dir: Pat
     assert res["protocol"]["tokens"] > 100 and res["protocol"]["device"] == "cpu"
     # gates: every decision in the result and in the audit log, model-level ones passed
     names = {g["gate"] for g in res["gates"]}
-    assert {"rel_error", "shape_match", "plan_coverage", "ppl_finite"} <= names
+    assert {"rel_error", "theory_vs_actual", "shape_match", "plan_coverage", "ppl_increase"} <= names
+    assert not names & {"quant_error", "ppl_finite"}
     assert res["gates_passed"] + res["gates_failed"] == len(res["gates"])
     log = audit_log(cache, run_id="run-a")
     assert len(log) == len(res["gates"]) and int((~log["passed"]).sum()) == res["gates_failed"]
     by_gate = {g["gate"]: g for g in res["gates"] if g["tensor"] == "*"}
-    assert by_gate["shape_match"]["passed"] and by_gate["plan_coverage"]["passed"] and by_gate["ppl_finite"]["passed"]
+    assert by_gate["shape_match"]["passed"] and by_gate["plan_coverage"]["passed"]
+    # the perplexity gate: relative increase against the default +10 %, both perplexities and the protocol
+    pg = by_gate["ppl_increase"]
+    assert pg["value"] == pytest.approx((res["ppl"] - res["baseline_ppl"]) / res["baseline_ppl"])
+    assert pg["threshold"] == res["ppl_threshold"] == 0.10 and pg["passed"] == (pg["value"] <= 0.10)
+    assert pg["evidence"]["ppl"] == res["ppl"] and pg["evidence"]["baseline_ppl"] == res["baseline_ppl"]
+    assert pg["evidence"]["tokens"] == res["protocol"]["tokens"] and pg["evidence"]["window"] == WINDOW
+    assert res["ppl_increase"] == pytest.approx(pg["value"])
+    # every int tensor is predicted by the rounding-noise model (none of them is a weak-only check)
+    theory = [g for g in res["gates"] if g["gate"] == "theory_vs_actual"]
+    int_tensors = {g["tensor"] for g in res["gates"] if g["gate"] == "rel_error" and g["evidence"]["method"] == "int"}
+    assert int_tensors and {g["tensor"] for g in theory} == int_tensors  # keep (norms): no prediction, no gate
+    assert all(g["evidence"]["basis"].startswith("uniform rounding noise") for g in theory)
+    summary = {r["gate"]: r for r in res["gate_summary"]}
+    assert summary["rel_error"]["weak"] and summary["rel_error"]["n"] == len([g for g in res["gates"]
+                                                                              if g["gate"] == "rel_error"])
+    assert sum(r["n"] for r in res["gate_summary"]) == len(res["gates"])
     assert {c["component"] for c in res["components"]} >= {"ffn", "embedding"}
     # stored: the runs row and the listing
     st = run_status(cache, "run-a")
@@ -89,8 +108,11 @@ def test_run_int4_end_to_end_with_cached_baseline(tmp_path: Path, model_dir: Pat
     assert row["plan_name"] == "int4-g32" and row["ppl"] == res["ppl"] and row["gates_failed"] == res["gates_failed"]
     # second run: the baseline comes from the cache, the same number, and a bf16 keep plan is near it
     assert len(cache.keys(BASELINE_KIND, res["model_fp"], 1)) == 1
-    res2 = execute_run(cache, KEEP, model_dir, corpus=corpus_file, window=WINDOW, run_id="run-b", device="cpu")
+    res2 = execute_run(cache, KEEP, model_dir, corpus=corpus_file, window=WINDOW, run_id="run-b", device="cpu",
+                       ppl_threshold=0.0)
     assert res2["baseline_cached"] and res2["baseline_ppl"] == res["baseline_ppl"]
+    pg2 = next(g for g in res2["gates"] if g["gate"] == "ppl_increase")  # a configurable threshold
+    assert pg2["threshold"] == res2["ppl_threshold"] == 0.0 and pg2["passed"] is (res2["ppl"] <= res2["baseline_ppl"])
     assert abs(res2["delta_ppl"]) < 0.02 * res["baseline_ppl"]
     assert res2["ratio_projected"] == pytest.approx(1.0)
     assert len(list_runs(cache)) == 2
@@ -120,6 +142,59 @@ def test_cancel_during_assembly(tmp_path: Path, model_dir: Path, corpus_file: Pa
     st = run_status(cache, "c2")
     assert st["status"] == "cancelled" and st["stage"] == "assemble"
     assert not any((tmp_path / "runs").glob("c2*"))
+
+
+def test_bad_ppl_threshold_is_refused_before_any_work(tmp_path: Path, model_dir: Path, corpus_file: Path) -> None:
+    cache = Cache(tmp_path / "c.duckdb")
+    with pytest.raises(ValueError, match="threshold"):
+        execute_run(cache, INT4, model_dir, corpus=corpus_file, window=WINDOW, run_id="t1", ppl_threshold=-1.0)
+    assert cache.execute("SELECT count(*) FROM runs")[0][0] == 0 and not (tmp_path / "runs").exists()
+
+
+def test_non_finite_compressed_perplexity_fails_the_run(tmp_path: Path, model_dir: Path, corpus_file: Path,
+                                                         monkeypatch) -> None:
+    """The compressed model's log-probabilities turn NaN: the gate is logged failed, the run is failed."""
+    from sahc_core.errors import NumericalError
+    from sahc_core.evaluate.model import load_state
+
+    def nan_state(model, state):  # stands in for weights whose outputs overflow
+        load_state(model, {k: (v * math.nan if k.endswith("down_proj.weight") else v) for k, v in state.items()})
+
+    import sahc_core.evaluate.model as evaluate
+
+    monkeypatch.setattr(evaluate, "load_state", nan_state)
+    cache = Cache(tmp_path / "c.duckdb")
+    with pytest.raises(NumericalError, match="no finite perplexity") as exc:
+        execute_run(cache, INT4, model_dir, corpus=corpus_file, window=WINDOW, run_id="nan1", device="cpu")
+    assert "window 1 of" in str(exc.value)
+    st = run_status(cache, "nan1")
+    assert st["status"] == "failed" and st["result"] is None
+    assert "no finite perplexity" in st["error"] and "\n" not in st["error"]
+    log = audit_log(cache, run_id="nan1")
+    pg = log[log["gate"] == "ppl_increase"].iloc[0]
+    assert not pg["passed"] and math.isnan(pg["value"]) and "NaN" in pg["evidence"]
+
+
+def test_non_finite_baseline_fails_the_run_and_is_not_cached(tmp_path: Path, model_dir: Path,
+                                                              corpus_file: Path) -> None:
+    """A model whose logits overflow (final norm x 1e5): exp(mean NLL) overflows, the run says why."""
+    from safetensors.torch import load_file, save_file
+
+    from sahc_core.errors import NumericalError
+
+    d = tmp_path / "big"
+    shutil.copytree(model_dir, d)
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = d / idx["weight_map"]["model.norm.weight"]
+    t = load_file(str(shard))
+    t["model.norm.weight"] = t["model.norm.weight"] * 1e5
+    save_file(t, str(shard), metadata={"format": "pt"})
+    cache = Cache(tmp_path / "c.duckdb")
+    with pytest.raises(NumericalError, match="baseline.*no finite perplexity.*overflows float64"):
+        execute_run(cache, KEEP, d, corpus=corpus_file, window=WINDOW, run_id="big1", device="cpu")
+    st = run_status(cache, "big1")
+    assert st["status"] == "failed" and "overflows float64" in st["error"]
+    assert cache.keys(BASELINE_KIND, st["model_fp"], 1) == []
 
 
 def test_failed_run_records_the_error(tmp_path: Path, model_dir: Path) -> None:

@@ -12,12 +12,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from sahc_core.errors import SahcError
+from sahc_core.errors import NumericalError, SahcError
 from sahc_core.cli.common import _cache, _calib, _model_dir, _source, _tqdm_progress, _workspace
 from sahc_core.jsonutil import jsonable
 
-# Exit codes: 2 = bad input or parameters, 3 = out of memory, 130 = interrupted.
-EXIT_INPUT, EXIT_OOM, EXIT_INTERRUPT = 2, 3, 130
+# Exit codes: 2 = bad input or parameters, 3 = out of memory, 4 = a numerical fault (NaN / Inf / empty
+# tensor, non-finite perplexity), 130 = interrupted.
+EXIT_INPUT, EXIT_OOM, EXIT_NUMERIC, EXIT_INTERRUPT = 2, 3, 4, 130
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -203,7 +204,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
     reporter = JobReporter(cache, run_id, echo=sys.stderr)  # progress lines on stderr, JSON on stdout
     with retain_freed_memory():  # opt-in allocator tuning of the CLI / job process (see evaluate.allocator)
         return execute_run(cache, plan, _model_dir(args), corpus=args.corpus, window=args.window,
-                           max_tokens=args.max_tokens, run_id=run_id, reporter=reporter, device=args.device)
+                           max_tokens=args.max_tokens, run_id=run_id, reporter=reporter, device=args.device,
+                           ppl_threshold=args.ppl_threshold)
 
 
 def cmd_runs(args: argparse.Namespace) -> dict:
@@ -283,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--dtype", default="float32")
         else:
             sp.add_argument("--plan", required=True, help="plan JSON file")
+            sp.add_argument("--ppl-threshold", type=float,
+                            help="largest relative perplexity increase the ppl_increase gate passes "
+                                 "(default 0.10 = +10 %% over the baseline)")
             sp.add_argument("--run-id", help=argparse.SUPPRESS)
 
     sp = add("calib", cmd_calib, "capture (once) and store calibration statistics XᵀX of every linear input")
@@ -348,6 +353,8 @@ def _report_error(exc: BaseException) -> int:
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         msg, code = ("out of memory: try --device cpu, a smaller tensor/component, or a machine with more "
                      "memory (results already stored in the cache are kept)"), EXIT_OOM
+    elif isinstance(exc, NumericalError):
+        msg, code = str(exc), EXIT_NUMERIC
     elif isinstance(exc, SahcError | ValueError):
         msg, code = str(exc), EXIT_INPUT
     elif isinstance(exc, OSError) and exc.strerror:  # a path the user gave that the system refused

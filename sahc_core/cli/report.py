@@ -3,7 +3,9 @@
 ``python -m sahc_core report --out DIR [--study] [--no-images] [--target-ratio 5] [--tensor NAME ...]``
 writes ``DIR/report.html`` (self-contained, interactive), ``DIR/tables/*.csv``, ``DIR/audit_log.csv``
 and ``DIR/figures/*.png|svg`` (when a Chrome/Chromium binary exists; otherwise ``images_error`` in the
-JSON says why). Wired into :mod:`sahc_core.cli.main` by :func:`add_report_parser`.
+JSON says why). With ``--study`` the JSON also carries ``study_figures`` (parameter shares, the FFN
+min-rank range, σ₁/σ_min: :func:`sahc_core.report.study.study_figures`, the numbers README quotes).
+Wired into :mod:`sahc_core.cli.main` by :func:`add_report_parser`.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ def cmd_report(args: argparse.Namespace) -> dict:
                            image_formats=() if args.no_images else ("png", "svg"))
     return {"model": str(source.path), "fingerprint": source.fingerprint,
             "sections": [{"key": s.key, "title": s.title, "caption": s.caption} for s in report.sections],
-            "study_tables": list(study.tables) if study else [], **written}
+            "study_tables": list(study.tables) if study else [],
+            "study_figures": study.figures if study else None, **written}
 
 
 def add_report_parser(sub: argparse._SubParsersAction, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:

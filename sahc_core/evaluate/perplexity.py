@@ -11,6 +11,11 @@ predicted tokens: ``n - n_windows`` without a stride, ``n - 1`` with one. Per-to
 come from a float32 log-softmax of the logits and are summed in float64. Equal-length windows run in
 batches; the one shorter last window runs alone, so no padding ever enters the numbers.
 
+A perplexity is never silently non-finite: the first window whose log-probabilities are NaN or
+infinite, or a mean NLL whose exponential overflows float64, raises
+:class:`~sahc_core.errors.NumericalError` naming the window or the mean NLL (its ``value`` is ``nan``
+or ``inf``, for the caller's gate log).
+
 References
 ----------
 .. [1] Hugging Face, "Perplexity of fixed-length models", transformers documentation.
@@ -18,6 +23,7 @@ References
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -27,11 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from sahc_core.device import resolve_device
-from sahc_core.errors import CorpusError
+from sahc_core.errors import CorpusError, NumericalError
 from sahc_core.evaluate.model import DTYPES, _max_positions, _model_device, _same_device
 from sahc_core.evaluate.tokens import token_ids
 
 DEFAULT_WINDOW = 2048
+#: Largest x with a finite exp(x) in float64 (a mean NLL above it has no representable perplexity).
+_MAX_LOG_FLOAT = math.log(sys.float_info.max)
 #: Cap on the logits of one batch (batch x window x vocab x bytes): a 248k-vocab model gets smaller
 #: batches than SmolLM2's 49k. Only the grouping changes, never the numbers.
 LOGITS_BUDGET_BYTES = 2 * 2**30
@@ -194,6 +202,11 @@ def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progre
     Returns
     -------
     PplResult
+
+    Raises
+    ------
+    NumericalError
+        A window with NaN / infinite log-probabilities, or a perplexity that overflows float64.
     """
     limit = _max_positions(model)
     window = cfg.window or min(DEFAULT_WINDOW, limit or DEFAULT_WINDOW)
@@ -233,7 +246,13 @@ def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progre
                 # logits at local position i predict token i+1; score global positions first..e-1
                 lo = first - b - 1
                 target = x[row, lo + 1 : e - b].unsqueeze(-1)  # (T, 1)
-                nll_sum -= logp[row, lo : e - b - 1].gather(-1, target).double().sum().item()
+                nll = -logp[row, lo : e - b - 1].gather(-1, target).double().sum().item()
+                if not math.isfinite(nll):  # stop at the first bad window: minutes of NaN help nobody
+                    raise NumericalError(
+                        f"the model's log-probabilities are NaN or infinite in window {spans.index((b, e, first)) + 1} "
+                        f"of {len(spans)} (tokens {b}-{e} of the text), so the perplexity is undefined: its outputs "
+                        "overflow or hold NaN (check the weights for NaN / Inf, or evaluate in float32).", math.nan)
+                nll_sum += nll
                 done += e - first
             del logp
             if progress is not None:
@@ -241,7 +260,13 @@ def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progre
     assert done == total
     seconds = time.perf_counter() - start
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    mean_nll = nll_sum / total
+    if mean_nll > _MAX_LOG_FLOAT:
+        raise NumericalError(
+            f"the mean negative log-likelihood is {mean_nll:.4g} nats per token, so the perplexity exp({mean_nll:.4g}) "
+            "overflows float64: the model's logits are far too large (check the final norm and LM head weights).",
+            math.inf)
     return PplResult(
-        ppl=math.exp(nll_sum / total), nll_sum=nll_sum, tokens=total, window=window, stride=stride, dtype=dtype,
+        ppl=math.exp(mean_nll), nll_sum=nll_sum, tokens=total, window=window, stride=stride, dtype=dtype,
         device=str(device), seconds=seconds, windows=len(spans), text_tokens=int(ids.numel()), batch_size=batch_size,
     )

@@ -2,7 +2,9 @@
 
 The kernel is :mod:`sahc_core.methods._gptq` (Frantar et al. 2022, Algorithm 1 with lazy batch
 updates); it stores exactly RTN's format, so bytes, storage and reload are ``int``'s and only the
-codes differ. Needs the layer's calibration statistics (``calib.xtx``).
+codes differ. Needs the layer's calibration statistics (``calib.xtx``). No error prediction (so no
+theory gate): the error feedback trades weight error for output error on purpose, which RTN's
+rounding-noise model does not describe, and the whole error is ``rel_error`` (no ``quant_error``).
 """
 from __future__ import annotations
 
@@ -49,12 +51,6 @@ def _load(state, meta, cfg: GPTQConfig) -> Tagged:
     return Tagged(QuantizedTensor.from_state(state, tuple(meta["shape"]), cfg.quant), "gptq", cfg)
 
 
-def _extras(W, c, W_hat) -> dict:
-    from sahc_core import metrics
-
-    return {"quant_error": metrics.rel_error(W, W_hat)}
-
-
 def _label(cfg: GPTQConfig) -> str:
     g = "row" if cfg.group_size is None else f"g{cfg.group_size}"
     return f"gptq{cfg.bits}-{g}" + ("-sym" if cfg.scheme == "sym" else "") + ("-act" if cfg.act_order else "")
@@ -71,7 +67,7 @@ SPEC = register(MethodSpec(
         Param("act_order", "choice", False, choices=(False, True), scope="plan",
               help="process columns by decreasing diag(H) (static groups)"),
     ),
-    label=_label, min_ndim=2, needs_calibration=True, extras=_extras,
+    label=_label, min_ndim=2, needs_calibration=True,
     candidates=lambda shape, component: [GPTQConfig(b, g) for b in (2, 3, 4, 8) for g in SWEEP_GROUPS
                                          if g is None or int(shape[-1]) % g == 0],
     adapt=lambda shape, cfg: adapt_group(int(shape[-1]), cfg), color="#B279A2",

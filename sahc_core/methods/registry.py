@@ -462,8 +462,9 @@ def measure(W: Tensor, cfg: Any, *, compressed: Compressed | None = None, w_hat:
     -------
     dict
         ``method``, ``bytes``, ``ratio`` (vs 2 bytes per weight), ``bits_per_weight``, ``rel_error``,
-        ``weight_cosine``, plus method-specific keys (int: ``quant_error``, ``predicted_error``; svd:
-        ``rank``, ``trunc_error``, ``quant_error``, ``eym_error``; tt: ``tt_shape``).
+        ``weight_cosine``, plus method-specific keys (int: ``predicted_error``; svd: ``rank``,
+        ``trunc_error``, ``quant_error``, ``eym_error``, ``predicted_error``; tt: ``tt_shape``,
+        ``predicted_error``; a ``prediction`` names the basis of each ``predicted_error``).
     """
     spec = spec_of(cfg)
     c = compressed if compressed is not None else compress(W, cfg, calib)

@@ -70,19 +70,41 @@ def predicted_error(per_group: int, step2: float, w2: float) -> dict:
 
     ``Δ_g`` is the stored scale (grid step) of group g (``step2`` = Σ_g Δ_g², each group holding
     ``per_group`` weights); each error is uniform on [-Δ/2, Δ/2] when the weights are spread over many
-    steps (Widrow & Kollár, *Quantization Noise*, 2008).
+    steps (Widrow & Kollár, *Quantization Noise*, 2008). Computed from the scales alone, never from
+    the measured error, so the theory gate compares two independent numbers.
     """
     norm = math.sqrt(w2)
     pred = math.sqrt(per_group * step2 / 12.0) / norm if norm > 0 else 0.0
     return {"predicted_error": pred, "prediction": "uniform rounding noise sqrt(sum_g n_g step_g^2 / 12) / ||W||"}
 
 
+def rounding_noise_var(x: Tensor, q: QuantConfig | None) -> Tensor:
+    """Variance of each entry's storage rounding error, ``(rows, cols)`` float64 for the 2-D view of ``x``.
+
+    ``q`` an int-k config: ``Δ_g² / 12`` with ``Δ_g`` the scale :func:`quantize` would store for the
+    entry's group (the same :func:`quant._grid_params`, so bit-identical steps); ``q=None`` (fp16
+    storage): ``ulp(x)² / 12``, the fp16 spacing at ``x`` (11 significant bits, subnormal spacing 2⁻²⁴),
+    0 for an exact 0. The model behind every prediction of stored factors and cores (Widrow & Kollár 2008).
+    """
+    from sahc_core.methods.quant import _grid_params
+
+    x2 = metrics.rows(x).to(torch.float32)
+    if q is None:
+        _, e = torch.frexp(x2)  # x = m 2^e, 0.5 <= |m| < 1: the fp16 spacing is 2^(e - 11)
+        ulp = torch.ldexp(torch.ones_like(x2, dtype=torch.float64), (e - 11).clamp_min(-24))
+        return torch.where(x2 == 0, torch.zeros_like(ulp), ulp.square() / 12.0)
+    rows, cols = x2.shape
+    g = cols if q.group_size is None else q.group_size
+    scales, _ = _grid_params(x2.reshape(rows, cols // g, g), q)  # (rows, groups) fp16
+    return (scales.double().square() / 12.0).repeat_interleave(g, dim=1)
+
+
 def _extras(W: Tensor, c: QuantizedTensor, W_hat: Tensor) -> dict:
-    """quant_error (the whole error is quantization error) and the rounding-noise prediction."""
+    """The rounding-noise prediction from the stored scales (the whole error is quantization error,
+    so no separate ``quant_error``: it would repeat ``rel_error``)."""
     w2 = float(metrics.row_norm2(W.detach().float()).sum())
     per_group = W.numel() // c.scales.numel()
-    rel = metrics.rel_error(W, W_hat)
-    return {"quant_error": rel, **predicted_error(per_group, float(c.scales.double().square().sum()), w2)}
+    return predicted_error(per_group, float(c.scales.double().square().sum()), w2)
 
 
 def fast_measure(W: Tensor, cfg: QuantConfig, ctx: Any) -> dict:
@@ -107,7 +129,6 @@ def fast_measure(W: Tensor, cfg: QuantConfig, ctx: Any) -> dict:
         step2 += float(c.scales.double().square().sum())
         n_groups += c.scales.numel()
     out = base_numbers("int", W, quant_bytes(tuple(W.shape), cfg), *metrics.from_row_norms(ctx.w_row2, h_row2, e_row2))
-    out["quant_error"] = out["rel_error"]
     out.update(predicted_error(W.numel() // n_groups, step2, float(ctx.w_row2.sum())))
     if H is not None:
         wHw = ctx.wHw()

@@ -22,7 +22,7 @@ from sahc_core.methods.lowrank import (
     resolve_rank,
     split_factors,
 )
-from sahc_core.methods.quant import fake_quantize
+from sahc_core.methods.quant import QuantConfig, fake_quantize
 from sahc_core.methods.registry import MethodSpec, Param, base_numbers, register
 from sahc_core.methods.rtn import PLAN_GROUPS, adapt_group, group_options
 
@@ -39,21 +39,51 @@ def _mn(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(int(s) for s in shape[:-1]), int(shape[-1])
 
 
+def predicted(S: Tensor, r: int, u: Tensor, v: Tensor, q: QuantConfig | None) -> dict:
+    """The error of ``lowrank`` predicted from σ and the factors' storage alone (never from a measurement).
+
+    With ``u = (U_r √S_r)ᵀ``, ``v = √S_r V_rᵀ`` stored as ``û = u + a``, ``v̂ = v + b`` (rounding errors,
+    independent and zero-mean, entry variances from :func:`rtn.rounding_noise_var`):
+    ``W − Ŵ = (W − W_r) − (aᵀv + uᵀb + aᵀb)``. The first term is the Eckart–Young–Mirsky residual,
+    orthogonal to the other two (they lie in span(V_r) / span(U_r) rows / columns, up to ``aᵀb``), and
+    ``E‖aᵀv‖² = Σ_k A_k ‖v_k‖² = Σ_k A_k σ_k`` (``A_k``: summed variances of row k of ``u``; ``B_k`` of
+    ``v``), so ``E‖W − Ŵ‖² ≈ Σ_{i>r} σ_i² + Σ_{k≤r} (σ_k (A_k + B_k) + A_k B_k)``.
+
+    Returns
+    -------
+    dict
+        ``eym_error`` (EYM of rank r), ``predicted_quant_error`` (the factor part), ``predicted_error``
+        (both in quadrature), ``prediction`` (the basis), all relative to ``‖W‖_F = sqrt(Σσ²)``.
+    """
+    from sahc_core.methods.rtn import rounding_noise_var
+
+    s = S.detach().to(device="cpu", dtype=torch.float64)
+    s2 = s.square()
+    total = float(s2.sum())
+    A = rounding_noise_var(u, q).sum(1).cpu()  # (r,)
+    B = rounding_noise_var(v, q).sum(1).cpu()
+    q2 = float((s[:r] * (A + B) + A * B).sum())
+    rel = (lambda x2: math.sqrt(max(x2, 0.0) / total) if total > 0 else 1.0)  # noqa: E731
+    return {"eym_error": rel(float(s2[r:].sum())), "predicted_quant_error": rel(q2),
+            "predicted_error": rel(float(s2[r:].sum()) + q2),
+            "prediction": "EYM error of the kept rank from sigma, in quadrature with the factors' rounding noise "
+                          "sum_k sigma_k (A_k + B_k) + A_k B_k (A_k, B_k: sum of step^2/12 over factor row k; fp16: "
+                          "ulp^2/12)"}
+
+
 def extras(W: Tensor, c: LowRankTensor, W_hat: Tensor) -> dict:
-    """rank, trunc_error (measured), eym_error (predicted), quant_error (see lowrank's docstring)."""
+    """rank, trunc_error and quant_error (measured, see lowrank's docstring) and the :func:`predicted` keys."""
     u, v, S = c.u_f32, c.v_f32, c.singular_values
     if u is None or v is None or S is None:  # loaded from storage: recompute the unquantized factors
         fresh = lowrank(W, c.config)
         u, v, S = fresh.u_f32, fresh.v_f32, fresh.singular_values
     Wd = W.detach().reshape(c.shape).to(device=u.device)
     W_r = (u.T @ v).reshape(c.shape)
-    s2 = S.detach().to(torch.float64).square()
-    total = float(s2.sum())
-    eym = math.sqrt(float(s2[c.rank:].sum()) / total) if total > 0 else 1.0
     norm2 = float(metrics.row_norm2(Wd.to(torch.float32)).sum())
     W_hat = W_hat.to(device=u.device, dtype=torch.float32).reshape(c.shape)
     quant = math.sqrt(float(metrics.row_norm2(W_r - W_hat).sum()) / norm2) if norm2 > 0 else 1.0
-    return {"rank": c.rank, "trunc_error": metrics.rel_error(Wd, W_r), "eym_error": eym, "quant_error": quant}
+    return {"rank": c.rank, "trunc_error": metrics.rel_error(Wd, W_r), "quant_error": quant,
+            **predicted(S, c.rank, u, v, factor_quant(*_mn(c.shape), c.config))}
 
 
 def _rotated(W: Tensor, factors: tuple[Tensor, Tensor, Tensor]) -> dict:
@@ -116,11 +146,10 @@ def fast_measure(W: Tensor, cfg: SVDConfig, ctx: Any) -> dict:
             eHe += float(((e @ H) * e).sum())
     out = base_numbers("svd", W, lowrank_bytes(tuple(W.shape), cfg),
                        *metrics.from_row_norms(ctx.w_row2.to(dev), h_row2, e_row2))
-    w2, s2 = float(ctx.w_row2.sum()), S.double().square()
+    w2 = float(ctx.w_row2.sum())
     rel = (lambda x2: math.sqrt(max(x2, 0.0) / w2) if w2 > 0 else 1.0)  # noqa: E731
     out.update(rank=r, trunc_error=rel(float(rot["head_col2"][:r].sum() + rot["tail_col2"][r:].sum())),
-               eym_error=math.sqrt(float(s2[r:].sum()) / float(s2.sum())) if float(s2.sum()) > 0 else 1.0,
-               quant_error=rel(float(e_row2.sum()) if full else head2 + tail2))
+               quant_error=rel(float(e_row2.sum()) if full else head2 + tail2), **predicted(S, r, u, v, q))
     if H is not None:
         wHw = ctx.wHw()
         out["output_error"] = math.sqrt(max(eHe, 0.0) / wHw) if wHw > 0 else math.nan

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from sahc_core import metrics
 from sahc_core.methods.quant import (QuantConfig, QuantizedTensor, _as_int, load_part, optional_quant_config, part_state,
                              quant_bytes, quantize, state_nbytes)
 
@@ -211,8 +212,9 @@ def _tensorize(W: Tensor, lay: _Layout) -> Tensor:
     return X.permute([p for k in range(D) for p in (k, D + k)]).reshape(lay.modes)
 
 
-def _top_subspace(M: Tensor, r: int | None, delta2: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Best rank-r split ``M ≈ L @ R`` with orthonormal columns in ``L`` (one TT-SVD step).
+def _top_subspace(M: Tensor, r: int | None, delta2: float = 0.0) -> tuple[Tensor, Tensor, float]:
+    """Best rank-r split ``M ≈ L @ R`` with orthonormal columns in ``L`` (one TT-SVD step), and the
+    energy it discards, ``‖M − L R‖² = Σ_{i>r} σ_i²`` (float64, from the same eigenvalues).
 
     Hand-written through the Gram matrix of the short side (eigendecomposed in float64) instead of
     ``torch.linalg.svd``: the SVD of the very wide first unfolding (e.g. 256 x 110592) took 17 s on a
@@ -229,27 +231,34 @@ def _top_subspace(M: Tensor, r: int | None, delta2: float = 0.0) -> tuple[Tensor
         tail = torch.cumsum(evals.flip(0), 0).flip(0)  # tail[i] = energy discarded at rank i
         ok = torch.nonzero(tail <= delta2).flatten()
         r = max(1, int(ok[0])) if ok.numel() else evals.numel()
+    discarded = float(evals[r:].sum())
     top = evecs[:, :r].to(M.dtype)
     if wide:  # L = U_r, R = U_rᵀ M = S_r V_rᵀ
-        return top, top.T @ M
+        return top, top.T @ M, discarded
     # L = M V_r / s (orthonormal: V_r are eigenvectors of MᵀM), R = diag(s) V_rᵀ; s = 0 columns dropped to 0
     s = evals[:r].sqrt().to(M.dtype)
     inv = torch.where(s > s[0] * 1e-12, 1 / s.clamp_min(1e-300), torch.zeros_like(s))
-    return (M @ top) * inv, s[:, None] * top.T
+    return (M @ top) * inv, s[:, None] * top.T, discarded
 
 
-def _tt_svd(X: Tensor, ranks: tuple[int, ...] | None, delta2: float = 0.0) -> list[Tensor]:
-    """TT-SVD (Oseledets 2011, Alg. 1) of a float tensor: cores ``(r_{k-1}, n_k, r_k)`` in its dtype."""
+def _tt_svd(X: Tensor, ranks: tuple[int, ...] | None, delta2: float = 0.0) -> tuple[list[Tensor], list[float]]:
+    """TT-SVD (Oseledets 2011, Alg. 1) of a float tensor: cores ``(r_{k-1}, n_k, r_k)`` in its dtype, and
+    the energy δ_k² each of the D - 1 steps discards.
+
+    Each step splits the remaining core as ``M = L R + E_k`` with ``L`` orthonormal and ``E_k ⟂ L``, so
+    in exact arithmetic ``‖X − TT‖² = Σ_k δ_k²`` (the equality behind Oseledets' Thm 2.2 bound).
+    """
     modes = list(X.shape)
     M = X
-    cores, r_prev = [], 1
+    cores, discarded, r_prev = [], [], 1
     for k in range(len(modes) - 1):
         M = M.reshape(r_prev * modes[k], -1)
-        L, M = _top_subspace(M, None if ranks is None else ranks[k + 1], delta2)
+        L, M, d2 = _top_subspace(M, None if ranks is None else ranks[k + 1], delta2)
         cores.append(L.reshape(r_prev, modes[k], L.shape[1]))
+        discarded.append(d2)
         r_prev = L.shape[1]
     cores.append(M.reshape(r_prev, modes[-1], 1))
-    return cores
+    return cores, discarded
 
 
 def tt_ranks_for_error(W: Tensor, eps: float, n_cores: int = 3, row_factors: tuple[int, ...] | None = None,
@@ -261,18 +270,24 @@ def tt_ranks_for_error(W: Tensor, eps: float, n_cores: int = 3, row_factors: tup
     lay = _layout(tuple(W.shape), cfg, check_ranks=False)
     X = _tensorize(W, lay)
     norm2 = float(torch.linalg.vector_norm(X, dtype=torch.float64)) ** 2
-    cores = _tt_svd(X, None, (eps ** 2) * norm2 / (n_cores - 1))
+    cores, _ = _tt_svd(X, None, (eps ** 2) * norm2 / (n_cores - 1))
     return (1,) + tuple(c.shape[2] for c in cores)
 
 
 @dataclass(frozen=True, eq=False)
 class TTMatrix:
-    """Stored TT cores (fp16 tensors or :class:`QuantizedTensor` of the ``(r_{k-1}, i_k j_k r_k)`` view)."""
+    """Stored TT cores (fp16 tensors or :class:`QuantizedTensor` of the ``(r_{k-1}, i_k j_k r_k)`` view).
+
+    ``svd_cores`` (the unrounded TT-SVD cores ``(r_{k-1}, n_k, r_k)``) and ``discarded`` (δ_k² per
+    step) are kept in memory for :func:`predicted`, not stored; ``None`` after loading.
+    """
 
     shape: tuple[int, int]
     config: TTConfig
     tt_shape: dict
     cores: tuple[Tensor | QuantizedTensor, ...]
+    svd_cores: tuple[Tensor, ...] | None = field(default=None, repr=False, compare=False)
+    discarded: tuple[float, ...] | None = field(default=None, repr=False, compare=False)
     _float_cores: list = field(default_factory=list, repr=False, compare=False)
 
     @property
@@ -350,8 +365,9 @@ def tt_decompose(W: Tensor, cfg: TTConfig) -> TTMatrix:
     X = _tensorize(W, lay)
     if not torch.isfinite(X).all():
         raise ValueError("the matrix contains NaN or Inf values and cannot be decomposed.")
-    cores = _tt_svd(X, lay.ranks)
-    return TTMatrix((lay.V, lay.d), cfg, lay.tt_shape(), tuple(_store(c, q) for c in cores))
+    cores, discarded = _tt_svd(X, lay.ranks)
+    return TTMatrix((lay.V, lay.d), cfg, lay.tt_shape(), tuple(_store(c, q) for c in cores), tuple(cores),
+                    tuple(discarded))
 
 
 def _load(state: dict[str, Tensor], meta: dict, cfg: TTConfig) -> TTMatrix:
@@ -370,8 +386,47 @@ def _load(state: dict[str, Tensor], meta: dict, cfg: TTConfig) -> TTMatrix:
     return out
 
 
+def predicted(svd_cores: tuple[Tensor, ...], discarded: tuple[float, ...], q: QuantConfig | None,
+              norm2: float, padded: bool) -> dict:
+    """The error of a stored TT-matrix predicted from the TT-SVD sweep and the cores' storage alone.
+
+    Truncation: ``Σ_k δ_k²``, the energies the sweep discards (Oseledets 2011, Thm 2.2: an upper bound
+    on ``‖X − TT‖²``, here an equality since each step's residual is orthogonal to the rest). Storage:
+    rounding each core entry with variance ``v_k[a, i, b]`` (:func:`rtn.rounding_noise_var` of the stored
+    ``(r_{k-1}, n_k r_k)`` view) changes the tensor by ``L_{<k} ΔG_k R_{>k}``; the left interface has
+    orthonormal columns (TT-SVD cores are left-orthogonal), so to first order
+    ``E‖ΔX‖² = Σ_k Σ_{a,i,b} v_k[a, i, b] · (R_{>k} R_{>k}ᵀ)[b, b]``, with the right Gram built core by core.
+
+    Returns
+    -------
+    dict
+        ``trunc_bound``, ``core_noise``, ``predicted_error`` (both in quadrature), ``prediction``,
+        ``prediction_sides`` ("upper" when the layout pads rows / columns: the prediction then also
+        covers the padded part that the measurement drops), all relative to ``sqrt(norm2) = ‖W‖_F``.
+    """
+    from sahc_core.methods.rtn import rounding_noise_var
+
+    gram = torch.ones(1, 1, dtype=torch.float64)  # R_{>D} R_{>D}ᵀ
+    noise2 = 0.0
+    for core in reversed(svd_cores):  # (r_{k-1}, n_k, r_k)
+        c = core.detach().to(device="cpu", dtype=torch.float64)
+        var = rounding_noise_var(core.reshape(core.shape[0], -1), q).cpu().reshape(c.shape)
+        noise2 += float((var * torch.diagonal(gram)).sum())
+        gram = torch.einsum("aib,bc,dic->ad", c, gram, c)  # R_{>k-1} R_{>k-1}ᵀ
+    trunc2 = float(sum(discarded))
+    rel = (lambda x2: math.sqrt(max(x2, 0.0) / norm2) if norm2 > 0 else 1.0)  # noqa: E731
+    return {"trunc_bound": rel(trunc2), "core_noise": rel(noise2), "predicted_error": rel(trunc2 + noise2),
+            "prediction_sides": "upper" if padded else "two",
+            "prediction": "TT-SVD discarded energies sum_k delta_k^2 (Oseledets 2011, Thm 2.2) in quadrature with "
+                          "the cores' rounding noise through the orthonormal left interface"}
+
+
 def _extras(W: Tensor, c: TTMatrix, W_hat: Tensor) -> dict:
-    return {"tt_shape": c.tt_shape, "padded_rows": c.padded_rows, "padded_cols": c.padded_cols}
+    fresh = c if c.svd_cores is not None else tt_decompose(W, c.config)  # loaded: redo the sweep once
+    norm2 = float(metrics.row_norm2(W.detach()).sum())  # float64 sum of per-row norms, no float64 copy of W
+    return {"tt_shape": c.tt_shape, "padded_rows": c.padded_rows, "padded_cols": c.padded_cols,
+            **predicted(fresh.svd_cores, fresh.discarded, c.config.quant_config, norm2,
+                        padded=bool(c.padded_rows or c.padded_cols))}
 
 
 #: The reference study's TT sweep (section 4), smallest to largest ranks.

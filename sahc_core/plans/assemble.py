@@ -38,6 +38,7 @@ from sahc_core.device import resolve_device
 from sahc_core.errors import JobError, ModelError, SahcError
 from sahc_core.io.source import header_length
 from sahc_core.paths import check_removable, is_owned, mark_owned, member, remove_owned
+from sahc_core.metrics import check_finite
 from sahc_core.plans.plan import TIED, CompressionPlan, resolve
 from sahc_core.methods.quant import state_nbytes
 
@@ -212,6 +213,7 @@ def _write_tensors(source, df, root: Path, progress, check_cancel, shard_bytes: 
         else:
             cfg = methods.config_from_dict(row.config)
             W = source.read(row.name, device=device, dtype=torch.float32)
+            check_finite(W, f"tensor {row.name!r}", "it cannot be compressed or kept")  # named, before any work
             stats = calib.for_weight(row.name) if calib is not None and methods.spec_of(cfg).needs_calibration else None
             c = methods.compress(W, cfg, stats)
             del W

@@ -47,7 +47,7 @@ class ReportSection:
     table: pd.DataFrame | None = None
     notes: tuple[str, ...] = ()
     error: str | None = None           # one sentence when the section could not be computed
-    warnings: tuple[str, ...] = ()     # shown as warnings (e.g. runs that mix perplexity protocols)
+    warnings: tuple[str, ...] = ()     # shown as warnings: runs that mix protocols, tensors left out (NaN / Inf)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def spectrum_verdict(scan: pd.DataFrame, eps: float = ERROR_TARGET) -> tuple[pd.
     ----------
     scan : DataFrame
         ``spectra.scan.scan`` rows merged with the tensor table: name, component, kind, layer, shape and
-        ``min_rank_{eps}``.
+        ``min_rank_{eps}``; rows with an ``error`` (no spectrum) are left out.
 
     Returns
     -------
@@ -113,7 +113,9 @@ def spectrum_verdict(scan: pd.DataFrame, eps: float = ERROR_TARGET) -> tuple[pd.
     col = f"min_rank_{eps:g}"
     if col not in scan:
         raise ValueError(f"the scan table has no {col!r} column; rescan with the current spectrum module.")
-    df = scan.copy()
+    df = scan[scan["error"].isna()].copy() if "error" in scan else scan.copy()  # tensors without a spectrum: out
+    if df.empty:
+        raise ValueError("no tensor of this model has a spectrum (see the scan's error column for why).")
     if {"rows", "cols"} <= set(df.columns):  # the matrix view the spectrum used (conv1d reshaped)
         dims = pd.Series(list(zip(df["rows"].astype(int), df["cols"].astype(int))), index=df.index)
     else:

@@ -36,9 +36,13 @@ def _spectrum(source, table, cache, device, progress) -> rp.ReportSection:
     def prog(done, total, *_):
         if progress:
             progress(done, total, "spectrum scan")
+    from sahc_core.spectra.scan import failed
+
     df = scan(source, cache=cache, device=device, progress=prog)
     df = df.drop(columns=[c for c in ("shape", "component", "kind", "layer") if c in df]).merge(
         table[["name", "shape", "component", "kind", "layer"]], on="name", how="left")
+    bad = failed(df)
+    warnings = tuple(f"Left out of the verdict: {r.error}" for r in bad.itertuples())
     per_tensor, per_comp = rp.spectrum_verdict(df)
     sentences = [rp.component_sentence(r) for _, r in per_comp.iterrows()]
     tbl = per_comp.assign(component=per_comp["component"].map(fr.label))
@@ -49,7 +53,7 @@ def _spectrum(source, table, cache, device, progress) -> rp.ReportSection:
     return rp.ReportSection("spectrum", f"2. Spectrum verdict: min rank for {rp.ERROR_TARGET:g} error",
                             sentences[0], (layer_heatmap(
                                 per_tensor, "rank_fraction", f"min rank for {rp.ERROR_TARGET:g} error, % of full rank",
-                                percent=True),), tbl, tuple(sentences[1:]))
+                                percent=True),), tbl, tuple(sentences[1:]), warnings=warnings)
 
 
 def _pareto(source, name: str, cache, device, progress, idx: int) -> rp.ReportSection:
@@ -88,14 +92,17 @@ def _budget(source, cache, runs, target_ratio) -> rp.ReportSection:
                             pd.concat([tbl, total], ignore_index=True).round(3), notes)
 
 
-def _runs(runs: pd.DataFrame) -> rp.ReportSection:
+def _runs(runs: pd.DataFrame, cache) -> rp.ReportSection:
+    from sahc_core.gates import audit_log, summary_line
     from sahc_core.runs.protocol import mixed_warning
 
     tbl = runs.drop(columns=[c for c in ("started_at", "protocol_key") if c in runs]).copy()
     figures = (fr.runs_scatter(runs),) if len(fr.finished_runs(runs)) else ()  # empty state: the caption says why
     warning = mixed_warning(fr.finished_runs(runs)) if figures else None
+    notes = tuple(f"Run {r.run_id} ({r.plan_name}): {summary_line(audit_log(cache, run_id=r.run_id))}"
+                  for r in runs.itertuples()) if cache is not None else ()  # decisions counted per gate
     return rp.ReportSection("runs", "5. Runs: ratio vs perplexity against each run's own baseline",
-                            rp.caption_runs(runs), figures, tbl, warnings=(warning,) if warning else ())
+                            rp.caption_runs(runs), figures, tbl, notes, warnings=(warning,) if warning else ())
 
 
 def _failed(key: str, title: str, exc: Exception) -> rp.ReportSection:
@@ -125,7 +132,7 @@ def build_sections(source, cache, device: str, target_ratio: float, pareto_tenso
         sections.append(_budget(source, cache, runs, target_ratio))
     except (SahcError, ValueError) as exc:
         sections.append(_failed("budget", "4. Byte budget and the embedding wall", exc))
-    sections.append(_runs(runs))
+    sections.append(_runs(runs, cache))
     return sections
 
 

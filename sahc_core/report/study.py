@@ -15,6 +15,10 @@ Tables, in the study's order and form:
 6. the final per-component table with total ratio and perplexity of the latest finished run of this
    model in the cache, or "no run yet".
 
+:func:`study_figures` gives the headline numbers (parameter shares, the FFN min-rank range, σ₁/σ_min)
+that ``python -m sahc_core report --study --json`` prints and README quotes. A tensor whose spectrum
+or error is undefined (NaN / Inf / no elements) is named in the notes and left out; the rest goes on.
+
 Everything goes through the cached library calls (``spectrum.tensor_spectrum``,
 ``whatif.measure_tensor``, ``sweeps.tt_sweep``), so a second call reads the cache; missing values are
 computed with ``progress(done, total, what)`` updates.
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from sahc_core.errors import NumericalError
 from sahc_core.io.components import embedding_tensor
 from sahc_core.report.build import middle_tensor
 
@@ -48,6 +53,7 @@ class StudyTables:
     model: str
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)  # the headline numbers, :func:`study_figures`
 
 
 def scaled_index(study_index: int, full_rank: int, study_rank: int = STUDY_FULL_RANK) -> int:
@@ -131,10 +137,11 @@ def _summary_rows(rows, worse, int_worse, layers, bad_layers) -> pd.DataFrame:
     ])
 
 
-def _svd_rows(source, table, cache, device, progress, calib=None) -> pd.DataFrame:
+def _svd_rows(source, table, cache, device, progress, skipped: list[str], calib=None) -> pd.DataFrame:
     """Per FFN tensor: SVD + int4 factors and direct int4 (the study's pair), and with calibration
     statistics also their calibration-aware twins at the same bytes (whitened SVD, GPTQ) and every
-    setting's output error on held-out calibration tokens."""
+    setting's output error on held-out calibration tokens. A tensor that cannot be measured (NaN /
+    Inf / empty) goes to ``skipped`` with its reason."""
     from sahc_core.methods.gptq import GPTQConfig
     from sahc_core.methods.lowrank import SVDConfig
     from sahc_core.methods.quant import QuantConfig
@@ -151,8 +158,12 @@ def _svd_rows(source, table, cache, device, progress, calib=None) -> pd.DataFram
     for i, rec in enumerate(ffn.itertuples()):
         if progress:
             progress(i, len(ffn), f"SVD + int4 on {rec.name}")
-        sv = measure_tensor(source, rec.name, svd_cfg, cache=cache, device=device, workspace=ws, calib=calib)
-        iq = measure_tensor(source, rec.name, int_cfg, cache=cache, device=device, workspace=ws, calib=calib)
+        try:
+            sv = measure_tensor(source, rec.name, svd_cfg, cache=cache, device=device, workspace=ws, calib=calib)
+            iq = measure_tensor(source, rec.name, int_cfg, cache=cache, device=device, workspace=ws, calib=calib)
+        except NumericalError as exc:
+            skipped.append(str(exc))
+            continue
         row = {"tensor": rec.name, "layer": rec.layer, "kind": rec.kind, "rank": sv.get("rank"),
                "orig_bytes": 2 * math.prod(rec.shape), "svd_bytes": sv["bytes"], "svd_ratio": sv["ratio"],
                "trunc_error": sv["trunc_error"], "eym_error": sv["eym_error"], "total_error": sv["rel_error"],
@@ -166,7 +177,9 @@ def _svd_rows(source, table, cache, device, progress, calib=None) -> pd.DataFram
         rows.append(row)
     if progress:
         progress(len(ffn), len(ffn), "SVD + int4 done")
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=[
+        "tensor", "layer", "kind", "rank", "orig_bytes", "svd_bytes", "svd_ratio", "trunc_error", "eym_error",
+        "total_error", "int4_bytes", "int4_error"])
 
 
 def tt_table(sweep: pd.DataFrame, threshold: float = COS_THRESHOLD) -> pd.DataFrame:
@@ -215,6 +228,40 @@ def architecture_share_rows(table: pd.DataFrame) -> list[dict]:
     return component_shares(table).to_dict(orient="records")
 
 
+def _range(values: pd.Series) -> dict:
+    v = pd.to_numeric(values, errors="coerce").dropna()
+    if v.empty:
+        return {"n": 0, "min": None, "median": None, "max": None}
+    return {"n": int(v.size), "min": float(v.min()), "median": float(v.median()), "max": float(v.max())}
+
+
+def study_figures(source, cache=None, device: str = "auto") -> dict:
+    """The headline numbers README quotes, from one (cached, resumable) spectrum scan.
+
+    Returns
+    -------
+    dict
+        ``total_params``; ``component_share`` (component -> share of parameters);
+        ``ffn_min_rank_frac_0.1`` and ``ffn_sigma_ratio`` (σ₁/σ_min): ``{n, min, median, max}`` over
+        the FFN matrices; ``tensors_without_spectrum``: the reason for each left out (NaN / Inf / empty).
+    """
+    from sahc_core.io.components import component_shares, tensor_table
+    from sahc_core.spectra.scan import failed, scan
+
+    table = tensor_table(source)
+    shares = component_shares(table)
+    out: dict = {"total_params": int(table["params"].sum()),
+                 "component_share": {r.component: float(r.share) for r in shares.itertuples()}}
+    if not (table["component"] == "ffn").any():
+        return {**out, "ffn_min_rank_frac_0.1": _range(pd.Series(dtype=float)),
+                "ffn_sigma_ratio": _range(pd.Series(dtype=float)), "tensors_without_spectrum": []}
+    df = scan(source, component="ffn", cache=cache, device=device)
+    ok = df[df["error"].isna()] if "error" in df else df
+    ratio = ok["sigma_max"] / ok["sigma_min"].where(ok["sigma_min"] > 0)
+    return {**out, "ffn_min_rank_frac_0.1": _range(ok["min_rank_frac_0.1"]), "ffn_sigma_ratio": _range(ratio),
+            "tensors_without_spectrum": failed(df)["error"].tolist()}
+
+
 def reproduce_study(source, cache=None, device: str = "auto", progress: Progress | None = None,
                     with_tt: bool = True, calib=None) -> StudyTables:
     """Compute (or read from the cache) the study's tables for ``source``; see the module docstring.
@@ -233,24 +280,35 @@ def reproduce_study(source, cache=None, device: str = "auto", progress: Progress
     t["Architecture breakdown"] = architecture_table(table)
     n["Architecture breakdown"] = "Share of stored parameters per component (a tied LM head is counted once)."
 
+    out.figures.update(study_figures(source, cache, device))
     gate = middle_tensor(table, "gate_proj")
+    skipped: list[str] = []  # tensors with NaN / Inf / no elements: named, left out, the rest goes on
     if gate is None:
         n["Architecture breakdown"] += " No FFN gate_proj found: the spectrum tables are skipped."
     else:
         if progress:
             progress(0, 3, f"spectrum of {gate}")
-        sp = tensor_spectrum(source, gate, cache=cache, device=device)
-        title = f"Singular values of {gate} {list(sp.shape)}"
-        t[title] = sigma_table(sp.singular_values, sp.shape)
-        k = len(sp.singular_values)
-        n[title] = (f"Condition number σₘₐₓ/σₘᵢₙ = {sp.singular_values[0] / sp.singular_values[-1]:.3g}; full rank {k}"
-                    + ("" if k == STUDY_FULL_RANK else f" (the study's indices scaled by {k}/{STUDY_FULL_RANK})") + ".")
+        try:
+            sp = tensor_spectrum(source, gate, cache=cache, device=device)
+        except NumericalError as exc:
+            skipped.append(str(exc))
+        else:
+            title = f"Singular values of {gate} {list(sp.shape)}"
+            t[title] = sigma_table(sp.singular_values, sp.shape)
+            k = len(sp.singular_values)
+            n[title] = (f"Condition number σₘₐₓ/σₘᵢₙ = {sp.singular_values[0] / sp.singular_values[-1]:.3g}; full "
+                        f"rank {k}" + ("" if k == STUDY_FULL_RANK else
+                                       f" (the study's indices scaled by {k}/{STUDY_FULL_RANK})") + ".")
         rows = []
         for kind in ("gate_proj", "up_proj", "down_proj"):
             name = middle_tensor(table, kind)
             if name is None:
                 continue
-            s = tensor_spectrum(source, name, cache=cache, device=device)
+            try:
+                s = tensor_spectrum(source, name, cache=cache, device=device)
+            except NumericalError as exc:
+                skipped.append(str(exc))
+                continue
             r = min_rank(s.singular_values, ERROR_TARGET)
             full = len(s.singular_values)
             rows.append({"tensor": kind, "name": name, "min rank (error < 0.10)": r, "full rank": full,
@@ -259,7 +317,7 @@ def reproduce_study(source, cache=None, device: str = "auto", progress: Progress
         n["Minimum rank for SVD error < 0.10"] = ("Eckart–Young–Mirsky: smallest r with √(Σ σᵢ² over i > r / Σ σᵢ² over all i) "
                                                      "≤ 0.10.")
 
-        per = _svd_rows(source, table, cache, device, progress, calib)
+        per = _svd_rows(source, table, cache, device, progress, skipped, calib)
         title = "SVD rank 1/8 of full (the study's r512) + int4 factors, over FFN tensors"
         t[title] = summarize_svd(per).round(4)
         t["SVD + int4 per FFN tensor"] = per.round(5)
@@ -275,10 +333,16 @@ def reproduce_study(source, cache=None, device: str = "auto", progress: Progress
         def prog(done, total, *_):
             if progress:
                 progress(done, total, f"TT sweep of {emb}")
-        sweep = tt_sweep(source, emb, progress=prog, cos_threshold=COS_THRESHOLD)
-        title = f"Tensor-Train sweep of {emb} {list(source.info(emb).shape)}"
-        t[title] = tt_table(sweep)
-        n[title] = f"Weight cosine per token row; the gate is cos ≥ {COS_THRESHOLD:g} (study section 4)."
+        try:
+            sweep = tt_sweep(source, emb, progress=prog, cos_threshold=COS_THRESHOLD)
+        except NumericalError as exc:
+            skipped.append(str(exc))
+        else:
+            title = f"Tensor-Train sweep of {emb} {list(source.info(emb).shape)}"
+            t[title] = tt_table(sweep)
+            n[title] = f"Weight cosine per token row; the gate is cos ≥ {COS_THRESHOLD:g} (study section 4)."
+    if skipped:
+        n["Architecture breakdown"] += " Left out of the tables: " + " ".join(dict.fromkeys(skipped))
 
     final, note = final_table(source, cache, table)
     t["Final results"] = final

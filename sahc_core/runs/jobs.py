@@ -38,9 +38,10 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 _children: dict[int, subprocess.Popen] = {}  # workers this process started (reaped on list_runs)
 
 LIST_COLUMNS = ["run_id", "plan_name", "status", "stage", "ratio_projected", "ratio_actual", "ppl", "baseline_ppl",
-                "delta_ppl", "gates_passed", "gates_failed", "started_at", "duration_s", "error", "model_fp",
-                "model_path", "checkpoint_mb", "ratio", "delta_ppl_pct",
+                "delta_ppl", "ppl_threshold", "gates_passed", "gates_failed", "started_at", "duration_s", "error",
+                "model_fp", "model_path", "checkpoint_mb", "ratio", "delta_ppl_pct",
                 "protocol", "protocol_key", "corpus", "corpus_fp", "tokens", "window", "stride", "dtype"]
+_NUMERIC = ("ratio_projected", "ratio_actual", "ppl", "baseline_ppl", "delta_ppl", "ppl_threshold")
 
 
 class JobCancelled(JobError):
@@ -272,7 +273,8 @@ def _plan_dict(plan: Any) -> dict:
 
 
 def start_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: str | Path | None = None,
-              window: int | None = None, max_tokens: int | None = None, device: str = "auto") -> str:
+              window: int | None = None, max_tokens: int | None = None, device: str = "auto",
+              ppl_threshold: float | None = None) -> str:
     """Queue a run and start its worker process; returns the run id at once.
 
     Parameters
@@ -281,13 +283,17 @@ def start_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: str | Path
         Where the run row lives (the worker opens the same file).
     plan : CompressionPlan or dict
     model_dir : str or Path
-    corpus, window, max_tokens, device
+    corpus, window, max_tokens, device, ppl_threshold
         Passed to ``python -m sahc_core run`` (see :func:`sahc_core.runs.pipeline.execute_run`).
     """
     from sahc_core.evaluate.perplexity import PplConfig, check_window
     from sahc_core.io.source import ModelSource
 
     plan_d = _plan_dict(plan)
+    if ppl_threshold is not None:  # a bad threshold fails here, not in the worker
+        from sahc_core.gates import ppl_increase_gate
+
+        ppl_increase_gate(1.0, 1.0, ppl_threshold)
     model_dir = Path(model_dir).expanduser().resolve()
     source = ModelSource.open(model_dir)
     check_window(PplConfig(window=window, max_tokens=max_tokens, device=device), source.config)
@@ -311,7 +317,8 @@ def start_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: str | Path
         [run_id, plan_d.get("name"), to_json(plan_d), str(model_dir), source.fingerprint, now, now, str(log_path)])
     cmd = [sys.executable, "-m", "sahc_core", "run", "--run-id", run_id, "--plan", str(plan_file),
            "--model", str(model_dir), "--cache", str(cache.path), "--device", device, "--json"]
-    for flag, value in (("--corpus", corpus), ("--window", window), ("--max-tokens", max_tokens)):
+    for flag, value in (("--corpus", corpus), ("--window", window), ("--max-tokens", max_tokens),
+                        ("--ppl-threshold", ppl_threshold)):
         if value is not None:
             cmd += [flag, str(value)]
     env = {**os.environ, "SAHC_CACHE": str(cache.path),
@@ -475,13 +482,12 @@ def list_runs(cache: Cache, disk: bool = True) -> pd.DataFrame:
         res = res or {}
         rows.append({**{k: rec.get(k) for k in ("run_id", "plan_name", "status", "stage", "error", "model_fp",
                                                  "model_path", "started_at")},
-                     **{k: res.get(k) for k in ("ratio_projected", "ratio_actual", "ppl", "baseline_ppl",
-                                                "delta_ppl", "gates_passed", "gates_failed")},
+                     **{k: res.get(k) for k in (*_NUMERIC, "gates_passed", "gates_failed")},
                      "duration_s": _duration(rec.get("started_at"), rec.get("finished_at")),
                      "checkpoint_mb": _checkpoint_mb(cache, rec["run_id"], res) if disk else None,
                      **protocol_columns(res)})
     out = pd.DataFrame(rows, columns=LIST_COLUMNS)
-    for col in ("ratio_projected", "ratio_actual", "ppl", "baseline_ppl", "delta_ppl", "duration_s", "checkpoint_mb"):
+    for col in (*_NUMERIC, "duration_s", "checkpoint_mb"):
         out[col] = pd.to_numeric(out[col], errors="coerce").astype("float64")
     out["ratio"] = out["ratio_actual"].fillna(out["ratio_projected"])  # what a scatter plots
     out["delta_ppl_pct"] = 100 * out["delta_ppl"] / out["baseline_ppl"]  # vs the run's OWN baseline

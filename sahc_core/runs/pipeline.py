@@ -11,6 +11,12 @@ through exactly the same ``evaluate.perplexity`` call as the compressed model an
 ``results`` (kind ``ppl_baseline``, key = corpus text hash + protocol), so a second run of the same
 model and protocol reuses it. Every gate decision goes to the audit log before the compressed model is
 loaded, so a shape failure is on record even though the load then stops the run.
+
+The perplexity gate ``ppl_increase`` compares the compressed perplexity with the baseline:
+``(ppl - baseline) / baseline <= ppl_threshold`` (default :data:`sahc_core.gates.PPL_THRESHOLD`, +10 %),
+with both perplexities and the protocol as evidence. A perplexity that is not finite (NaN / Inf
+log-probabilities, or an overflow: :class:`~sahc_core.errors.NumericalError`) logs the failed gate and
+then FAILS the run with the reason, rather than finishing "done" with a null perplexity.
 """
 from __future__ import annotations
 
@@ -157,7 +163,8 @@ def _ppl(model, tokenizer, corpus, cfg, reporter) -> Any:
 
 def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = None, window: int | None = None,
                 max_tokens: int | None = None, run_id: str | None = None, reporter=None,
-                out_dir: str | Path | None = None, device: str = "auto", batch_size: int | None = None) -> dict:
+                out_dir: str | Path | None = None, device: str = "auto", batch_size: int | None = None,
+                ppl_threshold: float | None = None) -> dict:
     """Run a plan end to end and store the result in the run's row (see the module docstring).
 
     Parameters
@@ -179,15 +186,25 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
         Where the checkpoint goes; default ``<cache dir>/runs/<run_id>``.
     device : str
         ``auto`` (GPU when present), ``cpu`` or ``cuda``.
+    ppl_threshold : float, optional
+        Largest relative perplexity increase the ``ppl_increase`` gate passes (default
+        :data:`sahc_core.gates.PPL_THRESHOLD` = 0.10, i.e. +10 %).
 
     Returns
     -------
     dict
         run_id, plan_name, ratio_projected, ratio_actual, bytes_projected, bytes_actual, bytes_original,
-        ppl, baseline_ppl, delta_ppl, protocol {text, text_files, text_sha256, window, stride, tokens, dtype,
-        device, max_tokens} (see :mod:`sahc_core.runs.protocol`), gates, gates_passed, gates_failed,
-        components, seconds {assemble, gates, baseline, ppl}, work {params, tokens} (for
-        :mod:`sahc_core.runs.eta`), baseline_cached, out_dir, model_path, model_fp.
+        ppl, baseline_ppl, delta_ppl, ppl_increase ((ppl - baseline) / baseline), ppl_threshold,
+        protocol {text, text_files, text_sha256, window, stride, tokens, dtype, device, max_tokens} (see
+        :mod:`sahc_core.runs.protocol`), gates, gates_passed, gates_failed, gate_summary
+        (:func:`sahc_core.gates.gate_summary` rows: decisions per gate, kind, weak), components, seconds
+        {assemble, gates, baseline, ppl}, work {params, tokens} (for :mod:`sahc_core.runs.eta`),
+        baseline_cached, out_dir, model_path, model_fp.
+
+    Raises
+    ------
+    NumericalError
+        The baseline or the compressed perplexity is not finite (the run is marked failed with it).
     """
     from sahc_core.device import resolve_device
     from sahc_core.evaluate.perplexity import PplConfig
@@ -195,14 +212,19 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
     from sahc_core.paths import safe_id
     from sahc_core.runs.jobs import JobCancelled, JobReporter, new_run_id
 
+    from sahc_core.gates import PPL_THRESHOLD, ppl_increase_gate
+
     plan = _as_plan(plan)
+    threshold = PPL_THRESHOLD if ppl_threshold is None else ppl_threshold
+    ppl_increase_gate(1.0, 1.0, threshold)  # a bad threshold fails now, not after minutes of assembly
     cfg = PplConfig(window=window, max_tokens=max_tokens, batch_size=batch_size, device=device)
     run_id = safe_id(run_id or (reporter.run_id if reporter is not None else new_run_id()), "run id")
     reporter = reporter or JobReporter(cache, run_id)
     model_dir = Path(model_dir).expanduser().resolve()
     try:
         reporter.start(plan=plan.to_dict(), model_path=str(model_dir))  # raises JobCancelled if asked already
-        return _execute(cache, plan, model_dir, corpus, cfg, run_id, reporter, out_dir, resolve_device(device))
+        return _execute(cache, plan, model_dir, corpus, cfg, run_id, reporter, out_dir, resolve_device(device),
+                        float(threshold))
     except (JobCancelled, KeyboardInterrupt):
         reporter.cancelled()
         raise  # a KeyboardInterrupt stays one: the CLI exits 130 on it
@@ -214,13 +236,26 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
         raise
 
 
-def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, out_dir, device: str) -> dict:
+def _ppl_gate(cache, fp: str, run_id: str, ppl: float, base_ppl: float, threshold: float, protocol: dict,
+              reason: str | None = None):
+    """The ``ppl_increase`` decision, logged at once (also when the perplexity is not finite)."""
+    from sahc_core.gates import log_gates, ppl_increase_gate
+
+    evidence = {**protocol, **({"reason": reason} if reason else {})}
+    g = ppl_increase_gate(ppl, base_ppl, threshold, evidence)
+    log_gates(cache, fp, [g], run_id=run_id)
+    return g
+
+
+def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, out_dir, device: str,
+             threshold: float) -> dict:
+    from sahc_core.errors import NumericalError
     from sahc_core.plans.assemble import assemble
     from sahc_core.evaluate.model import load_model, load_state
     from sahc_core.evaluate.perplexity import check_window
     from sahc_core.paths import check_removable
     from sahc_core.runs.jobs import run_dir
-    from sahc_core.gates import coverage_gate, log_gates, ppl_gate, shape_gate
+    from sahc_core.gates import coverage_gate, gate_summary, log_gates, shape_gate
     from sahc_core.io.source import ModelSource
     from sahc_core.plans.plan import project
 
@@ -277,8 +312,13 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
         base = cache.get(BASELINE_KIND, fp, key, PPL_VERSION)
         baseline_cached = base is not None
         t0 = time.perf_counter()
+        protocol = {"text": corpus.name, "window": cfg.window, "max_tokens": cfg.max_tokens, "dtype": cfg.dtype}
         if base is None:
-            base = _ppl(model, tokenizer, corpus, cfg, reporter).to_dict()
+            try:
+                base = _ppl(model, tokenizer, corpus, cfg, reporter).to_dict()
+            except NumericalError as exc:
+                raise NumericalError(f"the baseline (uncompressed) model has no finite perplexity, so run {run_id} "
+                                     f"cannot be compared with it: {exc}", exc.value) from exc
             cache.put(BASELINE_KIND, fp, key, PPL_VERSION, base)
         seconds["baseline"] = time.perf_counter() - t0
 
@@ -286,14 +326,19 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
         t0 = time.perf_counter()
         load_state(model, state)
         del state
-        res = _ppl(model, tokenizer, corpus, cfg, reporter)
+        try:
+            res = _ppl(model, tokenizer, corpus, cfg, reporter)
+        except NumericalError as exc:  # logged as a failed gate, then the run fails with the reason
+            _ppl_gate(cache, fp, run_id, exc.value, float(base["ppl"]), threshold, protocol, str(exc))
+            raise NumericalError(f"run {run_id} failed: the compressed model has no finite perplexity ({exc})",
+                                 exc.value) from exc
         seconds["ppl"] = time.perf_counter() - t0
     finally:
         del model
         gc.collect()
     ppl, base_ppl = float(res.ppl), float(base["ppl"])
-    pg = ppl_gate(ppl, {"baseline_ppl": base_ppl, "tokens": res.tokens, "window": res.window})
-    log_gates(cache, fp, [pg], run_id=run_id)
+    protocol.update(tokens=res.tokens, window=res.window, stride=res.stride, device=res.device)
+    pg = _ppl_gate(cache, fp, run_id, ppl, base_ppl, threshold, protocol)
     gates.append(pg)
 
     n_failed = sum(not g.passed for g in gates)
@@ -302,7 +347,8 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
         "ratio_projected": assembled["ratio_projected"], "ratio_actual": assembled["ratio_actual"],
         "bytes_projected": assembled["bytes_projected"], "bytes_actual": assembled["bytes_actual"],
         "bytes_payload": assembled["bytes_payload"], "bytes_original": assembled["bytes_original"],
-        "ppl": ppl, "baseline_ppl": base_ppl, "delta_ppl": ppl - base_ppl,
+        "ppl": ppl, "baseline_ppl": base_ppl, "delta_ppl": ppl - base_ppl, "ppl_increase": pg.value,
+        "ppl_threshold": threshold,
         "ppl_ratio": ppl / base_ppl if base_ppl > 0 and math.isfinite(base_ppl) else float("nan"),
         "protocol": {"text": corpus.name, "text_files": list(corpus.test_files),
                      "text_sha256": hashlib.sha256(corpus.test_text.encode()).hexdigest(), "window": res.window,
@@ -311,6 +357,7 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
         "baseline_protocol_matches": (base["tokens"], base["window"], base["stride"]) == (res.tokens, res.window,
                                                                                            res.stride),
         "gates": [g.to_dict() for g in gates], "gates_passed": len(gates) - n_failed, "gates_failed": n_failed,
+        "gate_summary": gate_summary([g.to_dict() for g in gates]).drop(columns="why").to_dict(orient="records"),
         "components": _components(projected, assembled, rows), "seconds": seconds,
         "work": {"params": int(source.num_params), "tokens": int(res.tokens)},
         "baseline_cached": baseline_cached, "out_dir": str(out),

@@ -3,6 +3,12 @@
 Each tensor's spectrum is committed to the cache as soon as it is computed, so an interrupted scan
 (a crash, Ctrl-C, a progress callback raising) continues where it stopped: the next call reads the
 finished tensors from the cache and computes only the rest.
+
+A tensor whose spectrum is undefined (no elements, NaN or Inf values:
+:class:`~sahc_core.errors.NumericalError`) does not stop the scan: its row carries the one-sentence
+reason in the ``error`` column (statistics empty), the reason is cached like a spectrum (kind
+``spectrum_error``, same fingerprint and version, so a changed file is looked at again), and the scan
+goes on with the rest.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from sahc_core.errors import NumericalError
 from sahc_core.io.components import tensor_table
 from sahc_core.io.dtypes import is_analysed
 from sahc_core.spectra.spectrum import CACHE_KIND, SPECTRUM_VERSION, SpectrumResult, tensor_spectrum
@@ -26,6 +33,8 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int, str, "float | None"], Any]
 
 _ID_COLUMNS = ["name", "component", "kind", "layer", "shape"]
+#: Cache kind of the reason a tensor has no spectrum (value ``{"error": sentence}``).
+ERROR_KIND = "spectrum_error"
 
 
 def matrix_table(source: ModelSource, component: str | None = None) -> pd.DataFrame:
@@ -57,9 +66,22 @@ def result_row(meta: dict, result: SpectrumResult) -> dict:
     """One tidy row: identity columns from the tensor table, then timing and all statistics."""
     row = {c: meta[c] for c in _ID_COLUMNS}
     row.update(matrix_shape=tuple(result.shape), note=result.note, device=result.device, cached=result.cached,
-               seconds=result.seconds, compute_seconds=result.compute_seconds)
+               seconds=result.seconds, compute_seconds=result.compute_seconds, error=None)
     row.update(result.stats)
     return row
+
+
+def error_row(meta: dict, error: str, cached: bool, seconds: float = 0.0) -> dict:
+    """The row of a tensor without a spectrum: identity columns and the reason, no statistics."""
+    return {**{c: meta[c] for c in _ID_COLUMNS}, "matrix_shape": None, "note": None, "device": None,
+            "cached": cached, "seconds": seconds, "compute_seconds": 0.0, "error": error}
+
+
+def failed(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a scan frame whose tensor has no spectrum (``name``, ``error``)."""
+    if "error" not in df or df.empty:
+        return pd.DataFrame(columns=["name", "error"])
+    return df.loc[df["error"].notna(), ["name", "error"]].reset_index(drop=True)
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
@@ -92,25 +114,35 @@ def scan(source: ModelSource, component: str | None = None, cache: Cache | None 
     -------
     pandas.DataFrame
         One row per tensor: ``name, component, kind, layer, shape, matrix_shape, note, device,
-        cached, seconds, compute_seconds`` and every key of :func:`~sahc_core.spectra.spectrum.spectrum_stats`.
+        cached, seconds, compute_seconds, error`` and every key of
+        :func:`~sahc_core.spectra.spectrum.spectrum_stats` (empty where ``error`` says why; see
+        :func:`failed`).
     """
     table = matrix_table(source, component)
     stored = _stored(cache, source.fingerprint) if cache is not None else {}
-    todo_cost = sum(_cost(r.shape) for r in table.itertuples() if r.name not in stored)
+    errors = _stored(cache, source.fingerprint, ERROR_KIND) if cache is not None else {}
+    todo_cost = sum(_cost(r.shape) for r in table.itertuples() if r.name not in stored and r.name not in errors)
     spent_cost, spent_s = 0.0, 0.0
     rows: list[dict] = []
     total = len(table)
     for i, meta in enumerate(table.to_dict(orient="records")):
         t0 = time.perf_counter()
-        if meta["name"] in stored:
-            result = SpectrumResult.from_value(meta["name"], stored[meta["name"]], True, time.perf_counter() - t0)
+        name = meta["name"]
+        if name in stored:
+            rows.append(result_row(meta, SpectrumResult.from_value(name, stored[name], True, time.perf_counter() - t0)))
+        elif name in errors:
+            rows.append(error_row(meta, errors[name]["error"], cached=True))
         else:
-            result = tensor_spectrum(source, meta["name"], cache=cache, device=device,
-                                     adaptive_threads=adaptive_threads)
-        rows.append(result_row(meta, result))
-        if not result.cached:
+            try:
+                result = tensor_spectrum(source, name, cache=cache, device=device, adaptive_threads=adaptive_threads)
+            except NumericalError as exc:  # named, recorded, and the scan goes on
+                rows.append(error_row(meta, str(exc), cached=False, seconds=time.perf_counter() - t0))
+                if cache is not None:
+                    cache.put(ERROR_KIND, source.fingerprint, name, SPECTRUM_VERSION, {"error": str(exc)})
+            else:
+                rows.append(result_row(meta, result))
             spent_cost += _cost(meta["shape"])
-            spent_s += result.seconds
+            spent_s += time.perf_counter() - t0
         if progress is not None:
             eta = spent_s / spent_cost * max(todo_cost - spent_cost, 0.0) if spent_cost > 0 else None
             progress(i + 1, total, meta["name"], eta)
@@ -121,15 +153,20 @@ def cached_scan(source: ModelSource, cache: Cache, component: str | None = None)
     """The rows of :func:`scan` already in the cache, computing nothing (may be partial or empty)."""
     table = matrix_table(source, component)
     stored = _stored(cache, source.fingerprint)
-    rows = [result_row(meta, SpectrumResult.from_value(meta["name"], stored[meta["name"]], True, 0.0))
-            for meta in table.to_dict(orient="records") if meta["name"] in stored]
+    errors = _stored(cache, source.fingerprint, ERROR_KIND)
+    rows = []
+    for meta in table.to_dict(orient="records"):
+        if meta["name"] in stored:
+            rows.append(result_row(meta, SpectrumResult.from_value(meta["name"], stored[meta["name"]], True, 0.0)))
+        elif meta["name"] in errors:
+            rows.append(error_row(meta, errors[meta["name"]]["error"], cached=True))
     return _frame(rows)
 
 
-def _stored(cache: Cache, model_fp: str) -> dict[str, dict]:
-    """Every spectrum stored for this model fingerprint and version, in ONE query (name -> value)."""
+def _stored(cache: Cache, model_fp: str, kind: str = CACHE_KIND) -> dict[str, dict]:
+    """Every value of ``kind`` stored for this model fingerprint and version, in ONE query (name -> value)."""
     rows = cache.execute("SELECT key, value FROM results WHERE kind = ? AND model_fp = ? AND version = ?",
-                         [CACHE_KIND, model_fp, SPECTRUM_VERSION])
+                         [kind, model_fp, SPECTRUM_VERSION])
     return {key: json.loads(value) for key, value in rows}
 
 

@@ -8,6 +8,9 @@ registry's float32 measurement. The expensive per-tensor parts live in a
 ``W Vhᵀ``, compressed tensors, activations, the model); pass the app's or the CLI's workspace, or
 none for a private one.
 
+A tensor with no elements or with NaN / Inf values raises :class:`~sahc_core.errors.NumericalError`
+naming it before any compression (its error is undefined, not "worse than zeros").
+
 A requested setting that does not fit the tensor is fitted first (:func:`registry.fit_to_shape`: a
 group size that does not divide the width becomes the largest divisor within 2x below it, else per
 row); the result says so (``group_size_requested``, ``group_size``, ``note``).
@@ -34,7 +37,7 @@ from torch import Tensor
 from sahc_core import metrics
 from sahc_core.cache import Cache
 from sahc_core.device import resolve_device
-from sahc_core.errors import ModelError
+from sahc_core.errors import ModelError, NumericalError
 from sahc_core.gates import log_gates, tensor_gates
 from sahc_core.io.source import ModelSource
 from sahc_core.methods import registry
@@ -42,9 +45,18 @@ from sahc_core.methods.lowrank import svd_factors
 from sahc_core.workspace import Workspace
 
 #: Bump when a measured number would change for the same inputs (invalidates cached rows).
-MEASURE_VERSION = 2
+MEASURE_VERSION = 3  # 3: predictions from what is stored (theory gate both ways), no int quant_error
 _KIND_MEASURE = "whatif_measure"
 _KIND_OUTCOS = "whatif_output_cosine"
+#: The end of the sentence a NaN / Inf / empty tensor gets (never "worse than a zero matrix").
+_UNMEASURABLE = "no compression error can be measured on it"
+
+
+def _check_nonempty(source: ModelSource, name: str) -> None:
+    shape = tuple(source.info(name).shape)
+    if math.prod(shape) == 0:
+        raise NumericalError(f"tensor {name!r} has no elements (shape {shape}), so {_UNMEASURABLE}; leave it out "
+                             "of the plan or repair the checkpoint.")
 
 
 def _ws(workspace: Workspace | None) -> Workspace:
@@ -77,6 +89,7 @@ class _Context:
     def __init__(self, source: ModelSource, name: str, device: str, ws: Workspace, calib: Any, heldout: Any) -> None:
         self.source, self.name, self.device, self.ws = source, name, resolve_device(device), ws
         self.W, self.w_row2 = _weight(source, name, ws)
+        metrics.check_row_norms(self.W, self.w_row2, f"tensor {name!r}", _UNMEASURABLE)
         self.calib, self._heldout = calib, heldout
         self._fp = (source.fingerprint, name)
 
@@ -186,10 +199,12 @@ def measure_tensor(source: ModelSource, name: str, cfg: Any, cache: Cache | None
         ``weight_cosine``, ``output_error`` (with ``calib``), ``gates`` (list of dicts), ``seconds``,
         ``cached``, the fitting keys (``note``, ``group_size_requested``, ``group_size``) when the
         setting was adapted, ``prequantized`` / ``prequantized_artifact`` / ``prequantized_note`` when
-        the tensor already lies on a low-bit grid (``io.prequant``), plus method keys (int: ``quant_error``, ``predicted_error``; svd:
-        ``rank``, ``trunc_error``, ``quant_error``, ``eym_error``; tt: ``tt_shape``).
+        the tensor already lies on a low-bit grid (``io.prequant``), plus method keys (int: ``predicted_error``; svd:
+        ``rank``, ``trunc_error``, ``quant_error``, ``eym_error``, ``predicted_error``; tt: ``tt_shape``,
+        ``predicted_error``).
     """
     info = source.info(name)
+    _check_nonempty(source, name)
     cfg, fitted = fit(source, name, cfg)
     fit_stats, heldout = _stats(calib, name)
     spec = registry.spec_of(cfg)
@@ -285,6 +300,7 @@ def output_cosine_for(source: ModelSource, name: str, cfg: Any, model: tuple[Any
 
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be at least 1, got {n_tokens}.")
+    _check_nonempty(source, name)
     if calib_text is None:
         from sahc_core.io.corpus import default_corpus
 
