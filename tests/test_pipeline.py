@@ -159,9 +159,9 @@ def test_a_run_loads_the_model_once(tmp_path: Path, model_dir: Path, corpus_file
     assert not res["baseline_cached"] and res["ppl"] != res["baseline_ppl"]
 
 
-def test_measure_checkpoint_rebuilds_each_tensor_once(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
-    """The gates stage measures and returns the rebuilt weights in one pass: the same tensors as
-    load_assembled (tied head included), each reconstructed once."""
+def test_measure_checkpoint_streams_each_tensor_once(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
+    """The gates stage rebuilds each stored tensor once, measures it and drops it: it returns the
+    rebuilt shapes (tied head included), never the weights."""
     from sahc_core.methods import quant
     from sahc_core.plans.assemble import assemble, load_assembled
     from sahc_core.io.source import ModelSource
@@ -174,8 +174,8 @@ def test_measure_checkpoint_rebuilds_each_tensor_once(tmp_path: Path, model_dir:
     calls = []
     real = quant.QuantizedTensor.reconstruct
     monkeypatch.setattr(quant.QuantizedTensor, "reconstruct", lambda self, *a: calls.append(1) or real(self, *a))
-    gates, rows, state = measure_checkpoint(source, out)
-    assert set(state) == set(expected) and all(torch.equal(state[n], expected[n]) for n in expected)
+    gates, rows, shapes = measure_checkpoint(source, out)
+    assert shapes == {n: tuple(t.shape) for n, t in expected.items()}
     n_int = sum(r["method"] == "int" for r in rows)
     assert n_int > 0 and len(calls) == n_int
-    assert len(rows) == len({r["name"] for r in rows}) and {g.tensor for g in gates} <= set(state)
+    assert len(rows) == len({r["name"] for r in rows}) and {g.tensor for g in gates} <= set(shapes)

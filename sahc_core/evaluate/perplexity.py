@@ -172,29 +172,41 @@ class _LogProbs:
         return logp.view(*x.shape, w.shape[0])
 
 
-def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progress: Callable[[int, int], None] | None = None) -> PplResult:
-    """Token-level perplexity of ``model`` over the whole ``text`` (protocol in the module docstring).
+@dataclass(frozen=True)
+class Protocol:
+    """The windows one perplexity call scores: token ids, spans, batches, and what they are scored on.
 
-    Parameters
-    ----------
-    model : PreTrainedModel
-        A causal LM in eval mode; it runs where it is (see :func:`load_model`).
-    tokenizer : PreTrainedTokenizerBase
-    text : str
-    cfg : PplConfig
-    progress : callable, optional
-        ``progress(tokens_done, tokens_total)`` after each batch (predicted tokens).
-
-    Notes
-    -----
-    The model runs on the device and in the dtype it was loaded with (:func:`load_model` takes
-    ``cfg.device``/``cfg.dtype``); the result reports those. ``cfg.device`` other than ``"auto"`` must
-    name the model's device.
-
-    Returns
-    -------
-    PplResult
+    ``spans``: ``(begin, end, first_scored)`` per window (:func:`_windows`); ``batches``: lists of
+    equal-length spans of at most ``batch_size``; ``total``: predicted tokens.
     """
+
+    ids: Tensor
+    spans: list[tuple[int, int, int]]
+    batches: list[list[tuple[int, int, int]]]
+    window: int
+    stride: int
+    total: int
+    batch_size: int
+
+    def inputs(self, batch: list[tuple[int, int, int]]) -> Tensor:
+        """``(B, L)`` token ids of one batch."""
+        return torch.stack([self.ids[b:e] for b, e, _ in batch])
+
+    def result(self, model, nll_sum: float, seconds: float, device) -> PplResult:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return PplResult(ppl=math.exp(nll_sum / self.total), nll_sum=nll_sum, tokens=self.total, window=self.window,
+                         stride=self.stride, dtype=dtype, device=str(device), seconds=seconds,
+                         windows=len(self.spans), text_tokens=int(self.ids.numel()), batch_size=self.batch_size)
+
+
+def scored(span: tuple[int, int, int]) -> tuple[int, int]:
+    """Local positions ``lo..hi-1`` of a window whose logits are scored (position ``i`` predicts ``i + 1``)."""
+    b, e, first = span
+    return first - b - 1, e - b - 1
+
+
+def protocol(model, tokenizer, text: str, cfg: PplConfig, device: torch.device) -> Protocol:
+    """Tokenize ``text`` once and cut it into the windows and batches of ``cfg`` (module docstring)."""
     limit = _max_positions(model)
     window = cfg.window or min(DEFAULT_WINDOW, limit or DEFAULT_WINDOW)
     if limit is not None and window > limit:
@@ -202,9 +214,6 @@ def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progre
     stride = cfg.stride or window
     if stride > window:
         raise ValueError(f"stride {stride} is longer than the window {window}.")
-    device = _model_device(model)
-    if cfg.device != "auto" and not _same_device(torch.device(resolve_device(cfg.device)), device):
-        raise ValueError(f"the model is on {device} but the config asks for {cfg.device}; load it there first.")
     ids = token_ids(tokenizer, text, max_tokens=cfg.max_tokens)
     if ids.numel() < 2:
         raise CorpusError("the text has fewer than 2 tokens; give a longer corpus.")
@@ -222,26 +231,52 @@ def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progre
             last.append(span)
         else:
             batches.append([span])
+    return Protocol(ids=ids, spans=spans, batches=batches, window=window, stride=stride, total=total,
+                    batch_size=batch_size)
+
+
+def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progress: Callable[[int, int], None] | None = None) -> PplResult:
+    """Token-level perplexity of ``model`` over the whole ``text`` (protocol in the module docstring).
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A causal LM in eval mode; it runs where it is (see :func:`load_model`).
+    tokenizer : PreTrainedTokenizerBase
+    text : str
+    cfg : PplConfig
+    progress : callable, optional
+        ``progress(tokens_done, tokens_total)`` after each batch (predicted tokens).
+
+    Notes
+    -----
+    The model runs on the device and in the dtype it was loaded with (:func:`load_model` takes
+    ``cfg.device``/``cfg.dtype``); the result reports those. ``cfg.device`` other than ``"auto"`` must
+    name the model's device. :func:`sahc_core.evaluate.offload.perplexity_layerwise` scores the same
+    windows one decoder layer at a time.
+
+    Returns
+    -------
+    PplResult
+    """
+    device = _model_device(model)
+    if cfg.device != "auto" and not _same_device(torch.device(resolve_device(cfg.device)), device):
+        raise ValueError(f"the model is on {device} but the config asks for {cfg.device}; load it there first.")
+    proto = protocol(model, tokenizer, text, cfg, device)
     start = time.perf_counter()
     nll_sum, done = 0.0, 0
     with torch.inference_mode():
-        scorer = _LogProbs(model, ids[: min(16, ids.numel())].unsqueeze(0).to(device))
-        for batch in batches:
-            x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)  # (B, L)
+        scorer = _LogProbs(model, proto.ids[: min(16, proto.ids.numel())].unsqueeze(0).to(device))
+        for batch in proto.batches:
+            x = proto.inputs(batch).to(device)  # (B, L)
             logp = scorer(x)  # (B, L, V) float32
-            for row, (b, e, first) in enumerate(batch):
-                # logits at local position i predict token i+1; score global positions first..e-1
-                lo = first - b - 1
-                target = x[row, lo + 1 : e - b].unsqueeze(-1)  # (T, 1)
-                nll_sum -= logp[row, lo : e - b - 1].gather(-1, target).double().sum().item()
-                done += e - first
+            for row, span in enumerate(batch):
+                lo, hi = scored(span)
+                target = x[row, lo + 1 : hi + 1].unsqueeze(-1)  # (T, 1)
+                nll_sum -= logp[row, lo:hi].gather(-1, target).double().sum().item()
+                done += hi - lo
             del logp
             if progress is not None:
-                progress(done, total)
-    assert done == total
-    seconds = time.perf_counter() - start
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return PplResult(
-        ppl=math.exp(nll_sum / total), nll_sum=nll_sum, tokens=total, window=window, stride=stride, dtype=dtype,
-        device=str(device), seconds=seconds, windows=len(spans), text_tokens=int(ids.numel()), batch_size=batch_size,
-    )
+                progress(done, proto.total)
+    assert done == proto.total
+    return proto.result(model, nll_sum, time.perf_counter() - start, device)

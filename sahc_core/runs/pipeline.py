@@ -11,6 +11,14 @@ through exactly the same ``evaluate.perplexity`` call as the compressed model an
 ``results`` (kind ``ppl_baseline``, key = corpus text hash + protocol), so a second run of the same
 model and protocol reuses it. Every gate decision goes to the audit log before the compressed model is
 loaded, so a shape failure is on record even though the load then stops the run.
+
+Before any long stage the checkpoint's names are mapped to the evaluated model
+(``evaluate.names.name_map_for``: a name that maps nowhere stops the run there); vision and MTP
+tensors are compressed and counted but not evaluated, and the result says so (``evaluation``). The
+evaluation runs in memory or one decoder layer at a time (``evaluate.evaluator.Evaluator``, ``offload``
+``auto|never|always``; the decision and its numbers are in ``offload``), in the run's ``dtype``; no
+stage holds the whole rebuilt model: the gates measure and drop each tensor, the smoke test and the
+compressed perplexity rebuild each one when they need it.
 """
 from __future__ import annotations
 
@@ -82,40 +90,46 @@ def _needs_calibration(tensors) -> bool:
 
 
 def measure_checkpoint(source, out_dir: str | Path, progress=None, calib=None) -> tuple[list, list[dict], dict]:
-    """Per-tensor gates of an assembled checkpoint against its source, and the rebuilt weights.
+    """Per-tensor gates of an assembled checkpoint against its source, streaming.
 
-    Each stored tensor is loaded back from the files (``assemble.iter_assembled``), rebuilt ONCE and
-    measured against the source weight with ``methods.measure(W, cfg, compressed=..., w_hat=...)``.
+    Each stored tensor is loaded back from the files (``assemble.iter_assembled``), rebuilt once in
+    float32, measured against the source weight with ``methods.measure(W, cfg, compressed=..., w_hat=...)``
+    and dropped: at most one source weight and one rebuilt weight are held at a time. (The smoke test
+    and the compressed perplexity rebuild the tensors again when they need them: rebuilding costs a
+    dequantization or one factor product per tensor, while keeping every rebuilt weight would hold
+    the whole model in float32 and writing them out would cost a full-size file.)
 
     Returns
     -------
     tuple
-        ``(gates, rows, state)``: a list of GateResult, one dict per tensor (name, component, method,
-        bytes, rel_error, weight_cosine), and every weight rebuilt in float32 on CPU, tied aliases
-        included (what ``assemble.load_assembled`` returns).
+        ``(gates, rows, shapes)``: a list of GateResult, one dict per tensor (name, component, method,
+        bytes, rel_error, weight_cosine), and the rebuilt shape of every tensor, tied aliases included.
     """
     from sahc_core.methods import registry as methods
-    from sahc_core.plans.assemble import iter_assembled, read_manifest, tie_aliases
+    from sahc_core.plans.assemble import iter_assembled, read_manifest
     from sahc_core.gates import tensor_gates
     from sahc_core.plans.plan import TIED
 
     manifest = read_manifest(out_dir)
     n_stored = sum(e["method"] != TIED for e in manifest["tensors"].values())
-    gates, rows, state = [], [], {}
+    gates, rows, shapes = [], [], {}
     for i, (name, e, c) in enumerate(iter_assembled(out_dir, manifest)):
         W_hat = c.reconstruct(torch.float32)
         W = source.read(name, dtype=torch.float32)
         held = calib.heldout_for_weight(name) if calib is not None else None
         m = methods.measure(W, methods.config_from_dict(e["config"]), compressed=c, w_hat=W_hat, calib=held)
-        del W, c
-        state[name] = W_hat
+        shapes[name] = tuple(W_hat.shape)
+        del W, W_hat, c
         gates += tensor_gates(name, {**m, "config": e["config"]})
         rows.append({"name": name, "component": e["component"], "method": e["method"], "bytes": m["bytes"],
                      "rel_error": m["rel_error"], "weight_cosine": m["weight_cosine"],
                      "output_error": m.get("output_error")})
         if progress is not None:
             progress(i + 1, n_stored)
-    return gates, rows, tie_aliases(manifest, state)
+    for name, e in manifest["tensors"].items():
+        if e["method"] == TIED:
+            shapes[name] = shapes[e["tied_to"]]
+    return gates, rows, shapes
 
 
 def _components(projected: dict, assembled: dict, rows: list[dict]) -> list[dict]:
@@ -136,28 +150,26 @@ def _components(projected: dict, assembled: dict, rows: list[dict]) -> list[dict
     return out
 
 
-def _smoke_gates(model, tokenizer, corpus, state: dict, reporter) -> list:
+def _smoke_gates(evaluator, corpus, weights, reporter) -> list:
     """The study's forward smoke test: every layer's output cosine (W vs Ŵ) on calibration text ≥ 0.95."""
     from sahc_core.gates import cosine_gate
-    from sahc_core.evaluate.smoke import layer_output_cosines
 
-    cos = layer_output_cosines(model, tokenizer, corpus.calib_text, state, n_tokens=SMOKE_TOKENS,
-                               progress=lambda d, t: reporter.progress(windows_done=d, windows_total=t))
+    cos = evaluator.smoke(corpus.calib_text, weights, SMOKE_TOKENS,
+                          progress=lambda d, t: reporter.progress(layers_done=d, layers_total=t))
     return [cosine_gate(name, c["cosine"], evidence={"weight": c["weight"], "tokens": c["tokens"],
                                                      "text": f"{corpus.name} calibration split"})
             for name, c in cos.items()]
 
 
-def _ppl(model, tokenizer, corpus, cfg, reporter) -> Any:
-    from sahc_core.evaluate.perplexity import perplexity
-
-    return perplexity(model, tokenizer, corpus.test_text, cfg,
-                      progress=lambda done, total: reporter.progress(tokens_done=done, tokens_total=total))
+def _ppl(evaluator, corpus, reporter, weights=None) -> Any:
+    return evaluator.perplexity(corpus.test_text, weights,
+                                progress=lambda done, total: reporter.progress(tokens_done=done, tokens_total=total))
 
 
 def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = None, window: int | None = None,
                 max_tokens: int | None = None, run_id: str | None = None, reporter=None,
-                out_dir: str | Path | None = None, device: str = "auto", batch_size: int | None = None) -> dict:
+                out_dir: str | Path | None = None, device: str = "auto", batch_size: int | None = None,
+                dtype: str = "float32", offload: str = "auto") -> dict:
     """Run a plan end to end and store the result in the run's row (see the module docstring).
 
     Parameters
@@ -179,16 +191,28 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
         Where the checkpoint goes; default ``<cache dir>/runs/<run_id>``.
     device : str
         ``auto`` (GPU when present), ``cpu`` or ``cuda``.
+    dtype : str
+        ``float32`` or ``bfloat16``: the dtype of the smoke test and both perplexities (stated in
+        ``protocol.dtype_note``).
+    offload : str
+        ``auto`` (layer by layer when the model would not fit, ``evaluate.offload.decide_offload``),
+        ``never`` or ``always``.
 
     Returns
     -------
     dict
         run_id, plan_name, ratio_projected, ratio_actual, bytes_projected, bytes_actual, bytes_original,
         ppl, baseline_ppl, delta_ppl, protocol {text, text_files, text_sha256, window, stride, tokens, dtype,
-        device, max_tokens} (see :mod:`sahc_core.runs.protocol`), gates, gates_passed, gates_failed,
+        dtype_note, device, max_tokens} (see :mod:`sahc_core.runs.protocol`), gates, gates_passed, gates_failed,
         components, seconds {assemble, gates, baseline, ppl}, work {params, tokens} (for
-        :mod:`sahc_core.runs.eta`), baseline_cached, out_dir, model_path, model_fp.
+        :mod:`sahc_core.runs.eta`), baseline_cached, out_dir, model_path, model_fp, evaluation
+        (``NameMap.describe``: evaluated class, tensors compressed but not evaluated, a sentence), offload
+        (``OffloadDecision``).
     """
+    from sahc_core.evaluate.evaluator import RUN_DTYPES
+
+    if dtype not in RUN_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(RUN_DTYPES)}, got {dtype!r}.")
     from sahc_core.device import resolve_device
     from sahc_core.evaluate.perplexity import PplConfig
     from sahc_core.plans.assemble import AssemblyCancelled
@@ -196,13 +220,14 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
     from sahc_core.runs.jobs import JobCancelled, JobReporter, new_run_id
 
     plan = _as_plan(plan)
-    cfg = PplConfig(window=window, max_tokens=max_tokens, batch_size=batch_size, device=device)
+    cfg = PplConfig(window=window, max_tokens=max_tokens, batch_size=batch_size, dtype=dtype, device=device)
     run_id = safe_id(run_id or (reporter.run_id if reporter is not None else new_run_id()), "run id")
     reporter = reporter or JobReporter(cache, run_id)
     model_dir = Path(model_dir).expanduser().resolve()
     try:
         reporter.start(plan=plan.to_dict(), model_path=str(model_dir))  # raises JobCancelled if asked already
-        return _execute(cache, plan, model_dir, corpus, cfg, run_id, reporter, out_dir, resolve_device(device))
+        return _execute(cache, plan, model_dir, corpus, cfg, run_id, reporter, out_dir, resolve_device(device),
+                        offload)
     except (JobCancelled, KeyboardInterrupt):
         reporter.cancelled()
         raise  # a KeyboardInterrupt stays one: the CLI exits 130 on it
@@ -214,9 +239,11 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
         raise
 
 
-def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, out_dir, device: str) -> dict:
+def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, out_dir, device: str,
+             offload: str) -> dict:
     from sahc_core.plans.assemble import assemble
-    from sahc_core.evaluate.model import load_model, load_state
+    from sahc_core.evaluate.evaluator import Evaluator, assembled_weights, dtype_note, plan_offload
+    from sahc_core.evaluate.names import name_map_for
     from sahc_core.evaluate.perplexity import check_window
     from sahc_core.paths import check_removable
     from sahc_core.runs.jobs import run_dir
@@ -236,6 +263,8 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
     reporter.stage("project")
     projected = project(plan, source)
     corpus = _as_corpus(corpus)
+    names = name_map_for(source)  # checkpoint names the evaluated model does not have stop the run here
+    decision = plan_offload(offload, source, names, cfg, device)
     from sahc_core.runs.eta import expectation
 
     reporter.expect(expected=expectation(cache, source, corpus, cfg, device))  # for the run's overall ETA
@@ -259,16 +288,16 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
 
     reporter.stage("gates")
     t0 = time.perf_counter()
-    gates, rows, state = measure_checkpoint(
+    gates, rows, shapes = measure_checkpoint(
         source, out, progress=lambda d, t: reporter.progress(tensors_done=d, tensors_total=t), calib=calib)
     infos = source.tensors()
-    gates.append(shape_gate({i.name: tuple(i.shape) for i in infos}, {n: tuple(t.shape) for n, t in state.items()}))
+    gates.append(shape_gate({i.name: tuple(i.shape) for i in infos}, shapes))
     gates.append(coverage_gate([i.name for i in infos], [t["name"] for t in assembled["tensors"]]))
-    # ONE model in memory for the whole run: the original serves the smoke test and the baseline, then
-    # the assembled weights are loaded into it for the compressed perplexity.
-    model, tokenizer = load_model(model_dir, device=device, dtype=cfg.dtype)
+    # ONE model for the whole run (in memory, or empty and filled one layer at a time): the original
+    # serves the smoke test and the baseline, then the compressed weights, rebuilt tensor by tensor.
+    evaluator = Evaluator(model_dir, names, cfg, device, offload=decision.offload)
     try:
-        gates += _smoke_gates(model, tokenizer, corpus, state, reporter)
+        gates += _smoke_gates(evaluator, corpus, assembled_weights(out, cfg.dtype), reporter)
         log_gates(cache, fp, gates, run_id=run_id)
         seconds["gates"] = time.perf_counter() - t0
 
@@ -278,18 +307,16 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
         baseline_cached = base is not None
         t0 = time.perf_counter()
         if base is None:
-            base = _ppl(model, tokenizer, corpus, cfg, reporter).to_dict()
+            base = _ppl(evaluator, corpus, reporter).to_dict()
             cache.put(BASELINE_KIND, fp, key, PPL_VERSION, base)
         seconds["baseline"] = time.perf_counter() - t0
 
         reporter.stage("ppl")
         t0 = time.perf_counter()
-        load_state(model, state)
-        del state
-        res = _ppl(model, tokenizer, corpus, cfg, reporter)
+        res = _ppl(evaluator, corpus, reporter, assembled_weights(out, cfg.dtype))
         seconds["ppl"] = time.perf_counter() - t0
     finally:
-        del model
+        del evaluator
         gc.collect()
     ppl, base_ppl = float(res.ppl), float(base["ppl"])
     pg = ppl_gate(ppl, {"baseline_ppl": base_ppl, "tokens": res.tokens, "window": res.window})
@@ -306,8 +333,10 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
         "ppl_ratio": ppl / base_ppl if base_ppl > 0 and math.isfinite(base_ppl) else float("nan"),
         "protocol": {"text": corpus.name, "text_files": list(corpus.test_files),
                      "text_sha256": hashlib.sha256(corpus.test_text.encode()).hexdigest(), "window": res.window,
-                     "stride": res.stride, "tokens": res.tokens, "dtype": res.dtype, "device": res.device,
+                     "stride": res.stride, "tokens": res.tokens, "dtype": res.dtype,
+                     "dtype_note": dtype_note(res.dtype, res.device), "device": res.device,
                      "max_tokens": cfg.max_tokens},
+        "evaluation": names.describe(), "offload": decision.to_dict(),
         "baseline_protocol_matches": (base["tokens"], base["window"], base["stride"]) == (res.tokens, res.window,
                                                                                            res.stride),
         "gates": [g.to_dict() for g in gates], "gates_passed": len(gates) - n_failed, "gates_failed": n_failed,
