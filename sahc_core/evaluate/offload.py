@@ -18,8 +18,9 @@ embedding and, untied, the LM head) + one decoder layer + the hidden states of e
 
 :func:`perplexity_layerwise` scores exactly the windows of :func:`sahc_core.evaluate.perplexity.perplexity`
 (same protocol object); the LM head runs in row chunks on the final hidden states, followed by the
-model's final logit soft-capping when its config has one; a probe on the stem and head (layers
-stubbed to the identity) checks before the pass that ``model(x).logits`` is exactly that.
+model's final logit soft-capping when it applies one: a probe on the stem and head (layers stubbed
+to the identity) finds, before the pass, which of "nothing" and "soft-capping" makes
+``model(x).logits``, and refuses a model where neither does.
 
 Offload decision (``offload="auto"``, :func:`decide_offload`): in memory when the weights in the run
 dtype + two float32 logits tensors of one window (the logits and their log-softmax) + 1.5 GiB of
@@ -224,30 +225,36 @@ class LayerLoader:
 
 
 # ------------------------------------------------------------------------------------- perplexity
-def _logit_transform(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """What the model does to ``lm_head(h)``: final logit soft-capping (Gemma) or nothing."""
+def _logit_transforms(model: nn.Module) -> list[Callable[[Tensor], Tensor]]:
+    """Candidates for what the model does to ``lm_head(h)``: nothing, or its config's final logit
+    soft-capping (Gemma's ``*ForCausalLM`` applies it; Gemma 3's VLM class does not)."""
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     cap = getattr(text, "final_logit_softcapping", None)
-    if not cap:
-        return lambda t: t
-    return lambda t: torch.tanh(t / cap) * cap
+    out: list[Callable[[Tensor], Tensor]] = [lambda t: t]
+    if cap:
+        out.append(lambda t: torch.tanh(t / cap) * cap)
+    return out
 
 
-def _check_head(model: nn.Module, head: nn.Linear, probe: Tensor, transform: Callable[[Tensor], Tensor]) -> None:
-    """``model(x).logits == transform(head(h))`` on a short probe, layers stubbed to the identity."""
+def _head_transform(model: nn.Module, head: nn.Linear, probe: Tensor) -> Callable[[Tensor], Tensor]:
+    """The candidate with ``model(x).logits == transform(head(h))`` on a short probe (layers stubbed to
+    the identity, so only the stem and the head run); ModelError when none matches."""
     seen: list[Tensor] = []
     handle = head.register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
     try:
         with torch.inference_mode():
             with _stubbed([m for _, m in decoder_layers(model)], lambda i, a, k: a[0]):
-                ref = model(input_ids=probe, use_cache=False).logits
-            got = transform(F.linear(seen[0], head.weight, head.bias))
+                ref = model(input_ids=probe, use_cache=False).logits.float()
+            plain = F.linear(seen[0], head.weight, head.bias)
+            for transform in _logit_transforms(model):
+                got = transform(plain)
+                if got.shape == ref.shape and torch.allclose(got.float(), ref, rtol=1e-4, atol=1e-5):
+                    return transform
     finally:
         handle.remove()
-    if got.shape != ref.shape or not torch.allclose(got.float(), ref.float(), rtol=1e-4, atol=1e-5):
-        raise ModelError(f"the logits of {type(model).__name__} are not its LM head applied to the final hidden "
-                         "states (a post-head step the layer-by-layer evaluator does not know); evaluate it in "
-                         "memory (offload 'never').")
+    raise ModelError(f"the logits of {type(model).__name__} are not its LM head applied to the final hidden "
+                     "states (a post-head step the layer-by-layer evaluator does not know); evaluate it in "
+                     "memory (offload 'never').")
 
 
 def perplexity_layerwise(model: nn.Module, tokenizer, text: str, cfg: PplConfig = PplConfig(),
@@ -276,11 +283,10 @@ def perplexity_layerwise(model: nn.Module, tokenizer, text: str, cfg: PplConfig 
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise ModelError(f"{type(model).__name__} has no linear LM head; the layer-by-layer evaluator needs one.")
-    transform = _logit_transform(model)
     n_layers = len(decoder_layers(model))
     start = time.perf_counter()
     with prepare.loaded(STEM, n_layers) if prepare is not None else nullcontext():
-        _check_head(model, head, proto.ids[: min(8, proto.ids.numel())].unsqueeze(0).to(device), transform)
+        transform = _head_transform(model, head, proto.ids[: min(8, proto.ids.numel())].unsqueeze(0).to(device))
     windows = [proto.inputs(batch) for batch in proto.batches]
     rows = max(1, OFFLOAD_LOGITS_BYTES // (4 * head.weight.shape[0]))
     state = {"nll": 0.0, "done": 0}
