@@ -146,3 +146,28 @@ def test_every_shipped_plan_resolves_with_recorded_fallbacks(all_fixtures, arch)
         vis = df[(df["component"] == "vision") & df["shape"].map(lambda s: len(s) == 2 and s[-1] == 48)]
         assert len(vis) and vis["fallback_reason"].notna().all()
         assert all(c["group_size"] is None or 48 % c["group_size"] == 0 for c in vis["config"])
+
+
+def test_whatif_output_cosine_on_qwen35(tiny_tok_dirs) -> None:
+    """The What-if output cosine finds Qwen3.5's modules through the name map (linear and full attention);
+    a vision tensor gets a clear error instead of a missing-module one."""
+    from sahc_core.evaluate.activations import capture_inputs
+    from sahc_core.evaluate.model import load_model
+    from sahc_core.methods import registry
+    from sahc_core.methods.quant import QuantConfig
+    from sahc_core.metrics import output_cosine
+    from sahc_core.whatif.measure import output_cosine_for
+
+    source = ModelSource.open(tiny_tok_dirs["qwen3_5"])
+    model = load_model(source.path, device="cpu")
+    for name in ("model.language_model.layers.0.linear_attn.in_proj_qkv.weight",
+                 "model.language_model.layers.1.self_attn.q_proj.weight"):
+        r = output_cosine_for(source, name, QuantConfig(4, 32), model=model, calib_text=TINY_TEXT, n_tokens=64)
+        X = capture_inputs(model[0], model[1], TINY_TEXT, name.replace("language_model.", "", 1), n_tokens=64)
+        W = source.read(name, dtype=torch.float32)
+        W_hat = registry.compress(W, QuantConfig(4, 32)).reconstruct(torch.float32)
+        assert r["output_cosine"] == pytest.approx(output_cosine(W, W_hat, X), abs=1e-6)
+        assert r["block"] == name.replace("language_model.", "", 1).rsplit(".", 2)[0] and 0 < r["block_output_cosine"] <= 1
+    with pytest.raises(ModelError, match="vision part"):
+        output_cosine_for(source, "model.visual.blocks.0.attn.qkv.weight", QuantConfig(4, 32), model=model,
+                          calib_text=TINY_TEXT, n_tokens=16)

@@ -50,7 +50,7 @@ HEADROOM_BYTES = 3 * 2**29
 #: Share of the available memory an in-memory evaluation may plan to use.
 MEMORY_SHARE = 0.9
 #: Bytes of one chunk of float32 logits in the layer-sequential head.
-OFFLOAD_LOGITS_BYTES = 256 * 2**20
+OFFLOAD_LOGITS_BYTES = 64 * 2**20
 
 
 # ------------------------------------------------------------------------------------- decision
@@ -152,35 +152,27 @@ class LayerLoader:
         self.loads = 0
         layers = decoder_layers(model)
         head = model.get_output_embeddings()
-        head_params = {id(p) for p in head.parameters()} if head is not None else set()
-        stem_params = set()  # every parameter outside the layers that a module other than the head holds
-        # group -> [(module, leaf)], and each group's checkpoint name and turn
-        self._slots: dict[int, list[tuple[nn.Module, str]]] = {}
+        prefixes = [name + "." for name, _ in layers]
+        self._slots: dict[int, list[tuple[nn.Module, str]]] = {}  # parameter (by id) -> where it sits
         self._meta: dict[int, nn.Parameter] = {}
         self._ckpt: dict[int, str] = {}
-        self._turn: dict[int, int | None] = {}
-        prefixes = [(i, name + ".") for i, (name, _) in enumerate(layers)]
+        turn_of: dict[int, int] = {}
         for mod_name, module in model.named_modules():
             for leaf, p in module._parameters.items():
                 if p is None:
                     continue
-                full = f"{mod_name}.{leaf}" if mod_name else leaf
-                g = id(p)
+                full, g = f"{mod_name}.{leaf}" if mod_name else leaf, id(p)
                 self._slots.setdefault(g, []).append((module, leaf))
                 self._meta[g] = p
                 ckpt = names.checkpoint_name(full)
                 if ckpt is not None:
                     self._ckpt.setdefault(g, ckpt)
-                turn = next((i for i, pre in prefixes if full.startswith(pre)), None)
-                if turn is None and module is not head:
-                    stem_params.add(g)
-                self._turn.setdefault(g, turn)
-        self._head_index = len(layers)
-        # a tied head is the embedding's parameter: loaded with the stem, not again for the head turn
-        self._groups = {STEM: [g for g in stem_params if g in self._ckpt],
-                        self._head_index: [g for g in head_params if g in self._ckpt and g not in stem_params]}
-        for g, turn in self._turn.items():
-            if turn is not None and g in self._ckpt:
+                layer = next((i for i, pre in enumerate(prefixes) if full.startswith(pre)), None)
+                turn = layer if layer is not None else (len(layers) if module is head else STEM)
+                turn_of[g] = min(turn_of.get(g, turn), turn)  # a tied head is the embedding's: the stem's
+        self._groups: dict[int, list[int]] = {}  # turn index -> parameters it loads (never-run ones: none)
+        for g, turn in turn_of.items():
+            if g in self._ckpt:
                 self._groups.setdefault(turn, []).append(g)
         self._loaded: set[int] = set()
 
