@@ -129,3 +129,21 @@ def test_offload_decision_rule() -> None:
         decide_offload("sometimes", 1, 1, available=gib)
     total = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0]) * 1024
     assert 0 < available_memory() <= total
+
+
+def test_calibration_capture_one_layer_at_a_time(tiny_tok_dirs, tmp_path) -> None:
+    """Calibration statistics of a model larger than RAM: the offloaded capture stores the same XᵀX."""
+    from sahc_core.cache import Cache
+    from sahc_core.calib.stats import CalibConfig
+    from sahc_core.calib.store import calibration_stats
+
+    source = ModelSource.open(tiny_tok_dirs["qwen3_5"])
+    cfg, text = CalibConfig(tokens=96, heldout_tokens=32, window=32), TINY_TEXT * 3
+    mem = calibration_stats(source, Cache(tmp_path / "a.duckdb"), text, cfg, device="cpu")
+    off = calibration_stats(source, Cache(tmp_path / "b.duckdb"), text, cfg, device="cpu", offload=True)
+    assert sorted(off.weights()) == sorted(mem.weights()) and off.meta["device"] == "cpu"
+    for name in ("model.language_model.layers.0.linear_attn.in_proj_qkv.weight",
+                 "model.language_model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+        torch.testing.assert_close(off.for_weight(name).xtx, mem.for_weight(name).xtx, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(off.heldout_for_weight(name).xtx, mem.heldout_for_weight(name).xtx,
+                                   rtol=1e-6, atol=1e-7)

@@ -171,3 +171,35 @@ def test_whatif_output_cosine_on_qwen35(tiny_tok_dirs) -> None:
     with pytest.raises(ModelError, match="vision part"):
         output_cosine_for(source, "model.visual.blocks.0.attn.qkv.weight", QuantConfig(4, 32), model=model,
                           calib_text=TINY_TEXT, n_tokens=16)
+
+
+def _family_tables():
+    """The component map's table of every known family (meta-device models of test_components)."""
+    from test_components import _tiny_hf_models
+
+    from sahc_core.io.components import _table
+
+    out = {}
+    for arch, cls, cfg in _tiny_hf_models():
+        with torch.device("meta"):
+            model = cls(cfg)
+        stored = {n: tuple(p.shape) for n, p in model.named_parameters()}  # a tied head appears once
+        out[arch] = _table(((n, s, "F32", "") for n, s in stored.items()), arch, "lm_head.weight" not in stored)
+    return out
+
+
+def test_every_shipped_plan_resolves_on_every_known_family() -> None:
+    """Llama, Mistral, Qwen2/3, Qwen3.5 (text, VLM, MoE), Gemma 3 (text, VLM), GPT-2: each shipped plan
+    covers every tensor, with a stored group size that divides the width wherever int-k is used."""
+    from sahc_core.io.components import KNOWN_ARCHITECTURES
+
+    tables = _family_tables()
+    assert set(tables) <= KNOWN_ARCHITECTURES and len(tables) == 10
+    for arch, table in tables.items():
+        for plan in example_plans().values():
+            df = resolve(plan, table, tied_embeddings=bool(table["tied"].any()))
+            assert len(df) == len(table), (arch, plan.name)
+            for row in df.itertuples():
+                cfg = row.config or {}
+                if cfg.get("method") == "int" and cfg.get("group_size") is not None:
+                    assert row.shape[-1] % cfg["group_size"] == 0, (arch, plan.name, row.name, row.shape)

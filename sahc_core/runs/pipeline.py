@@ -276,7 +276,7 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
         reporter.stage("calibration")
         t0 = time.perf_counter()
         calib_text, calib_text_name = _calibration_text(corpus)
-        calib = calibration_stats(source, cache, calib_text, device=device,
+        calib = calibration_stats(source, cache, calib_text, device=device, offload=decision.offload,
                                   progress=lambda d, t: reporter.progress(layers_done=d, layers_total=t))
         seconds["calibration"] = time.perf_counter() - t0
 
