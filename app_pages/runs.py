@@ -209,6 +209,17 @@ else:
     st.plotly_chart(runs_scatter(cmp["runs"]), width="stretch", key="runs_scatter")
     st.markdown("**Baselines, one per perplexity protocol** (each run's Δppl is against its own)")
     app_state.show_table(cmp["baselines"], ["protocol", "tokens", "baseline_ppl", "n_runs", "run_ids"])
+for rid in picked:  # what each run compressed but did not evaluate (vision tower, MTP head), and how it ran
+    res = run_status(cache, rid).get("result") or {}
+    ev, off = res.get("evaluation") or {}, res.get("offload") or {}
+    if off:
+        st.caption(f"Run {rid}: evaluated {'one decoder layer at a time' if off.get('offload') else 'in memory'} "
+                   f"({off.get('reason')}), {(res.get('protocol') or {}).get('dtype_note', '')}")
+    if ev.get("note"):
+        st.info(f"Run {rid}: {ev['note']}")
+        with st.expander(f"Tensors of run {rid} compressed but not evaluated"):
+            for part, names in ev["not_evaluated_tensors"].items():
+                st.markdown(f"**{part}** ({len(names)}): " + ", ".join(f"`{n}`" for n in names))
 if not cmp["components"].empty:
     st.markdown("**Per component**")
     app_state.show_table(cmp["components"])

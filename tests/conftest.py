@@ -55,3 +55,31 @@ def tiny_llama_report(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFac
     calls: list = []
     report = build_report(src, cache, device="cpu", progress=lambda d, t, w: calls.append((d, t, w)))
     return src, cache, report, calls
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Gemma 3 (sliding + full attention) with a SigLIP vision tower, hub naming (read-only use)."""
+    from tiny_models import build_tiny_gemma3
+
+    return build_tiny_gemma3(tmp_path_factory.mktemp("tiny_gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer GPT-2 (Conv1D projections, tied head) checkpoint (read-only use)."""
+    from tiny_models import build_tiny_gpt2
+
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tok_dirs(tiny_qwen35_dir: Path, tiny_gemma3_dir: Path, tiny_gpt2_dir: Path, tiny_llama_tok_dir: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``{"qwen3_5", "gemma3", "gpt2", "llama"}`` -> the tiny model plus the word-level tokenizer (read-only use)."""
+    from tiny_models import with_word_tokenizer
+
+    root = tmp_path_factory.mktemp("tok_models")
+    dirs = {arch: with_word_tokenizer(d, root / arch)
+            for arch, d in (("qwen3_5", tiny_qwen35_dir), ("gemma3", tiny_gemma3_dir), ("gpt2", tiny_gpt2_dir))}
+    return {**dirs, "llama": tiny_llama_tok_dir}

@@ -224,6 +224,20 @@ def test_hybrid_model_maps_checkpoint_names(tmp_path: Path) -> None:
     assert math.isclose(float(st.token_counts.sum()), 64)
 
 
+def test_gemma3_checkpoint_names_are_found(tiny_gemma3_dir: Path, tmp_path: Path) -> None:
+    """Gemma 3's hub files say language_model.model.X, its class model.language_model.X: not an insertion,
+    the family's explicit name map finds them; vision tensors have no statistics (never run on text)."""
+    d = with_word_tokenizer(tiny_gemma3_dir, tmp_path / "m")
+    source = ModelSource.open(d)
+    st = calibration_stats(source, Cache(tmp_path / "sahc.duckdb"), TINY_TEXT, CalibConfig(tokens=64, heldout_tokens=0),
+                           device="cpu")
+    model, tok = load_model(d, device="cpu")
+    name = "language_model.model.layers.1.mlp.down_proj.weight"
+    X = capture_inputs(model, tok, TINY_TEXT, "model.language_model.layers.1.mlp.down_proj", n_tokens=64).double()
+    torch.testing.assert_close(st.for_weight(name).xtx, X.T @ X, rtol=1e-5, atol=1e-6)
+    assert st.for_weight("vision_tower.encoder.layers.0.mlp.fc1.weight") is None
+
+
 def test_cli_calib(tiny_llama_tok_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from sahc_core.cli.main import main
 

@@ -151,3 +151,23 @@ def test_runs_delete_files(capsys, cache_path):
     assert run_json(capsys, "runs", "--delete-files", "r1") == {"run_id": "r1", "bytes_freed": size}
     assert not out.exists() and run_json(capsys, "runs")["runs"][0]["ppl"] == 9.0
     assert "no run with id" in run_error(capsys, "runs", "--delete-files", "nope")
+
+
+def test_ppl_offload_and_dtype(capsys, tiny_tok_dirs, cache_path, tmp_path):
+    """`ppl --offload always` gives the in-memory number (Qwen3.5 hybrid); --dtype is stated; bad values refused."""
+    from tiny_models import TINY_TEXT
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TINY_TEXT)
+    args = ["ppl", "--model", str(tiny_tok_dirs["qwen3_5"]), "--corpus", str(corpus), "--window", "32"]
+    mem = run_json(capsys, *args, "--offload", "never")
+    off = run_json(capsys, *args, "--offload", "always")
+    assert not mem["offload"]["offload"] and off["offload"]["offload"]
+    assert abs(mem["ppl"] - off["ppl"]) / mem["ppl"] < 1e-5 and mem["tokens"] == off["tokens"]
+    assert off["evaluation"]["not_evaluated"] == {"mtp": 15, "vision": 21}
+    bf = run_json(capsys, *args, "--dtype", "bfloat16", "--offload", "always")
+    assert bf["dtype"] == "bfloat16" and "bfloat16" in bf["dtype_note"] and abs(bf["ppl"] - mem["ppl"]) / mem["ppl"] < 0.05
+    with pytest.raises(SystemExit):
+        main([*args, "--dtype", "int8"])
+    with pytest.raises(SystemExit):
+        main([*args, "--offload", "sometimes"])

@@ -52,10 +52,16 @@ def filled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     now = utcnow()
     for rid, plan, ratio, ppl, base, proto, failed in (("r-int4", "int4", 3.9, 52.58, 33.07, WHOLE, 0),
                                                         ("r-int8", "int8", 1.99, 29.28, 29.24, CAPPED, 1)):
+        result = _result(rid, plan, ratio, ppl, base, proto, failed)
+        if rid == "r-int4":  # a Qwen3.5 run: vision and MTP compressed, not evaluated; layer by layer
+            result["evaluation"] = {"note": "1 vision-tower and 1 MTP-head tensors were compressed and counted in the "
+                                            "bytes but not evaluated", "not_evaluated_tensors": {
+                                                "vision": ["model.visual.merger.linear_fc1.weight"],
+                                                "mtp": ["mtp.fc.weight"]}}
+            result["offload"] = {"offload": True, "reason": "always (asked for)"}
         cache.execute("INSERT INTO runs (run_id, plan_name, plan, status, stage, result, started_at, finished_at) "
                       "VALUES (?, ?, ?, 'done', 'done', ?, ?, ?)",
-                      [rid, plan, json.dumps({"name": plan}), to_json(_result(rid, plan, ratio, ppl, base, proto, failed)),
-                       now, now])
+                      [rid, plan, json.dumps({"name": plan}), to_json(result), now, now])
     cache.execute("INSERT INTO runs (run_id, plan_name, status, error, started_at, finished_at) VALUES "
                   "('r-bad', 'svd', 'failed', 'could not write the compressed checkpoint', ?, ?)", [now, now])
     log_gates(cache, "fp", [GateResult("rel_error", "model.layers.0.mlp.up_proj.weight", 0.2, 1.0, True, {}),
@@ -126,6 +132,14 @@ def test_comparison_is_protocol_aware(filled, tiny_llama_dir) -> None:
     # the compared runs' tables show no raw cells
     for d in at.dataframe:
         assert not no_raw_cells(d.value), no_raw_cells(d.value)
+
+
+def test_comparison_states_what_was_not_evaluated(filled, tiny_llama_dir) -> None:
+    """A Qwen3.5 run: its vision and MTP tensors were compressed but not evaluated, and it ran layer by layer."""
+    at = _page(str(tiny_llama_dir))
+    assert any("r-int4" in i.value and "not evaluated" in i.value for i in at.info)
+    assert any("mtp.fc.weight" in m.value for m in at.markdown)
+    assert any("r-int4" in c.value and "one decoder layer at a time" in c.value for c in at.caption)
 
 
 def test_gate_badges_read_honestly(filled, tiny_llama_dir) -> None:

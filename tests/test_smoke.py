@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sahc_core.errors import ModelError
+
 from sahc_core.evaluate.activations import capture_inputs
 from sahc_core.evaluate.model import load_model
 from sahc_core.metrics import output_cosine
@@ -18,7 +20,8 @@ def model_tok(tiny_llama_tok_dir):
 
 def test_identity_weights_give_cosine_one(model_tok):
     model, tok = model_tok
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # as a checkpoint stores it: the tied lm_head is not a separate tensor
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     cos = layer_output_cosines(model, tok, TINY_TEXT, state, n_tokens=64)
     # every linear layer + the embedding + the tied lm_head (tested with the embedding weight)
     assert "lm_head.weight" in cos and cos["lm_head.weight"]["weight"] == "model.embed_tokens.weight"
@@ -42,5 +45,15 @@ def test_matches_capture_inputs_then_output_cosine(model_tok):
 
 def test_hooks_are_removed(model_tok):
     model, tok = model_tok
-    layer_output_cosines(model, tok, TINY_TEXT, {}, n_tokens=16)
-    assert all(not m._forward_hooks for m in model.modules())
+    layer_output_cosines(model, tok, TINY_TEXT, {"model.layers.0.mlp.up_proj.weight": model.model.layers[0].mlp.up_proj.weight},
+                         n_tokens=16)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_no_matching_layer_is_an_error(model_tok):
+    """A smoke test that compares nothing must not pass silently (the Qwen3.5 name mismatch did)."""
+    model, tok = model_tok
+    with pytest.raises(ModelError, match="matched no layer"):
+        layer_output_cosines(model, tok, TINY_TEXT, {"model.norm.weight": model.model.norm.weight}, n_tokens=16)
+    with pytest.raises(ModelError, match="lacks a parameter"):
+        layer_output_cosines(model, tok, TINY_TEXT, {"model.visual.blocks.0.qkv.weight": torch.ones(3)}, n_tokens=16)

@@ -189,6 +189,51 @@ def build_tiny_qwen35(directory: str | Path, shards: int = 3) -> Path:
     return out
 
 
+def tiny_gemma3_config():
+    """Return the ``Gemma3Config`` of the tiny Gemma 3 fixture (text + SigLIP vision tower + projector).
+
+    Text model: 2 layers (sliding, full attention), hidden 64, vocab 256, tied embeddings. Vision:
+    1 layer, hidden 48 (so int4-g128 has no dividing group size there), 8x8 patches of 32x32 images.
+    """
+    from transformers import Gemma3Config
+
+    text = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
+    vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, tie_word_embeddings=True)
+
+
+def build_tiny_gemma3(directory: str | Path, shards: int = 2) -> Path:
+    """Build and save a seeded tiny Gemma 3 (``Gemma3ForConditionalGeneration``: text, vision, projector).
+
+    ``save_pretrained`` writes the hub naming (``language_model.model.*``, ``vision_tower.vision_model.*``,
+    ``multi_modal_projector.*``), not the class's own parameter names (``model.language_model.*``).
+    """
+    from transformers import Gemma3ForConditionalGeneration
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    model = Gemma3ForConditionalGeneration(tiny_gemma3_config())
+    model.save_pretrained(out, max_shard_size=_shard_bytes(model, shards))
+    return out
+
+
+def build_tiny_gpt2(directory: str | Path, shards: int = 2) -> Path:
+    """Build and save a seeded 2-layer GPT-2 (``Conv1D`` projections, learned positions, tied head)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128,
+                                       bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(out, max_shard_size=_shard_bytes(model, shards))
+    return out
+
+
 #: Text the tiny word-level tokenizer is trained on (and a corpus the tiny models can be scored on).
 TINY_TEXT = ("to be or not to be that is the question whether tis nobler in the mind to suffer the slings and "
              "arrows of outrageous fortune or to take arms against a sea of troubles and by opposing end them\n") * 6

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sahc_core.evaluate.layerwise import LayerTurn, run_layerwise
+from sahc_core.evaluate.layerwise import LayerTurn, TurnContext, run_layerwise
 
 #: Per-channel extras: ``name -> (partial(x (L, n) float32) -> (n,) float64, combine(old, new))``.
 _EXTRA_OPS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]] = {
@@ -105,7 +105,8 @@ def _linears(turn: LayerTurn) -> list[tuple[str, nn.Linear]]:
 
 
 def capture_stats(model: nn.Module, windows: list[Tensor], split_of: list[str], write: Writer,
-                  extras: tuple[str, ...] = (), progress: Callable[[int, int], None] | None = None) -> None:
+                  extras: tuple[str, ...] = (), progress: Callable[[int, int], None] | None = None,
+                  prepare: TurnContext | None = None) -> None:
     """Accumulate every linear input's ``XᵀX`` over ``windows``, one layer at a time, and ``write`` each turn.
 
     Parameters
@@ -118,6 +119,9 @@ def capture_stats(model: nn.Module, windows: list[Tensor], split_of: list[str], 
         Receives each turn's statistics (see :data:`Writer`), decoder layers first, the LM head last.
     extras : tuple of str
         Per-channel extras to capture (``abs_mean``, ``abs_max``).
+    prepare : callable, optional
+        The runner's ``prepare(turn)``: a :class:`sahc_core.evaluate.offload.LayerLoader` captures a
+        model larger than RAM, one decoder layer in memory at a time.
     """
     assert len(split_of) == len(windows)
 
@@ -134,4 +138,4 @@ def capture_stats(model: nn.Module, windows: list[Tensor], split_of: list[str], 
         del stats
         write(turn.index, turn.name, tensors, inputs)
 
-    run_layerwise(model, windows, on_layer, progress=progress)
+    run_layerwise(model, windows, on_layer, prepare=prepare, progress=progress)

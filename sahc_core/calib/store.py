@@ -33,6 +33,7 @@ from sahc_core.cache import Cache, utcnow
 from sahc_core.calib.capture import capture_stats
 from sahc_core.calib.stats import (FORMAT_VERSION, INDEX_FILE, LAYOUT, SPLITS, STORE_DTYPES, CalibConfig, CalibStats,
                                    pack_symmetric, read_index)
+from sahc_core.device import resolve_device
 from sahc_core.errors import CacheError, CorpusError
 from sahc_core.evaluate.model import DTYPES, _max_positions, _model_device
 from sahc_core.evaluate.perplexity import DEFAULT_WINDOW
@@ -56,7 +57,8 @@ def stats_dir(cache: Cache, model_fp: str, key: str) -> Path:
 
 def calibration_stats(source: ModelSource, cache: Cache, text: str | None = None, cfg: CalibConfig = CalibConfig(), *,
                       model: nn.Module | None = None, tokenizer: Any = None,
-                      progress: Callable[[int, int], None] | None = None, device: str = "auto") -> CalibStats:
+                      progress: Callable[[int, int], None] | None = None, device: str = "auto",
+                      offload: bool = False) -> CalibStats:
     """Calibration statistics of ``source`` on ``text``: looked up, or captured once and stored.
 
     Parameters
@@ -75,6 +77,9 @@ def calibration_stats(source: ModelSource, cache: Cache, text: str | None = None
         ``progress(turns_done, turns_total)`` during a capture (decoder layers + LM head).
     device : str
         Where the capture runs when the model is loaded here (``auto``: GPU when present).
+    offload : bool
+        Capture with an empty model that holds one decoder layer at a time, read from the checkpoint
+        (:mod:`sahc_core.evaluate.offload`; a model larger than RAM), instead of loading it whole.
 
     Returns
     -------
@@ -101,11 +106,20 @@ def calibration_stats(source: ModelSource, cache: Cache, text: str | None = None
         stats_dir(cache, source.fingerprint, key)  # a cached row names a folder inside the cache folder only
     stats = _open(folder, key)
     if stats is None:
-        if model is None:
+        prepare = None
+        if model is None and offload:
+            from sahc_core.evaluate.model import load_tokenizer
+            from sahc_core.evaluate.names import empty_model, name_map_for
+            from sahc_core.evaluate.offload import LayerLoader
+            from sahc_core.evaluate.weights import CheckpointWeights
+
+            model, tokenizer = empty_model(source.path, cfg.dtype), load_tokenizer(source.path)
+            prepare = LayerLoader(model, CheckpointWeights(source), name_map_for(source, model), resolve_device(device))
+        elif model is None:
             from sahc_core.evaluate.model import load_model
 
             model, tokenizer = load_model(source.path, device=device, dtype=cfg.dtype)
-        stats = _capture(folder, source, text, key, cfg, model, tokenizer, progress)
+        stats = _capture(folder, source, text, key, cfg, model, tokenizer, progress, prepare)
     if row is None or stats.meta["created_at"] != row["meta"]["created_at"]:
         if not cache.read_only:
             cache.put(KIND, source.fingerprint, key, FORMAT_VERSION,
@@ -127,31 +141,26 @@ def _windows(ids: Tensor, window: int) -> list[Tensor]:
     return [ids[i : i + window].unsqueeze(0) for i in range(0, ids.numel(), window)]
 
 
-def _inserted(name: list[str], stored: list[str]) -> bool:
-    """``stored`` is ``name`` with components inserted at one place (``model.X`` -> ``model.language_model.X``)."""
-    extra = len(stored) - len(name)
-    return extra > 0 and any(stored[:k] == name[:k] and stored[k + extra:] == name[k:] for k in range(len(name) + 1))
-
-
 def _aliases(model: nn.Module, source: ModelSource) -> dict[int, list[str]]:
     """Parameter id -> every name of it: state-dict names (a tied LM head and its embedding share one)
-    and the checkpoint's name where the loader renamed it (Qwen3.5: ``model.language_model.layers.N``
-    in the file, ``model.layers.N`` in ``Qwen3_5ForCausalLM``): the one stored tensor of the same shape
-    whose name is the parameter's with components inserted at one place."""
-    stored = {t.name: (t.shape, t.name.split(".")) for t in source.tensors()}
+    and the checkpoint's name where the model's differs (Qwen3.5: ``model.language_model.layers.N`` in
+    the file, ``model.layers.N`` in ``Qwen3_5ForCausalLM``; Gemma 3: ``language_model.model.X`` vs
+    ``model.language_model.X``), from the family's explicit name map (``evaluate.names``)."""
+    from sahc_core.evaluate.names import name_map_for
+
+    names = name_map_for(source, model)
     out: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        names = out.setdefault(id(p), [])
-        names.append(name)
-        if name not in stored:
-            parts = name.split(".")
-            match = [c for c, (shape, c_parts) in stored.items() if shape == tuple(p.shape) and _inserted(parts, c_parts)]
-            names.extend(match if len(match) == 1 else [])
+        aliases = out.setdefault(id(p), [])
+        aliases.append(name)
+        ckpt = names.checkpoint_name(name)
+        if ckpt is not None and ckpt != name:
+            aliases.append(ckpt)
     return out
 
 
 def _capture(folder: Path, source: ModelSource, text: str, key: str, cfg: CalibConfig, model: nn.Module, tokenizer: Any,
-             progress: Callable[[int, int], None] | None) -> CalibStats:
+             progress: Callable[[int, int], None] | None, prepare: Any = None) -> CalibStats:
     """Capture both splits into a temporary folder, then rename it to ``folder``."""
     start = time.perf_counter()
     need = cfg.tokens + cfg.heldout_tokens
@@ -191,7 +200,7 @@ def _capture(folder: Path, source: ModelSource, text: str, key: str, cfg: CalibC
                     index["weights"][alias] = group
 
     try:
-        capture_stats(model, windows, split_of, write, extras=cfg.extras, progress=progress)
+        capture_stats(model, windows, split_of, write, extras=cfg.extras, progress=progress, prepare=prepare)
         embedding = model.get_input_embeddings()
         vocab = embedding.weight.shape[0]
         counts = {f"{s}/token_counts": torch.bincount(v, minlength=vocab) for s, v in splits.items()}
@@ -205,7 +214,7 @@ def _capture(folder: Path, source: ModelSource, text: str, key: str, cfg: CalibC
         index["meta"] = {
             "tokens": cfg.tokens, "heldout_tokens": cfg.heldout_tokens, "window": window, "key": key,
             "windows": {s: split_of.count(s) for s in splits}, "text_sha256": text_sha256(text),
-            "model_fp": source.fingerprint, "config": dataclasses.asdict(cfg), "device": str(_model_device(model)),
+            "model_fp": source.fingerprint, "config": dataclasses.asdict(cfg), "device": str(prepare.device if prepare is not None else _model_device(model)),
             "seconds": time.perf_counter() - start, "bytes": sum(index["files"].values()),
             "created_at": utcnow().isoformat(),
         }

@@ -128,21 +128,26 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
 def cmd_ppl(args: argparse.Namespace) -> dict:
     from sahc_core.io.corpus import default_corpus, load_corpus
     from sahc_core.evaluate.allocator import retain_freed_memory
-    from sahc_core.evaluate.perplexity import PplConfig, check_window, perplexity
-    from sahc_core.evaluate.model import load_model
+    from sahc_core.evaluate.evaluator import Evaluator, dtype_note, plan_offload
+    from sahc_core.evaluate.names import name_map_for
+    from sahc_core.evaluate.perplexity import PplConfig, check_window
 
     cfg = PplConfig(window=args.window, stride=args.stride, max_tokens=args.max_tokens,
                     batch_size=args.batch_size, dtype=args.dtype, device=args.device)
-    check_window(cfg, _source(args).config)  # before the corpus is read and the model loaded
+    source = _source(args)
+    check_window(cfg, source.config)  # before the corpus is read and the model loaded
+    names = name_map_for(source)  # and checkpoint names the evaluated model lacks
     corpus = load_corpus(args.corpus) if args.corpus else default_corpus()
-    model, tokenizer = load_model(_model_dir(args), device=cfg.device, dtype=cfg.dtype)
+    decision = plan_offload(args.offload, source, names, cfg, args.device)
+    evaluator = Evaluator(source.path, names, cfg, args.device, offload=decision.offload)
     update, close = _tqdm_progress("perplexity", "tok")
     try:
         with retain_freed_memory():  # opt-in allocator tuning of the CLI process (see evaluate.allocator)
-            res = perplexity(model, tokenizer, corpus.test_text, cfg, progress=update)
+            res = evaluator.perplexity(corpus.test_text, progress=update)
     finally:
         close()
-    return {**res.to_dict(), "corpus": corpus.name, "model": str(_model_dir(args))}
+    return {**res.to_dict(), "dtype_note": dtype_note(res.dtype, res.device), "offload": decision.to_dict(),
+            "evaluation": names.describe(), "corpus": corpus.name, "model": str(_model_dir(args))}
 
 
 def cmd_calib(args: argparse.Namespace) -> dict:
@@ -205,7 +210,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
     with retain_freed_memory():  # opt-in allocator tuning of the CLI / job process (see evaluate.allocator)
         return execute_run(cache, plan, _model_dir(args), corpus=args.corpus, window=args.window,
                            max_tokens=args.max_tokens, run_id=run_id, reporter=reporter, device=args.device,
-                           ppl_threshold=args.ppl_threshold)
+                           ppl_threshold=args.ppl_threshold, dtype=args.dtype, offload=args.offload)
 
 
 def cmd_runs(args: argparse.Namespace) -> dict:
@@ -279,10 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--corpus", help="text file or directory of .txt files (default: Shakespeare test split)")
         sp.add_argument("--window", type=int, help="tokens per window (default min(2048, model max))")
         sp.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="evaluation dtype (bfloat16: half the weight memory; native on CPUs with AVX512-BF16/AMX)")
+        sp.add_argument("--offload", default="auto", choices=["auto", "never", "always"],
+                        help="evaluate one decoder layer at a time (auto: when the model would not fit in memory)")
         if name == "ppl":
             sp.add_argument("--stride", type=int)
             sp.add_argument("--batch-size", type=int, help="windows per forward pass (default 1 on CPU, 8 on GPU)")
-            sp.add_argument("--dtype", default="float32")
         else:
             sp.add_argument("--plan", required=True, help="plan JSON file")
             sp.add_argument("--ppl-threshold", type=float,

@@ -126,6 +126,12 @@ def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(names[id(layer)], layer) for layer in lists[0]]
 
 
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the token ids go: the input embedding's device (a VLM's first parameter is its vision tower's)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.weight.device if emb is not None else _model_device(model)
+
+
 def _first_tensor(out: Any) -> Tensor:
     return out if isinstance(out, Tensor) else out[0]
 
@@ -174,7 +180,6 @@ def capture_layer_inputs(model: nn.Module, windows: list[Tensor], prepare: TurnC
         Context around the stem pass (``LayerTurn(STEM, "", model)``).
     """
     layers = [m for _, m in decoder_layers(model)]
-    device = _model_device(model)
     out = LayerInputs(hidden=[])
     calls: list[tuple[tuple, dict[str, Any]]] = []
 
@@ -192,6 +197,7 @@ def capture_layer_inputs(model: nn.Module, windows: list[Tensor], prepare: TurnC
     turn = LayerTurn(STEM, "", model)
     with ExitStack() as stack, torch.inference_mode(), _stubbed(layers, record):
         _enter(stack, prepare, turn)
+        device = _input_device(model)  # after prepare: an empty (meta) model gets its stem weights there
         for w, x in enumerate(windows):
             turn.window = w
             calls.clear()
@@ -274,7 +280,6 @@ def _run_head(model: nn.Module, layers: list[nn.Module], head: nn.Module, head_n
               final: list[Tensor], on_layer: TurnContext | None, prepare: TurnContext | None,
               logits: bool) -> LayerwiseOutput:
     """Protocol step 3: replay the model with stub layers, the last returning ``final[w]``."""
-    device = _model_device(model)
     turn = LayerTurn(len(layers), head_name, head)
     hidden: list[Tensor] = []
     out_logits: list[Tensor] | None = [] if logits else None
@@ -290,6 +295,7 @@ def _run_head(model: nn.Module, layers: list[nn.Module], head: nn.Module, head_n
     with ExitStack() as stack, _stubbed(layers, replay):
         _enter(stack, prepare, LayerTurn(STEM, "", model))
         _enter(stack, prepare, turn)
+        device = _input_device(model)
         _enter(stack, on_layer, turn)
         stack.callback(head.register_forward_pre_hook(head_input).remove)  # after the caller's pre-hooks
         for w, x in enumerate(windows):

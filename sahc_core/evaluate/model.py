@@ -6,6 +6,7 @@ perplexity always scores the same weights that ``ModelSource`` analyses.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from sahc_core.errors import ModelError
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(model_dir: Path, device: str = "auto", dtype: str = "float32", state_dict: dict | None = None):
+def load_model(model_dir: Path, device: str = "auto", dtype: str = "float32", state_dict: Mapping | None = None):
     """Load a causal LM and its tokenizer for evaluation (never ``trust_remote_code``), in eval mode.
 
     Parameters
@@ -35,7 +36,7 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "float32", st
     tuple
         ``(model, tokenizer)``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
@@ -43,10 +44,7 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "float32", st
     path = Path(model_dir).expanduser()
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a model folder (no config.json); give a Hugging Face model directory.")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelError(f"cannot load a tokenizer from {path} ({_first_line(exc)}); perplexity needs the tokenizer files.") from exc
+    tokenizer = load_tokenizer(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=False,
                                                      use_safetensors=True)
@@ -57,34 +55,63 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "float32", st
     return model.to(device).eval(), tokenizer
 
 
+def load_tokenizer(model_dir: Path):
+    """The tokenizer of a model directory (never ``trust_remote_code``); ModelError without one."""
+    from transformers import AutoTokenizer
+
+    path = Path(model_dir).expanduser()
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {path} ({_first_line(exc)}); perplexity needs the tokenizer files.") from exc
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
 
 
-def load_state(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
-    """Load ``state_dict`` into ``model`` (any device, cast to its dtype) after checking every name and
-    shape; tied aliases may be omitted but not differ. Raises :class:`ModelError` before changing anything."""
-    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
-    expected = model.state_dict()
-    unexpected = sorted(set(state_dict) - set(expected))
-    if unexpected:
-        raise ModelError(f"the state dict has {len(unexpected)} tensors the model lacks, e.g. {unexpected[0]}.")
-    for name, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ModelError(
-                f"tensor {name} has shape {tuple(tensor.shape)} but the model expects {tuple(expected[name].shape)}."
-            )
-    # Names that alias one storage (tied embeddings): one given name covers the others.
-    groups: dict[int, list[str]] = {}
-    for name in expected:
-        groups.setdefault(id(params.get(name, expected[name])), []).append(name)
-    for names in groups.values():
-        given = [n for n in names if n in state_dict]
-        if not given:
-            raise ModelError(f"the state dict lacks tensor {names[0]}; every model tensor must be given.")
-        if any(not torch.equal(state_dict[given[0]], state_dict[n]) for n in given[1:]):
-            raise ModelError(f"{' and '.join(given)} are tied in the model but differ in the state dict.")
-    model.load_state_dict(state_dict, strict=False)
+def load_state(model: nn.Module, state_dict: Mapping[str, Tensor], names=None) -> None:
+    """Load weights by checkpoint name into ``model`` (any device, cast to its dtype), one tensor at a time.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The evaluated model (:func:`load_model`).
+    state_dict : mapping
+        ``{name: tensor}`` under checkpoint names (or the model's own names); a lazy mapping
+        (``evaluate.weights.AssembledWeights``) is read one tensor at a time, never held whole. Tied
+        aliases may be omitted but not differ.
+    names : NameMap, optional
+        Default: :func:`sahc_core.evaluate.names.build_name_map` of the keys against the model (its
+        config's family). Tensors it marks not evaluated (vision, MTP) are skipped.
+
+    Raises
+    ------
+    ModelError
+        Unmapped or missing names and wrong shapes, before any weight changes; differing tied aliases.
+    """
+    from sahc_core.evaluate.names import build_name_map
+
+    if names is None:
+        names = build_name_map(state_dict.keys(), str(getattr(model.config, "model_type", "")), model)
+    expected = model.state_dict(keep_vars=True)
+    shapes = getattr(state_dict, "shapes", None)
+    todo = [(c, m) for c, m in names.to_model.items() if c in state_dict]
+    for ckpt, name in todo:
+        shape = tuple(shapes[ckpt]) if shapes is not None else tuple(state_dict[ckpt].shape)
+        if shape != tuple(expected[name].shape):
+            raise ModelError(f"tensor {ckpt} has shape {shape} but the model expects {tuple(expected[name].shape)}.")
+    loaded: dict[int, str] = {}  # tied aliases share one tensor: the first given name loads it
+    with torch.no_grad():
+        for ckpt, name in todo:
+            target, tensor = expected[name], state_dict[ckpt]
+            first = loaded.setdefault(id(target), ckpt)
+            if first != ckpt:
+                if not torch.equal(tensor.to(target.device, target.dtype), target):
+                    raise ModelError(f"{first} and {ckpt} are tied in the model but differ in the state dict.")
+                continue
+            target.copy_(tensor)
+            del tensor
 
 
 def _max_positions(model: nn.Module) -> int | None:

@@ -180,34 +180,60 @@ class _LogProbs:
         return logp.view(*x.shape, w.shape[0])
 
 
-def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progress: Callable[[int, int], None] | None = None) -> PplResult:
-    """Token-level perplexity of ``model`` over the whole ``text`` (protocol in the module docstring).
+@dataclass(frozen=True)
+class Protocol:
+    """The windows one perplexity call scores: token ids, spans, batches, and what they are scored on.
 
-    Parameters
-    ----------
-    model : PreTrainedModel
-        A causal LM in eval mode; it runs where it is (see :func:`load_model`).
-    tokenizer : PreTrainedTokenizerBase
-    text : str
-    cfg : PplConfig
-    progress : callable, optional
-        ``progress(tokens_done, tokens_total)`` after each batch (predicted tokens).
-
-    Notes
-    -----
-    The model runs on the device and in the dtype it was loaded with (:func:`load_model` takes
-    ``cfg.device``/``cfg.dtype``); the result reports those. ``cfg.device`` other than ``"auto"`` must
-    name the model's device.
-
-    Returns
-    -------
-    PplResult
-
-    Raises
-    ------
-    NumericalError
-        A window with NaN / infinite log-probabilities, or a perplexity that overflows float64.
+    ``spans``: ``(begin, end, first_scored)`` per window (:func:`_windows`); ``batches``: lists of
+    equal-length spans of at most ``batch_size``; ``total``: predicted tokens. :meth:`window_nll` and
+    :meth:`result` are where a non-finite perplexity is caught, for every evaluator.
     """
+
+    ids: Tensor
+    spans: list[tuple[int, int, int]]
+    batches: list[list[tuple[int, int, int]]]
+    window: int
+    stride: int
+    total: int
+    batch_size: int
+
+    def inputs(self, batch: list[tuple[int, int, int]]) -> Tensor:
+        """``(B, L)`` token ids of one batch."""
+        return torch.stack([self.ids[b:e] for b, e, _ in batch])
+
+    def window_nll(self, span: tuple[int, int, int], nll: float) -> float:
+        """``nll`` of one window, or :class:`NumericalError` naming it when it is NaN / infinite (the
+        first bad window stops the evaluation: minutes of NaN help nobody)."""
+        if not math.isfinite(nll):
+            b, e, _ = span
+            raise NumericalError(
+                f"the model's log-probabilities are NaN or infinite in window {self.spans.index(span) + 1} "
+                f"of {len(self.spans)} (tokens {b}-{e} of the text), so the perplexity is undefined: its outputs "
+                "overflow or hold NaN (check the weights for NaN / Inf, or evaluate in float32).", math.nan)
+        return nll
+
+    def result(self, model, nll_sum: float, seconds: float, device) -> PplResult:
+        """The :class:`PplResult`; :class:`NumericalError` when ``exp`` of the mean NLL overflows float64."""
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        mean_nll = nll_sum / self.total
+        if mean_nll > _MAX_LOG_FLOAT:
+            raise NumericalError(
+                f"the mean negative log-likelihood is {mean_nll:.4g} nats per token, so the perplexity "
+                f"exp({mean_nll:.4g}) overflows float64: the model's logits are far too large (check the final "
+                "norm and LM head weights).", math.inf)
+        return PplResult(ppl=math.exp(mean_nll), nll_sum=nll_sum, tokens=self.total, window=self.window,
+                         stride=self.stride, dtype=dtype, device=str(device), seconds=seconds,
+                         windows=len(self.spans), text_tokens=int(self.ids.numel()), batch_size=self.batch_size)
+
+
+def scored(span: tuple[int, int, int]) -> tuple[int, int]:
+    """Local positions ``lo..hi-1`` of a window whose logits are scored (position ``i`` predicts ``i + 1``)."""
+    b, e, first = span
+    return first - b - 1, e - b - 1
+
+
+def protocol(model, tokenizer, text: str, cfg: PplConfig, device: torch.device) -> Protocol:
+    """Tokenize ``text`` once and cut it into the windows and batches of ``cfg`` (module docstring)."""
     limit = _max_positions(model)
     window = cfg.window or min(DEFAULT_WINDOW, limit or DEFAULT_WINDOW)
     if limit is not None and window > limit:
@@ -215,9 +241,6 @@ def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progre
     stride = cfg.stride or window
     if stride > window:
         raise ValueError(f"stride {stride} is longer than the window {window}.")
-    device = _model_device(model)
-    if cfg.device != "auto" and not _same_device(torch.device(resolve_device(cfg.device)), device):
-        raise ValueError(f"the model is on {device} but the config asks for {cfg.device}; load it there first.")
     ids = token_ids(tokenizer, text, max_tokens=cfg.max_tokens)
     if ids.numel() < 2:
         raise CorpusError("the text has fewer than 2 tokens; give a longer corpus.")
@@ -235,38 +258,57 @@ def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progre
             last.append(span)
         else:
             batches.append([span])
+    return Protocol(ids=ids, spans=spans, batches=batches, window=window, stride=stride, total=total,
+                    batch_size=batch_size)
+
+
+def perplexity(model, tokenizer, text: str, cfg: PplConfig = PplConfig(), progress: Callable[[int, int], None] | None = None) -> PplResult:
+    """Token-level perplexity of ``model`` over the whole ``text`` (protocol in the module docstring).
+
+    Parameters
+    ----------
+    model : PreTrainedModel
+        A causal LM in eval mode; it runs where it is (see :func:`load_model`).
+    tokenizer : PreTrainedTokenizerBase
+    text : str
+    cfg : PplConfig
+    progress : callable, optional
+        ``progress(tokens_done, tokens_total)`` after each batch (predicted tokens).
+
+    Notes
+    -----
+    The model runs on the device and in the dtype it was loaded with (:func:`load_model` takes
+    ``cfg.device``/``cfg.dtype``); the result reports those. ``cfg.device`` other than ``"auto"`` must
+    name the model's device. :func:`sahc_core.evaluate.offload.perplexity_layerwise` scores the same
+    windows one decoder layer at a time.
+
+    Returns
+    -------
+    PplResult
+
+    Raises
+    ------
+    NumericalError
+        A window with NaN / infinite log-probabilities, or a perplexity that overflows float64.
+    """
+    device = _model_device(model)
+    if cfg.device != "auto" and not _same_device(torch.device(resolve_device(cfg.device)), device):
+        raise ValueError(f"the model is on {device} but the config asks for {cfg.device}; load it there first.")
+    proto = protocol(model, tokenizer, text, cfg, device)
     start = time.perf_counter()
     nll_sum, done = 0.0, 0
     with torch.inference_mode():
-        scorer = _LogProbs(model, ids[: min(16, ids.numel())].unsqueeze(0).to(device))
-        for batch in batches:
-            x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)  # (B, L)
+        scorer = _LogProbs(model, proto.ids[: min(16, proto.ids.numel())].unsqueeze(0).to(device))
+        for batch in proto.batches:
+            x = proto.inputs(batch).to(device)  # (B, L)
             logp = scorer(x)  # (B, L, V) float32
-            for row, (b, e, first) in enumerate(batch):
-                # logits at local position i predict token i+1; score global positions first..e-1
-                lo = first - b - 1
-                target = x[row, lo + 1 : e - b].unsqueeze(-1)  # (T, 1)
-                nll = -logp[row, lo : e - b - 1].gather(-1, target).double().sum().item()
-                if not math.isfinite(nll):  # stop at the first bad window: minutes of NaN help nobody
-                    raise NumericalError(
-                        f"the model's log-probabilities are NaN or infinite in window {spans.index((b, e, first)) + 1} "
-                        f"of {len(spans)} (tokens {b}-{e} of the text), so the perplexity is undefined: its outputs "
-                        "overflow or hold NaN (check the weights for NaN / Inf, or evaluate in float32).", math.nan)
-                nll_sum += nll
-                done += e - first
+            for row, span in enumerate(batch):
+                lo, hi = scored(span)
+                target = x[row, lo + 1 : hi + 1].unsqueeze(-1)  # (T, 1)
+                nll_sum += proto.window_nll(span, -logp[row, lo:hi].gather(-1, target).double().sum().item())
+                done += hi - lo
             del logp
             if progress is not None:
-                progress(done, total)
-    assert done == total
-    seconds = time.perf_counter() - start
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    mean_nll = nll_sum / total
-    if mean_nll > _MAX_LOG_FLOAT:
-        raise NumericalError(
-            f"the mean negative log-likelihood is {mean_nll:.4g} nats per token, so the perplexity exp({mean_nll:.4g}) "
-            "overflows float64: the model's logits are far too large (check the final norm and LM head weights).",
-            math.inf)
-    return PplResult(
-        ppl=math.exp(mean_nll), nll_sum=nll_sum, tokens=total, window=window, stride=stride, dtype=dtype,
-        device=str(device), seconds=seconds, windows=len(spans), text_tokens=int(ids.numel()), batch_size=batch_size,
-    )
+                progress(done, proto.total)
+    assert done == proto.total
+    return proto.result(model, nll_sum, time.perf_counter() - start, device)

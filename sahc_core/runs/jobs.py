@@ -274,7 +274,7 @@ def _plan_dict(plan: Any) -> dict:
 
 def start_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: str | Path | None = None,
               window: int | None = None, max_tokens: int | None = None, device: str = "auto",
-              ppl_threshold: float | None = None) -> str:
+              ppl_threshold: float | None = None, dtype: str = "float32", offload: str = "auto") -> str:
     """Queue a run and start its worker process; returns the run id at once.
 
     Parameters
@@ -283,7 +283,7 @@ def start_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: str | Path
         Where the run row lives (the worker opens the same file).
     plan : CompressionPlan or dict
     model_dir : str or Path
-    corpus, window, max_tokens, device, ppl_threshold
+    corpus, window, max_tokens, device, ppl_threshold, dtype, offload
         Passed to ``python -m sahc_core run`` (see :func:`sahc_core.runs.pipeline.execute_run`).
     """
     from sahc_core.evaluate.perplexity import PplConfig, check_window
@@ -316,7 +316,8 @@ def start_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: str | Path
         "started_at, updated_at, log_path) VALUES (?, ?, ?, ?, ?, 'queued', 'queued', false, ?, ?, ?)",
         [run_id, plan_d.get("name"), to_json(plan_d), str(model_dir), source.fingerprint, now, now, str(log_path)])
     cmd = [sys.executable, "-m", "sahc_core", "run", "--run-id", run_id, "--plan", str(plan_file),
-           "--model", str(model_dir), "--cache", str(cache.path), "--device", device, "--json"]
+           "--model", str(model_dir), "--cache", str(cache.path), "--device", device, "--dtype", dtype,
+           "--offload", offload, "--json"]
     for flag, value in (("--corpus", corpus), ("--window", window), ("--max-tokens", max_tokens),
                         ("--ppl-threshold", ppl_threshold)):
         if value is not None:

@@ -17,6 +17,14 @@ The perplexity gate ``ppl_increase`` compares the compressed perplexity with the
 with both perplexities and the protocol as evidence. A perplexity that is not finite (NaN / Inf
 log-probabilities, or an overflow: :class:`~sahc_core.errors.NumericalError`) logs the failed gate and
 then FAILS the run with the reason, rather than finishing "done" with a null perplexity.
+
+Before any long stage the checkpoint's names are mapped to the evaluated model
+(``evaluate.names.name_map_for``: a name that maps nowhere stops the run there); vision and MTP
+tensors are compressed and counted but not evaluated, and the result says so (``evaluation``). The
+evaluation runs in memory or one decoder layer at a time (``evaluate.evaluator.Evaluator``, ``offload``
+``auto|never|always``; the decision and its numbers are in ``offload``), in the run's ``dtype``; no
+stage holds the whole rebuilt model: the gates measure and drop each tensor, the smoke test and the
+compressed perplexity rebuild each one when they need it.
 """
 from __future__ import annotations
 
@@ -88,40 +96,46 @@ def _needs_calibration(tensors) -> bool:
 
 
 def measure_checkpoint(source, out_dir: str | Path, progress=None, calib=None) -> tuple[list, list[dict], dict]:
-    """Per-tensor gates of an assembled checkpoint against its source, and the rebuilt weights.
+    """Per-tensor gates of an assembled checkpoint against its source, streaming.
 
-    Each stored tensor is loaded back from the files (``assemble.iter_assembled``), rebuilt ONCE and
-    measured against the source weight with ``methods.measure(W, cfg, compressed=..., w_hat=...)``.
+    Each stored tensor is loaded back from the files (``assemble.iter_assembled``), rebuilt once in
+    float32, measured against the source weight with ``methods.measure(W, cfg, compressed=..., w_hat=...)``
+    and dropped: at most one source weight and one rebuilt weight are held at a time. (The smoke test
+    and the compressed perplexity rebuild the tensors again when they need them: rebuilding costs a
+    dequantization or one factor product per tensor, while keeping every rebuilt weight would hold
+    the whole model in float32 and writing them out would cost a full-size file.)
 
     Returns
     -------
     tuple
-        ``(gates, rows, state)``: a list of GateResult, one dict per tensor (name, component, method,
-        bytes, rel_error, weight_cosine), and every weight rebuilt in float32 on CPU, tied aliases
-        included (what ``assemble.load_assembled`` returns).
+        ``(gates, rows, shapes)``: a list of GateResult, one dict per tensor (name, component, method,
+        bytes, rel_error, weight_cosine), and the rebuilt shape of every tensor, tied aliases included.
     """
     from sahc_core.methods import registry as methods
-    from sahc_core.plans.assemble import iter_assembled, read_manifest, tie_aliases
+    from sahc_core.plans.assemble import iter_assembled, read_manifest
     from sahc_core.gates import tensor_gates
     from sahc_core.plans.plan import TIED
 
     manifest = read_manifest(out_dir)
     n_stored = sum(e["method"] != TIED for e in manifest["tensors"].values())
-    gates, rows, state = [], [], {}
+    gates, rows, shapes = [], [], {}
     for i, (name, e, c) in enumerate(iter_assembled(out_dir, manifest)):
         W_hat = c.reconstruct(torch.float32)
         W = source.read(name, dtype=torch.float32)
         held = calib.heldout_for_weight(name) if calib is not None else None
         m = methods.measure(W, methods.config_from_dict(e["config"]), compressed=c, w_hat=W_hat, calib=held)
-        del W, c
-        state[name] = W_hat
+        shapes[name] = tuple(W_hat.shape)
+        del W, W_hat, c
         gates += tensor_gates(name, {**m, "config": e["config"]})
         rows.append({"name": name, "component": e["component"], "method": e["method"], "bytes": m["bytes"],
                      "rel_error": m["rel_error"], "weight_cosine": m["weight_cosine"],
                      "output_error": m.get("output_error")})
         if progress is not None:
             progress(i + 1, n_stored)
-    return gates, rows, tie_aliases(manifest, state)
+    for name, e in manifest["tensors"].items():
+        if e["method"] == TIED:
+            shapes[name] = shapes[e["tied_to"]]
+    return gates, rows, shapes
 
 
 def _components(projected: dict, assembled: dict, rows: list[dict]) -> list[dict]:
@@ -142,29 +156,26 @@ def _components(projected: dict, assembled: dict, rows: list[dict]) -> list[dict
     return out
 
 
-def _smoke_gates(model, tokenizer, corpus, state: dict, reporter) -> list:
+def _smoke_gates(evaluator, corpus, weights, reporter) -> list:
     """The study's forward smoke test: every layer's output cosine (W vs Ŵ) on calibration text ≥ 0.95."""
     from sahc_core.gates import cosine_gate
-    from sahc_core.evaluate.smoke import layer_output_cosines
 
-    cos = layer_output_cosines(model, tokenizer, corpus.calib_text, state, n_tokens=SMOKE_TOKENS,
-                               progress=lambda d, t: reporter.progress(windows_done=d, windows_total=t))
+    cos = evaluator.smoke(corpus.calib_text, weights, SMOKE_TOKENS,
+                          progress=lambda d, t: reporter.progress(layers_done=d, layers_total=t))
     return [cosine_gate(name, c["cosine"], evidence={"weight": c["weight"], "tokens": c["tokens"],
                                                      "text": f"{corpus.name} calibration split"})
             for name, c in cos.items()]
 
 
-def _ppl(model, tokenizer, corpus, cfg, reporter) -> Any:
-    from sahc_core.evaluate.perplexity import perplexity
-
-    return perplexity(model, tokenizer, corpus.test_text, cfg,
-                      progress=lambda done, total: reporter.progress(tokens_done=done, tokens_total=total))
+def _ppl(evaluator, corpus, reporter, weights=None) -> Any:
+    return evaluator.perplexity(corpus.test_text, weights,
+                                progress=lambda done, total: reporter.progress(tokens_done=done, tokens_total=total))
 
 
 def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = None, window: int | None = None,
                 max_tokens: int | None = None, run_id: str | None = None, reporter=None,
                 out_dir: str | Path | None = None, device: str = "auto", batch_size: int | None = None,
-                ppl_threshold: float | None = None) -> dict:
+                ppl_threshold: float | None = None, dtype: str = "float32", offload: str = "auto") -> dict:
     """Run a plan end to end and store the result in the run's row (see the module docstring).
 
     Parameters
@@ -189,23 +200,34 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
     ppl_threshold : float, optional
         Largest relative perplexity increase the ``ppl_increase`` gate passes (default
         :data:`sahc_core.gates.PPL_THRESHOLD` = 0.10, i.e. +10 %).
+    dtype : str
+        ``float32`` or ``bfloat16``: the dtype of the smoke test and both perplexities (stated in
+        ``protocol.dtype_note``).
+    offload : str
+        ``auto`` (layer by layer when the model would not fit, ``evaluate.offload.decide_offload``),
+        ``never`` or ``always``.
 
     Returns
     -------
     dict
         run_id, plan_name, ratio_projected, ratio_actual, bytes_projected, bytes_actual, bytes_original,
         ppl, baseline_ppl, delta_ppl, ppl_increase ((ppl - baseline) / baseline), ppl_threshold,
-        protocol {text, text_files, text_sha256, window, stride, tokens, dtype, device, max_tokens} (see
-        :mod:`sahc_core.runs.protocol`), gates, gates_passed, gates_failed, gate_summary
+        protocol {text, text_files, text_sha256, window, stride, tokens, dtype, dtype_note, device, max_tokens}
+        (see :mod:`sahc_core.runs.protocol`), gates, gates_passed, gates_failed, gate_summary
         (:func:`sahc_core.gates.gate_summary` rows: decisions per gate, kind, weak), components, seconds
         {assemble, gates, baseline, ppl}, work {params, tokens} (for :mod:`sahc_core.runs.eta`),
-        baseline_cached, out_dir, model_path, model_fp.
+        baseline_cached, out_dir, model_path, model_fp, evaluation (``NameMap.describe``: evaluated class,
+        tensors compressed but not evaluated, a sentence), offload (``OffloadDecision``).
 
     Raises
     ------
     NumericalError
         The baseline or the compressed perplexity is not finite (the run is marked failed with it).
     """
+    from sahc_core.evaluate.evaluator import RUN_DTYPES
+
+    if dtype not in RUN_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(RUN_DTYPES)}, got {dtype!r}.")
     from sahc_core.device import resolve_device
     from sahc_core.evaluate.perplexity import PplConfig
     from sahc_core.plans.assemble import AssemblyCancelled
@@ -217,14 +239,14 @@ def execute_run(cache: Cache, plan: Any, model_dir: str | Path, corpus: Any = No
     plan = _as_plan(plan)
     threshold = PPL_THRESHOLD if ppl_threshold is None else ppl_threshold
     ppl_increase_gate(1.0, 1.0, threshold)  # a bad threshold fails now, not after minutes of assembly
-    cfg = PplConfig(window=window, max_tokens=max_tokens, batch_size=batch_size, device=device)
+    cfg = PplConfig(window=window, max_tokens=max_tokens, batch_size=batch_size, dtype=dtype, device=device)
     run_id = safe_id(run_id or (reporter.run_id if reporter is not None else new_run_id()), "run id")
     reporter = reporter or JobReporter(cache, run_id)
     model_dir = Path(model_dir).expanduser().resolve()
     try:
         reporter.start(plan=plan.to_dict(), model_path=str(model_dir))  # raises JobCancelled if asked already
         return _execute(cache, plan, model_dir, corpus, cfg, run_id, reporter, out_dir, resolve_device(device),
-                        float(threshold))
+                        float(threshold), offload)
     except (JobCancelled, KeyboardInterrupt):
         reporter.cancelled()
         raise  # a KeyboardInterrupt stays one: the CLI exits 130 on it
@@ -248,10 +270,11 @@ def _ppl_gate(cache, fp: str, run_id: str, ppl: float, base_ppl: float, threshol
 
 
 def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, out_dir, device: str,
-             threshold: float) -> dict:
+             threshold: float, offload: str) -> dict:
     from sahc_core.errors import NumericalError
     from sahc_core.plans.assemble import assemble
-    from sahc_core.evaluate.model import load_model, load_state
+    from sahc_core.evaluate.evaluator import Evaluator, assembled_weights, dtype_note, plan_offload
+    from sahc_core.evaluate.names import name_map_for
     from sahc_core.evaluate.perplexity import check_window
     from sahc_core.paths import check_removable
     from sahc_core.runs.jobs import run_dir
@@ -271,6 +294,8 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
     reporter.stage("project")
     projected = project(plan, source)
     corpus = _as_corpus(corpus)
+    names = name_map_for(source)  # checkpoint names the evaluated model does not have stop the run here
+    decision = plan_offload(offload, source, names, cfg, device)
     from sahc_core.runs.eta import expectation
 
     reporter.expect(expected=expectation(cache, source, corpus, cfg, device))  # for the run's overall ETA
@@ -282,7 +307,7 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
         reporter.stage("calibration")
         t0 = time.perf_counter()
         calib_text, calib_text_name = _calibration_text(corpus)
-        calib = calibration_stats(source, cache, calib_text, device=device,
+        calib = calibration_stats(source, cache, calib_text, device=device, offload=decision.offload,
                                   progress=lambda d, t: reporter.progress(layers_done=d, layers_total=t))
         seconds["calibration"] = time.perf_counter() - t0
 
@@ -294,16 +319,16 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
 
     reporter.stage("gates")
     t0 = time.perf_counter()
-    gates, rows, state = measure_checkpoint(
+    gates, rows, shapes = measure_checkpoint(
         source, out, progress=lambda d, t: reporter.progress(tensors_done=d, tensors_total=t), calib=calib)
     infos = source.tensors()
-    gates.append(shape_gate({i.name: tuple(i.shape) for i in infos}, {n: tuple(t.shape) for n, t in state.items()}))
+    gates.append(shape_gate({i.name: tuple(i.shape) for i in infos}, shapes))
     gates.append(coverage_gate([i.name for i in infos], [t["name"] for t in assembled["tensors"]]))
-    # ONE model in memory for the whole run: the original serves the smoke test and the baseline, then
-    # the assembled weights are loaded into it for the compressed perplexity.
-    model, tokenizer = load_model(model_dir, device=device, dtype=cfg.dtype)
+    # ONE model for the whole run (in memory, or empty and filled one layer at a time): the original
+    # serves the smoke test and the baseline, then the compressed weights, rebuilt tensor by tensor.
+    evaluator = Evaluator(model_dir, names, cfg, device, offload=decision.offload)
     try:
-        gates += _smoke_gates(model, tokenizer, corpus, state, reporter)
+        gates += _smoke_gates(evaluator, corpus, assembled_weights(out, cfg.dtype), reporter)
         log_gates(cache, fp, gates, run_id=run_id)
         seconds["gates"] = time.perf_counter() - t0
 
@@ -315,7 +340,7 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
         protocol = {"text": corpus.name, "window": cfg.window, "max_tokens": cfg.max_tokens, "dtype": cfg.dtype}
         if base is None:
             try:
-                base = _ppl(model, tokenizer, corpus, cfg, reporter).to_dict()
+                base = _ppl(evaluator, corpus, reporter).to_dict()
             except NumericalError as exc:
                 raise NumericalError(f"the baseline (uncompressed) model has no finite perplexity, so run {run_id} "
                                      f"cannot be compared with it: {exc}", exc.value) from exc
@@ -324,17 +349,15 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
 
         reporter.stage("ppl")
         t0 = time.perf_counter()
-        load_state(model, state)
-        del state
         try:
-            res = _ppl(model, tokenizer, corpus, cfg, reporter)
+            res = _ppl(evaluator, corpus, reporter, assembled_weights(out, cfg.dtype))
         except NumericalError as exc:  # logged as a failed gate, then the run fails with the reason
             _ppl_gate(cache, fp, run_id, exc.value, float(base["ppl"]), threshold, protocol, str(exc))
             raise NumericalError(f"run {run_id} failed: the compressed model has no finite perplexity ({exc})",
                                  exc.value) from exc
         seconds["ppl"] = time.perf_counter() - t0
     finally:
-        del model
+        del evaluator
         gc.collect()
     ppl, base_ppl = float(res.ppl), float(base["ppl"])
     protocol.update(tokens=res.tokens, window=res.window, stride=res.stride, device=res.device)
@@ -352,8 +375,10 @@ def _execute(cache, plan, model_dir: Path, corpus, cfg, run_id: str, reporter, o
         "ppl_ratio": ppl / base_ppl if base_ppl > 0 and math.isfinite(base_ppl) else float("nan"),
         "protocol": {"text": corpus.name, "text_files": list(corpus.test_files),
                      "text_sha256": hashlib.sha256(corpus.test_text.encode()).hexdigest(), "window": res.window,
-                     "stride": res.stride, "tokens": res.tokens, "dtype": res.dtype, "device": res.device,
+                     "stride": res.stride, "tokens": res.tokens, "dtype": res.dtype,
+                     "dtype_note": dtype_note(res.dtype, res.device), "device": res.device,
                      "max_tokens": cfg.max_tokens},
+        "evaluation": names.describe(), "offload": decision.to_dict(),
         "baseline_protocol_matches": (base["tokens"], base["window"], base["stride"]) == (res.tokens, res.window,
                                                                                            res.stride),
         "gates": [g.to_dict() for g in gates], "gates_passed": len(gates) - n_failed, "gates_failed": n_failed,

@@ -264,6 +264,20 @@ def _embedding_lookup_cosine(W: Tensor, W_hat: Tensor, tokenizer: Any, text: str
     return metrics.row_cosine(W[ids], W_hat.to(W.device)[ids])
 
 
+def _evaluated_name(source: ModelSource, model: Any, name: str) -> str:
+    """The model's parameter name of checkpoint tensor ``name`` (``evaluate.names``); a clear error for a
+    tensor the text model does not run (vision tower, MTP head)."""
+    from sahc_core.evaluate.names import name_map_for
+
+    names = name_map_for(source, model)
+    model_name = names.model_name(name)
+    if model_name is None:
+        part = names.not_evaluated.get(name, "unknown")
+        raise ModelError(f"{name} belongs to the {part} part, which the evaluated text model "
+                         f"({names.model_class}) never runs, so it has no output cosine; pick a text-model tensor.")
+    return model_name
+
+
 def output_cosine_for(source: ModelSource, name: str, cfg: Any, model: tuple[Any, Any] | None = None,
                       calib_text: str | None = None, n_tokens: int = 2048, cache: Cache | None = None,
                       device: str = "auto", cos_threshold: float = 0.95, workspace: Workspace | None = None,
@@ -332,12 +346,13 @@ def output_cosine_for(source: ModelSource, name: str, cfg: Any, model: tuple[Any
                 values["lm_head_output_cosine"] = metrics.output_cosine(W, W_hat, X)
             out["tied"] = head is not None and "lm_head_output_cosine" in values
         else:
-            module = name.removesuffix(".weight")
+            model_name = _evaluated_name(source, net, name)
+            module = model_name.removesuffix(".weight")
             X = _inputs(source, net, tokenizer, calib_text, module, n_tokens, ws)
             values["output_cosine"] = metrics.output_cosine(W, W_hat, X)
             if "." in module:
-                values["block_output_cosine"] = attention_output_cosine(net, tokenizer, calib_text, name, W_hat,
-                                                                        n_tokens)
+                values["block_output_cosine"] = attention_output_cosine(net, tokenizer, calib_text, model_name,
+                                                                        W_hat, n_tokens)
                 out["block"] = module.rsplit(".", 1)[0]
                 if role.component in (Component.ATTENTION_FULL, Component.ATTENTION_LINEAR):
                     values["attention_output_cosine"] = values["block_output_cosine"]
