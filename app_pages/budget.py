@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+import app_optimize
 import app_state
 import app_widgets
 from sahc_core.errors import SahcError
@@ -143,3 +144,6 @@ if s1.button("Save plan to cache", disabled=cache is None):
     except SahcError as exc:
         app_state.show_error(exc)
 s2.download_button("Download plan JSON", plan.to_json(), f"{plan.name}.json", "application/json")
+
+st.divider()
+app_optimize.optimize_section(source, cache, comps)

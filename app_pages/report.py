@@ -4,6 +4,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import streamlit as st
 
+import app_frontier
 import app_state
 from sahc_core.errors import SahcError
 from sahc_core.report.export import ExportUnavailable, figure_images, report_figures, report_html, report_tables, \
@@ -128,6 +129,8 @@ if study is not None:
         st.subheader(title)
         st.caption(study.notes.get(title, ""))
         st.dataframe(df, hide_index=True, width="stretch")
+if cache is not None:
+    app_frontier.frontier_section(cache, fp, "report")
 if present:
     st.button("Exit presentation mode", key="report_exit", on_click=lambda: st.session_state.update(present_mode=False))
 elif report is not None:

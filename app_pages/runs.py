@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+import app_frontier
 import app_state
 from sahc_core.errors import SahcError
 from sahc_core.figures.report import runs_scatter
@@ -105,6 +106,8 @@ st.dataframe(table, hide_index=True, width="stretch", column_config={
     "checkpoint_mb": st.column_config.NumberColumn("on disk", format="%.1f MB")})
 for rec in runs[runs["gates_failed"].fillna(0) > 0].itertuples():
     st.warning(f"Run {rec.run_id} ({rec.plan_name}): {rec.gates_failed} quality gate(s) failed; see the gate log.")
+
+app_frontier.frontier_section(cache, None, "runs")
 
 on_disk = runs[runs["status"].isin(["done", "failed", "cancelled"]) & (runs["checkpoint_mb"] > 0)]
 with st.expander(f"Disk space: {on_disk['checkpoint_mb'].sum():,.0f} MB of checkpoints from {len(on_disk)} finished run(s)"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,9 @@ def micro():
     return LlamaForCausalLM(cfg).eval(), _HexTokenizer(), "3a7f019c"
 
 
-def _exact_ggn_trace(model, ids: torch.Tensor, module_name: str) -> tuple[float, float]:
-    """``(Σ_n tr(J_n J_nᵀ Σ_n), ‖Y‖²)``: the exact expectation over sampled labels of Σ_p‖∂ℓ/∂y_p‖²,
-    with J_n the Jacobian of position n's logits w.r.t. the module's whole output Y and
+def _exact_per_position(model, ids: torch.Tensor, module_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E‖g_p‖², ‖y_p‖²)`` per position p, exactly: E over labels sampled from the model of
+    ‖∂ℓ/∂y_p‖² is Σ_n tr(J_np J_npᵀ Σ_n), J_np the Jacobian of position n's logits w.r.t. y_p and
     Σ_n = diag(p_n) − p_n p_nᵀ (the softmax cross-entropy's Hessian in the logits)."""
     module = model.get_submodule(module_name)
     box: dict[str, torch.Tensor] = {}
@@ -55,29 +55,31 @@ def _exact_ggn_trace(model, ids: torch.Tensor, module_name: str) -> tuple[float,
         finally:
             h.remove()
 
-    J = torch.autograd.functional.jacobian(logits_of, y0)  # (N, V, *y.shape)
+    J = torch.autograd.functional.jacobian(logits_of, y0)  # (N, V, 1, N, m)
     n, v = logits0.shape
-    J = J.reshape(n, v, -1).double()
+    J = J.reshape(n, v, n, -1).double()
     p = F.softmax(logits0.double(), dim=-1)
-    total = 0.0
+    g2 = torch.zeros(n, dtype=torch.float64)
     for k in range(n):
         sigma = torch.diag(p[k]) - torch.outer(p[k], p[k])
-        total += float(torch.trace(J[k] @ J[k].T @ sigma))
-    return total, float(y0.double().square().sum())
+        for q in range(n):
+            g2[q] += torch.trace(J[k, :, q] @ J[k, :, q].T @ sigma)
+    return g2, y0.double().reshape(n, -1).square().sum(-1)
 
 
 @pytest.mark.parametrize("module", ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.v_proj"])
-def test_monte_carlo_fisher_matches_the_exact_gauss_newton_trace(micro, module):
+def test_monte_carlo_fisher_matches_the_exact_gauss_newton_terms(micro, module):
     model, tok, text = micro
-    exact, out2 = _exact_ggn_trace(model, torch.tensor([tok(text)["input_ids"]]), module)
-    draws = np.array([fisher_sensitivity(model, tok, text, SensitivityConfig(tokens=N_TOK, window=N_TOK, seed=s))
-                      .set_index("module").loc[module, "grad2"] for s in range(60)])
-    sem = draws.std(ddof=1) / math.sqrt(len(draws))
-    assert abs(draws.mean() - exact) < 4 * sem, (draws.mean(), exact, sem)  # unbiased (CLT bound)
-    row = fisher_sensitivity(model, tok, text, SensitivityConfig(tokens=N_TOK, window=N_TOK)).set_index("module").loc[module]
-    assert row["out2"] == pytest.approx(out2, rel=1e-5)
+    g2, y2 = _exact_per_position(model, torch.tensor([tok(text)["input_ids"]]), module)
+    draws = pd.DataFrame([fisher_sensitivity(model, tok, text, SensitivityConfig(tokens=N_TOK, window=N_TOK, seed=s))
+                          .set_index("module").loc[module] for s in range(60)])
+    for col, exact in (("grad2", float(g2.sum())), ("grad_out", float((g2 * y2).sum()))):
+        sem = draws[col].std(ddof=1) / math.sqrt(len(draws))
+        assert abs(draws[col].mean() - exact) < 4 * sem, (col, draws[col].mean(), exact, sem)  # unbiased (CLT)
+    row = draws.iloc[0]
+    assert row["out2"] == pytest.approx(float(y2.sum()), rel=1e-5)
     m = model.get_submodule(module).out_features
-    assert row["sensitivity"] == pytest.approx(row["grad2"] * out2 / (2 * m * N_TOK**2), rel=1e-5)
+    assert row["sensitivity"] == pytest.approx(row["grad_out"] / (2 * m * N_TOK), rel=1e-9)
 
 
 def test_parameters_are_left_untouched(micro):

@@ -50,7 +50,7 @@ from sahc_core.plans.sensitivity import SensitivityConfig, sensitivities
 from sahc_core.workspace import Workspace
 
 #: Name of the damage model recorded in a plan's provenance.
-DAMAGE_MODEL = "fisher-weighted output error v1"
+DAMAGE_MODEL = "fisher-weighted output error v2"
 REFERENCES = ("Martens & Grosse 2015 (K-FAC)", "Kunstner et al. 2019 (empirical vs true Fisher)",
               "Dong et al. 2019/2020 (HAWQ, HAWQ-V2)", "Kim et al. 2023 (SqueezeLLM)",
               "Sinha & Zoltners 1979 (multiple-choice knapsack)")
@@ -261,7 +261,7 @@ def prepare(source: ModelSource, cache: Cache | None, *, calibration: bool = Tru
 def damage_model(prep: Prepared) -> dict:
     """The damage model as recorded in a plan's provenance."""
     return {"name": DAMAGE_MODEL,
-            "formula": "dloss = sum_t sum_u s_u * e_u^2; s_u = sum_p|g_p|^2 * sum_p|y_p|^2 / (2 m N^2)",
+            "formula": "dloss = sum_t sum_u s_u * e_u^2; s_u = sum_p |g_p|^2 |y_p|^2 / (2 m N)",
             "error": "held-out output error" if prep.calib is not None else "weight error (no calibration statistics)",
             "sensitivity": {"estimator": "Monte-Carlo Fisher (labels sampled from the model), one backward pass",
                             "tokens": prep.sens_cfg.tokens, "window": prep.sens_cfg.window, "seed": prep.sens_cfg.seed},

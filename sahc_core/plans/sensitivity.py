@@ -13,9 +13,15 @@ Derivation. Write ``ℓ = Σ_n ℓ_n`` for the summed loss of N positions and ``
 gradient at u's output ``y_p`` (m features). To second order, with the Fisher (Gauss-Newton) matrix
 in place of the Hessian and the positions treated independently (the K-FAC block approximation
 [1]_), ``ΔL̄ ≈ (1/2N) Σ_p δy_pᵀ E[g_p g_pᵀ] δy_p``. Taking the error direction isotropic over the m
-outputs and its size independent of ``‖g_p‖`` gives
+outputs, ``E[(g_pᵀδy_p)²] = ‖g_p‖² ‖δy_p‖² / m``, and its relative size the same at every position,
+``‖δy_p‖ = e ‖y_p‖``, gives
 
-    s_u = (Σ_p ‖g_p‖²) (Σ_p ‖y_p‖²) / (2 m N²).
+    s_u = Σ_p ‖g_p‖² ‖y_p‖² / (2 m N).
+
+The per-position product matters: a few positions (the first token's "massive activations") carry
+most of ``Σ_p ‖y_p‖²`` while their gradients are small; treating gradient and output sizes as
+independent, ``(Σ‖g_p‖²)(Σ‖y_p‖²) / (2mN²)``, overstates such modules by orders of magnitude. Both
+sums are kept (``grad2``, ``out2``) for inspection.
 
 ``E[g_p g_pᵀ]`` is estimated by back-propagating the loss of labels SAMPLED from the model's own
 predictive distribution (one sample per position): then the cross terms between positions vanish in
@@ -55,8 +61,8 @@ from sahc_core.io.source import ModelSource
 
 KIND = "sensitivity"
 #: Bump when the estimate changes for the same inputs.
-VERSION = 1
-COLUMNS = ("module", "weight", "kind", "out_features", "tokens", "grad2", "out2", "sensitivity")
+VERSION = 2
+COLUMNS = ("module", "weight", "kind", "out_features", "tokens", "grad2", "out2", "grad_out", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -111,23 +117,31 @@ def fisher_sensitivity(model: nn.Module, tokenizer: Any, text: str, cfg: Sensiti
     DataFrame
         :data:`COLUMNS`, one row per module: the stored weight name it uses (tied: the first name),
         ``kind`` (``linear`` / ``embedding``), ``out_features`` m, ``tokens`` N, ``grad2`` = Σ‖g_p‖²,
-        ``out2`` = Σ‖y_p‖², ``sensitivity`` = grad2·out2 / (2 m N²) in nats per token per unit e².
+        ``out2`` = Σ‖y_p‖², ``grad_out`` = Σ‖g_p‖²‖y_p‖², ``sensitivity`` = grad_out / (2 m N) in nats
+        per token per unit e².
     """
     from sahc_core.evaluate.model import _max_positions, _model_device
     from sahc_core.plans.candidates import weight_usages
 
     usages = {mod: (w, kind) for w, mods in weight_usages(model).items() for mod, kind in mods}
-    acc = {mod: [0.0, 0.0, 0] for mod in usages}  # grad2, out2, m
+    acc = {mod: [0.0, 0.0, 0.0, 0] for mod in usages}  # grad2, out2, grad_out, m
     dev = _model_device(model)
 
     def make_hook(mod: str, is_embedding: bool):
         def hook(_m: nn.Module, _args: tuple, out: Tensor) -> Tensor | None:
             y = out.detach().requires_grad_(True) if is_embedding else out  # the graph starts at the lookups
             a = acc[mod]
-            a[1] += float(y.detach().double().square().sum())
-            a[2] = int(y.shape[-1])
+            y2 = y.detach().double().square().sum(-1).reshape(-1)  # (positions,) ‖y_p‖²
+            a[1] += float(y2.sum())
+            a[3] = int(y.shape[-1])
+
+            def on_grad(g: Tensor) -> None:
+                g2 = g.double().square().sum(-1).reshape(-1)  # (positions,) ‖g_p‖²
+                a[0] += float(g2.sum())
+                a[2] += float((g2 * y2).sum())
+
             if y.requires_grad:
-                y.register_hook(lambda g: a.__setitem__(0, a[0] + float(g.double().square().sum())))
+                y.register_hook(on_grad)
             return y if is_embedding else None
         return hook
 
@@ -157,8 +171,8 @@ def fisher_sensitivity(model: nn.Module, tokenizer: Any, text: str, cfg: Sensiti
             h.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
-    rows = [{"module": mod, "weight": usages[mod][0], "kind": usages[mod][1], "out_features": a[2], "tokens": n,
-             "grad2": a[0], "out2": a[1], "sensitivity": a[0] * a[1] / (2.0 * a[2] * n * n) if a[2] else 0.0}
+    rows = [{"module": mod, "weight": usages[mod][0], "kind": usages[mod][1], "out_features": a[3], "tokens": n,
+             "grad2": a[0], "out2": a[1], "grad_out": a[2], "sensitivity": a[2] / (2.0 * a[3] * n) if a[3] else 0.0}
             for mod, a in acc.items()]
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
