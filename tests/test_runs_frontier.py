@@ -10,7 +10,7 @@ import pytest
 
 from sahc_core.cache import Cache, to_json, utcnow
 from sahc_core.figures.frontier import choice_heatmap, frontier_figure, prediction_figure
-from sahc_core.runs.frontier import measured_frontier, plan_kind, prediction_check, run_points, spearman
+from sahc_core.runs.frontier import measured_frontier, prediction_check, run_points, spearman
 
 BASE = 10.0
 RUNS = [  # (plan, ratio, ppl, gates failed)

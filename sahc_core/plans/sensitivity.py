@@ -121,7 +121,7 @@ def fisher_sensitivity(model: nn.Module, tokenizer: Any, text: str, cfg: Sensiti
         per token per unit e².
     """
     from sahc_core.evaluate.model import _max_positions, _model_device
-    from sahc_core.plans.candidates import weight_usages
+    from sahc_core.plans.smoke_gate import weight_usages
 
     usages = {mod: (w, kind) for w, mods in weight_usages(model).items() for mod, kind in mods}
     acc = {mod: [0.0, 0.0, 0.0, 0] for mod in usages}  # grad2, out2, grad_out, m
