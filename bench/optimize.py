@@ -94,7 +94,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, help="evaluate only the first N test tokens (default: the whole text)")
     ap.add_argument("--window", type=int, default=2048)
     ap.add_argument("--methods", help="comma-separated methods the optimizer may use (default: every registered one)")
-    ap.add_argument("--hand", action="store_true", help="also run the shipped study-style example plans")
+    ap.add_argument("--hand", default="", help="comma-separated shipped example plans (plans/*.json) to run too, "
+                                               "e.g. tt-embedding,int4-svd-ffn (the study-style hand plans)")
     ap.add_argument("--no-runs", action="store_true", help="optimise and predict only")
     args = ap.parse_args()
 
@@ -107,8 +108,8 @@ def main() -> None:
     t_prepare = time.perf_counter() - t0
     uniform = [with_prediction(CompressionPlan.from_dict(d), prep, "uniform") for d in UNIFORM]
     ratios = [project(p, source)["ratio_projected"] for p in uniform]
-    hand = [with_prediction(p, prep, "hand") for n, p in example_plans().items() if n not in {u.name for u in uniform}] \
-        if args.hand else []
+    examples = example_plans()
+    hand = [with_prediction(examples[n], prep, "hand") for n in args.hand.split(",") if n]
     targets = [r * (1 - 1e-9) for r in ratios] + list(EXTRA_TARGETS)  # at most the uniform plan's bytes
     t0 = time.perf_counter()
     again = prepare(source, cache, grid=grid, device="cpu")  # everything cached now: what a second call costs

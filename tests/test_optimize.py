@@ -132,3 +132,11 @@ def test_predict_plan_measures_settings_outside_the_grid(prep):
     assert pred["bytes"] == project(plan, prep.source)["bytes_projected"]
     tagged = opt.with_prediction(plan, prep)
     assert tagged.provenance["kind"] == "hand" and tagged.provenance["predicted_dloss"] == pred["predicted_dloss"]
+
+
+def test_a_calibration_text_too_short_falls_back_and_names_the_reason(tiny_llama_tok_dir, tmp_path, net):
+    kw = {**KW, "calib_cfg": CalibConfig(tokens=4096, heldout_tokens=512)}  # the text has 702 tokens
+    p = opt.prepare(ModelSource.open(tiny_llama_tok_dir), Cache(tmp_path / "c.duckdb"), grid=GRID,
+                    load=lambda: net, tensors=["model.layers.0.mlp.up_proj.weight"], **kw)
+    assert p.calib is None and set(p.candidates["method"]) == {"keep", "int"}
+    assert any("702 tokens" in n for n in p.notes) and any("calibration-free" in n for n in p.notes)

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from sahc_core.cache import Cache
-from sahc_core.errors import PlanError
+from sahc_core.errors import CorpusError, PlanError
 from sahc_core.io.components import Component
 from sahc_core.io.source import ModelSource
 from sahc_core.methods import registry
@@ -65,13 +65,14 @@ def damage_table(candidates: pd.DataFrame, sens: pd.DataFrame) -> pd.DataFrame:
     gets damage 0; tied and 1-D keep rows have no error, hence 0.
     """
     out = candidates.copy()
-    by = sens.groupby(["weight", "kind"])["sensitivity"].sum()
-    s_lin = out["tensor"].map(by.xs("linear", level="kind") if "linear" in by.index.get_level_values(1) else {})
-    s_emb = out["tensor"].map(by.xs("embedding", level="kind") if "embedding" in by.index.get_level_values(1) else {})
+
+    def s_of(kind: str) -> pd.Series:  # per row: the summed sensitivity of the modules of this kind using it
+        return out["tensor"].map(sens[sens["kind"] == kind].groupby("weight")["sensitivity"].sum()).fillna(0.0)
+
     rel = out["rel_error"].astype(float)
     e_lin = out["output_error"].astype(float).where(lambda e: np.isfinite(e), rel)
     e_emb = out["lookup_output_error"].astype(float).where(lambda e: np.isfinite(e), rel)
-    out["damage"] = s_lin.fillna(0.0) * e_lin**2 + s_emb.fillna(0.0) * e_emb**2
+    out["damage"] = s_of("linear") * e_lin**2 + s_of("embedding") * e_emb**2
     held = np.isfinite(out["output_error"].astype(float)) | np.isfinite(out["lookup_output_error"].astype(float))
     out["error_basis"] = np.where(held, "held-out output error", "weight error")
     return out
@@ -202,9 +203,10 @@ def prepare(source: ModelSource, cache: Cache | None, *, calibration: bool = Tru
     Parameters
     ----------
     calibration : bool
-        Use calibration statistics (captured once beside the cache). Without them, or without a
-        cache to keep them beside, calibration-aware methods are left out and the weight error
-        stands in for the output error; ``notes`` says so.
+        Use calibration statistics (captured once beside the cache). Without them (not asked for,
+        no cache to keep them beside, or a calibration text too short for them) calibration-aware
+        methods are left out and the weight error stands in for the output error; ``notes`` says
+        so, with the reason.
     text : str, optional
         Calibration text (statistics, sensitivity, smoke tokens); default the embedded corpus's
         calibration split, which is what a run on the default corpus uses for its smoke test.
@@ -235,8 +237,11 @@ def prepare(source: ModelSource, cache: Cache | None, *, calibration: bool = Tru
         from sahc_core.calib.stats import CalibConfig
         from sahc_core.calib.store import calibration_stats
 
-        calib = calibration_stats(source, cache, text, calib_cfg or CalibConfig(), device=device,
-                                  progress=step("calibration"))  # loads the model only to capture
+        try:
+            calib = calibration_stats(source, cache, text, calib_cfg or CalibConfig(), device=device,
+                                      progress=step("calibration"))  # loads the model only to capture
+        except CorpusError as exc:  # e.g. a calibration text shorter than the statistics need
+            notes.append(str(exc).rstrip("."))
     seconds["calibration"] = time.perf_counter() - t0
     if calib is None:
         dropped = sorted(m.name for m in registry.methods() if m.needs_calibration
