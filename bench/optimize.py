@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--hand", default="", help="comma-separated shipped example plans (plans/*.json) to run too, "
                                                "e.g. tt-embedding,int4-svd-ffn (the study-style hand plans)")
     ap.add_argument("--no-runs", action="store_true", help="optimise and predict only")
+    ap.add_argument("--plans", help="comma-separated plan names to run (default: all), e.g. int3-g64,opt-5x for a check")
     args = ap.parse_args()
 
     cache, model_dir = Cache(), default_model_dir()
@@ -123,7 +124,10 @@ def main() -> None:
     optimised = [replace(s.plan, name=name) for name, s in zip(names, solved) if s.plan is not None]
     results: dict[str, dict] = {}
     if not args.no_runs:
+        wanted = set(args.plans.split(",")) if args.plans else None
         for plan in [*uniform, *optimised, *hand]:
+            if wanted is not None and plan.name not in wanted:
+                continue
             results[plan.name] = _run(cache, plan, model_dir, source.fingerprint, args.window, args.max_tokens)
     ids = {r["run_id"] for r in results.values()}
     pts = run_points(cache, source.fingerprint)

@@ -140,3 +140,10 @@ def test_a_calibration_text_too_short_falls_back_and_names_the_reason(tiny_llama
                     load=lambda: net, tensors=["model.layers.0.mlp.up_proj.weight"], **kw)
     assert p.calib is None and set(p.candidates["method"]) == {"keep", "int"}
     assert any("702 tokens" in n for n in p.notes) and any("calibration-free" in n for n in p.notes)
+
+
+def test_plan_provenance_must_be_an_object():
+    with pytest.raises(PlanError, match="provenance"):
+        CompressionPlan.from_dict({"name": "x", "default": {"method": "keep"}, "provenance": [1, 2]})
+    plan = CompressionPlan.from_dict({"name": "x", "default": {"method": "keep"}})
+    assert "provenance" not in plan.to_dict()  # absent stays absent (older plans are unchanged)
