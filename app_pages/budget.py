@@ -4,6 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+import app_optimize
 import app_state
 import app_widgets
 from sahc_core.errors import SahcError
@@ -154,3 +155,6 @@ if s1.button("Save plan to cache", disabled=cache is None, key="budget_save"):
         app_state.show_error(exc)
 s2.download_button("Download plan JSON", plan.to_json(), f"{plan.name}.json", "application/json",
                    key="budget_download")
+
+st.divider()
+app_optimize.optimize_section(source, cache, comps)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+import app_frontier
 import app_state
 from sahc_core.errors import SahcError
 from sahc_core.figures.style import slide_figure
@@ -131,6 +132,8 @@ if study is not None:
         st.subheader(title)
         st.caption(study.notes.get(title, ""))
         app_state.show_table(df)
+if cache is not None:
+    app_frontier.frontier_section(cache, fp, "report")
 if present:
     st.button("Exit presentation mode", key="report_exit", on_click=lambda: st.session_state.update(present_mode=False))
 elif report is not None:

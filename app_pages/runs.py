@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+import app_frontier
 import app_state
 from sahc_core.errors import SahcError
 from sahc_core.figures.format import display_table, fmt_duration
@@ -169,6 +170,8 @@ if runs.empty:
     st.stop()
 for rec in runs[runs["gates_failed"].fillna(0) > 0].itertuples():
     st.warning(f"Run {rec.run_id} ({rec.plan_name}): {rec.gates_failed} quality gate(s) failed; see the gate log.")
+
+app_frontier.frontier_section(cache, None, "runs")
 
 on_disk = runs[runs["status"].isin(["done", "failed", "cancelled"]) & (runs["checkpoint_mb"] > 0)]
 with st.expander(f"Disk space: {on_disk['checkpoint_mb'].sum():,.0f} MB of checkpoints from {len(on_disk)} finished run(s)"):

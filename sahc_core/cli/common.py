@@ -29,7 +29,7 @@ def _source(args: argparse.Namespace):
 def _cache(args: argparse.Namespace):
     from sahc_core.cache import Cache
 
-    return None if args.no_cache else Cache(args.cache)
+    return None if getattr(args, "no_cache", False) else Cache(args.cache)
 
 
 def _tqdm_progress(desc: str, unit: str) -> tuple[Callable[..., None], Callable[[], None]]:

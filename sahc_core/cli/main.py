@@ -317,9 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("runs", cmd_runs, "list all runs in the cache (or delete one run's checkpoint files)")
     sp.add_argument("--delete-files", metavar="RUN_ID",
                     help="delete this finished run's assembled checkpoint to free disk; its results stay")
+    from sahc_core.cli.optimize import add_optimize_parser
     from sahc_core.cli.report import add_report_parser
 
     add_report_parser(sub, common, no_cache)
+    add_optimize_parser(sub, common)
     return p
 
 

@@ -66,7 +66,7 @@ ORIG_BYTES_PER_PARAM = 2
 #: Method name of a tied LM head row (stored once, as the embedding).
 TIED = "tied"
 _COMPONENTS = tuple(c.value for c in Component)
-_PLAN_KEYS = {"name", "description", "default", "components", "overrides", "fallback"}
+_PLAN_KEYS = {"name", "description", "default", "components", "overrides", "fallback", "provenance"}
 _LIST_MAX = 5  # tensors named in one error sentence
 
 
@@ -118,6 +118,9 @@ class CompressionPlan:
         Config for tensors the chosen method cannot take; None = such tensors are an error.
     description : str
         Free text.
+    provenance : Mapping, optional
+        Where the plan came from, carried through JSON unchanged (the optimizer records its damage
+        model, candidates, predicted Δloss and solver status here); must be a JSON object.
     """
 
     name: str
@@ -126,6 +129,7 @@ class CompressionPlan:
     overrides: tuple[Override, ...] = ()
     fallback: Any = None
     description: str = ""
+    provenance: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -145,6 +149,9 @@ class CompressionPlan:
         object.__setattr__(self, "components", MappingProxyType(dict(self.components)))
         object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "_index", OverrideIndex(self.overrides))
+        if self.provenance is not None and not isinstance(self.provenance, Mapping):
+            raise PlanError(f"plan {self.name!r}: \"provenance\" must be a JSON object, got "
+                            f"{type(self.provenance).__name__}.")
 
     # -- JSON form ---------------------------------------------------------------------------
     @classmethod
@@ -190,6 +197,7 @@ class CompressionPlan:
             overrides=tuple(overrides),
             fallback=None if fallback is None else _parse_config(fallback, f"{name!r} fallback"),
             description=str(d.get("description") or ""),
+            provenance=d.get("provenance"),
         )
 
     def to_dict(self) -> dict:
@@ -202,6 +210,8 @@ class CompressionPlan:
         out["overrides"] = [{"pattern": o.pattern, **methods.config_to_dict(o.config)} for o in self.overrides]
         if self.fallback is not None:
             out["fallback"] = methods.config_to_dict(self.fallback)
+        if self.provenance is not None:
+            out["provenance"] = dict(self.provenance)
         return out
 
     @classmethod

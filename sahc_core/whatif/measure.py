@@ -47,6 +47,8 @@ from sahc_core.workspace import Workspace
 #: Bump when a measured number would change for the same inputs (invalidates cached rows).
 MEASURE_VERSION = 3  # 3: predictions from what is stored (theory gate both ways), no int quant_error
 _KIND_MEASURE = "whatif_measure"
+#: The cache kind of :func:`measure_tensor` rows (the plan optimizer reads them in bulk).
+KIND_MEASURE = _KIND_MEASURE
 _KIND_OUTCOS = "whatif_output_cosine"
 #: The end of the sentence a NaN / Inf / empty tensor gets (never "worse than a zero matrix").
 _UNMEASURABLE = "no compression error can be measured on it"
@@ -168,6 +170,35 @@ def _stats(calib: Any, name: str) -> tuple[Any, Any]:
     return calib.for_weight(name), calib.heldout_for_weight(name)
 
 
+def measure_key(name: str, cfg: Any, calib: Any = None) -> str:
+    """The cache key (kind ``whatif_measure``) of :func:`measure_tensor` for an already FITTED ``cfg``.
+
+    The calibration key is part of it when ``calib`` has statistics for this tensor (either split),
+    exactly as :func:`measure_tensor` stores it; callers that look many results up at once (the
+    plan optimizer) build keys with this and read the rows in one query.
+    """
+    if calib is None:
+        has = False
+    elif hasattr(calib, "input_of"):  # CalibStats: from its index, without reading XᵀX
+        has = calib.input_of(name) is not None
+    else:
+        has = any(s is not None for s in _stats(calib, name))
+    return _key(name, cfg, getattr(calib, "key", None) if has else None)
+
+
+def reconstruction(source: ModelSource, name: str, cfg: Any, device: str = "auto", workspace: Workspace | None = None,
+                   calib: Any = None) -> Tensor:
+    """``Ŵ`` of tensor ``name`` compressed with ``cfg`` (fitted first), float32 in the tensor's shape.
+
+    The compressed tensor comes from the workspace's cache, so a setting that :func:`measure_tensor`
+    just compressed (calibration-aware methods, TT) is not compressed again.
+    """
+    cfg, _ = fit(source, name, cfg)
+    fit_stats = calib.for_weight(name) if calib is not None else None  # the compressed-cache key names it
+    ctx = _Context(source, name, device, _ws(workspace), fit_stats, None)
+    return ctx.compress(cfg).reconstruct(torch.float32).reshape(ctx.W.shape).to(ctx.W.device)
+
+
 def measure_tensor(source: ModelSource, name: str, cfg: Any, cache: Cache | None = None, device: str = "auto",
                    workspace: Workspace | None = None, log: bool = True, calib: Any = None) -> dict:
     """Compress one tensor with ``cfg`` and measure it (the CLI ``measure`` contract).
@@ -212,8 +243,7 @@ def measure_tensor(source: ModelSource, name: str, cfg: Any, cache: Cache | None
         raise registry.CalibrationRequired(
             f"method {spec.name!r} needs calibration statistics for {name}; add --calib (captured once, then "
             "cached) or tick 'use calibration statistics' on the page.")
-    calib_key = getattr(calib, "key", None) if (fit_stats is not None or heldout is not None) else None
-    key = _key(name, cfg, calib_key)
+    key = measure_key(name, cfg, calib)
     if cache is not None:
         hit = cache.get(_KIND_MEASURE, source.fingerprint, key, MEASURE_VERSION)
         if hit is not None:
