@@ -40,6 +40,7 @@ from scipy.linalg.blas import dsyrk as _dsyrk
 
 from sahc_core.device import resolve_device
 from sahc_core.errors import ModelError
+from sahc_core.io.rows import is_bounded, memory_bound
 
 if TYPE_CHECKING:
     from sahc_core.cache import Cache
@@ -390,6 +391,10 @@ def tensor_spectrum(source: ModelSource, name: str, cache: Cache | None = None, 
                     method: str = "auto", adaptive_threads: bool = False) -> SpectrumResult:
     """Spectrum and statistics of ONE tensor of ``source`` (the only tensor read), cached.
 
+    A tensor whose float32 copy exceeds ``io.rows.BOUNDED_MIN_BYTES`` (512 MiB: the 248,320 x 4,096
+    embedding, not a 12,288 x 4,096 FFN matrix) is never read whole: its float64 Gram is accumulated
+    from row blocks (:func:`sahc_core.spectra._blocked.spectrum_blocked`; peak = the Gram + one
+    256 MiB block, 1.1 GB instead of 10.5 GB for the embedding), ``stats["blocked"]`` says so.
     ``adaptive_threads``: let the eigensolver pick its CPU thread count (see :func:`_eigvalsh`); only
     the CLI, which owns its process, sets it.
 
@@ -412,19 +417,44 @@ def tensor_spectrum(source: ModelSource, name: str, cache: Cache | None = None, 
     if hit is not None:
         return SpectrumResult.from_value(name, hit, cached=True, seconds=time.perf_counter() - t0)
     dev = resolve_device(device)
-    W = source.read(name, device=dev)
-    M, note = as_matrix(W)
-    mean = float(M.mean(dtype=torch.float64)) if M.dtype.is_floating_point else float(M.double().mean())
-    s, used = _singular_values(M, dev, method, adaptive_threads)
-    del W, M
+    extra: dict[str, Any] = {}
+    if is_bounded(info):
+        s, used, mean, note, extra = _bounded_values(source, name, dev, method)
+    else:
+        W = source.read(name, device=dev)
+        M, note = as_matrix(W)
+        mean = float(M.mean(dtype=torch.float64)) if M.dtype.is_floating_point else float(M.double().mean())
+        s, used = _singular_values(M, dev, method, adaptive_threads)
+        del W, M
     value = {"shape": [int(d) for d in _matrix_shape(info.shape)], "note": note, "device": dev, "method": used,
              "compute_seconds": time.perf_counter() - t0, "dtype": info.dtype,
              "tensor_shape": [int(d) for d in info.shape],
              "singular_values": s.tolist(), "stats": spectrum_stats(s, _matrix_shape(info.shape), mean)}
-    value["stats"]["method"] = used
+    value["stats"].update(method=used, **extra)
     if cache is not None:
         cache.put(CACHE_KIND, source.fingerprint, key, SPECTRUM_VERSION, value)
     return SpectrumResult.from_value(name, value, cached=False, seconds=time.perf_counter() - t0)
+
+
+def _bounded_values(source: ModelSource, name: str, device: str,
+                    method: str) -> tuple[np.ndarray, str, float, str | None, dict]:
+    """σ of a tensor above ``io.rows.BOUNDED_MIN_BYTES`` from its blocked float64 Gram (never read whole).
+
+    Returns ``(σ, method, mean, note, extra stats)``. ``"auto"`` cannot fall back to a float64 SVD
+    here (8 bytes per element is above the memory bound), so an estimate above ``_GRAM_TOL`` is
+    recorded (``gram_error_estimate``, ``within_contract: False``) instead of being hidden.
+    """
+    from sahc_core.spectra._blocked import spectrum_blocked
+
+    info = source.info(name)
+    if method not in ("auto", "gram64"):
+        raise ValueError(f"method {method!r} needs tensor {name} whole in memory ({4 * info.numel / 1e9:.1f} GB as "
+                         f"float32, above the {memory_bound(source) / 1e9:.1f} GB memory bound); use method 'auto'.")
+    r = spectrum_blocked(source, name, device=device, precision="float64")
+    m, n = r.shape
+    note = None if len(info.shape) == 2 else f"{len(info.shape)}-D weight {tuple(info.shape)} reshaped to ({m}, {n})"
+    extra = {"blocked": True, "gram_error_estimate": r.error_estimate, "within_contract": r.within_contract}
+    return r.singular_values, "gram64", r.mean, note, extra
 
 
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
