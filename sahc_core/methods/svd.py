@@ -1,7 +1,9 @@
 """``svd``: truncated SVD with fp16 or int-k factors (:mod:`sahc_core.methods.lowrank`), as a registry entry.
 
 Also the fast What-if measurement of an SVD setting (:func:`fast_measure`): a new rank or factor bit
-width only slices and quantizes the cached thin SVD of the tensor, never re-runs it.
+width only slices and quantizes the cached thin SVD of the tensor, never re-runs it. A tensor too big
+for its thin SVD (the 248k embedding) is measured by :mod:`sahc_core.methods._svd_bounded` (factors
+from the Gram's eigenvectors, U formed a block of rows at a time).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from torch import Tensor
 
 from sahc_core import metrics
+from sahc_core.methods._svd_bounded import bounded_measure
 from sahc_core.methods.lowrank import (
     LowRankTensor,
     SVDConfig,
@@ -174,6 +177,7 @@ SPEC = register(MethodSpec(
         Param("scheme", "choice", "asym", choices=("asym", "sym")),
     ),
     label=_label, min_ndim=2, measure=fast_measure, extras=extras, candidates=_candidates, adapt=_adapt,
+    measure_bounded=bounded_measure,
     compress_in=lambda ctx, cfg: lowrank(ctx.W, cfg, factors=ctx.factors()),
     color="#F58518",
     description="Truncated SVD W ≈ U_r S_r V_rᵀ with the singular values folded into two factors, stored in "

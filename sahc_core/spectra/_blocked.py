@@ -245,6 +245,26 @@ def gram_blocked(source: ModelSource, name: str, *, block_bytes: int = DEFAULT_B
     return G, shape
 
 
+def gram_of(W: torch.Tensor, *, precision: str = "float32", device: str = "cpu",
+            block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+    """The blocked float64 Gram (as :func:`gram_blocked`) of an IN-MEMORY matrix in any dtype.
+
+    For a tensor held in its stored dtype (bf16): each block of rows is converted to the product
+    dtype alone, so no float32/float64 copy of the whole matrix is made.
+    """
+    if W.ndim != 2:
+        raise ValueError(f"gram_of takes a 2-D matrix, got shape {tuple(W.shape)}.")
+    if precision not in _PRODUCT_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; use float32 or float64.")
+    m, n = (int(d) for d in W.shape)
+    dev = resolve_device(device)
+    rows = _block_rows((m, n), precision, block_bytes)
+    read = lambda a, b: W[a:b]  # noqa: E731 - a view; the Gram code converts it
+    if _use_blas(dev):
+        return torch.from_numpy(_symmetrize_upper(_gram_cpu(read, m, n, rows, _PRODUCT_DTYPES[precision])))
+    return _symmetrize_upper(_gram_torch(read, m, n, rows, _PRODUCT_DTYPES[precision], dev))
+
+
 def _gram32_error_estimate(s: np.ndarray, shape: tuple[int, int]) -> float:
     """Estimate of max_i |Δσ_i| / σ_max of the float32-product Gram (see the module docstring)."""
     if s.size == 0 or s[0] == 0.0:
