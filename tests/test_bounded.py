@@ -219,3 +219,19 @@ def test_bounded_measure_peak_rss_is_the_stored_tensor_plus_blocks(tmp_path: Pat
     stored_mib = m * n * 2 / 2**20
     # the in-memory path holds >= 12 bytes per weight (3 GiB here); bounded: the stored tensor + a few blocks
     assert grown_mib < stored_mib + 5 * 64 + 128, grown_mib
+
+
+@pytest.mark.parametrize("cfg", [SVDConfig(rank=16, bits=4, group_size=16), SVDConfig(rank=20, bits=None),
+                                 SVDConfig(rank=24, bits=3, group_size=None, scheme="sym")])
+def test_svd_compress_of_a_big_tensor_stores_the_factors_its_bounded_measure_measured(monkeypatch, cfg) -> None:
+    """Assembly's Gram-path factors: exact bytes, and their Ŵ has the bounded measurement's errors."""
+    W = _decaying(512, 64, seed=6).to(torch.bfloat16)
+    monkeypatch.setattr(rows, "BOUNDED_MIN_BYTES", 0)
+    c = registry.compress(W, cfg)
+    assert c.u_f32 is None and c.nbytes == registry.projected_bytes(W.shape, cfg)
+    got = svd_bounded(W, cfg, _Ctx(W))
+    ref = registry.measure(W.float(), cfg, compressed=c, w_hat=c.reconstruct(torch.float32))
+    for key in ("rel_error", "weight_cosine"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-5), key
+    loaded = registry.load_compressed(c.state(), c.meta())
+    assert torch.equal(loaded.reconstruct(), c.reconstruct())

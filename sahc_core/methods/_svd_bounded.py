@@ -20,7 +20,8 @@ Errors, per block of rows (``P = B V_r`` the block's coordinates in V_r, ``Ŵ_B 
 * ``trunc_error``: ``‖W − W_r‖² = Σ_{i>r} λ_i`` exactly for this W_r, so it equals ``eym_error``
   (the in-memory path's float32 SVD leaves a ~1e-6 residual that separates them).
 
-Wide matrices (m < n) and tensors of more than 2 dimensions are refused (no weight of a supported
+:func:`lowrank_bounded` gives the stored factors the same way (for assembly). Wide matrices (m < n)
+and tensors of more than 2 dimensions are refused (no weight of a supported
 architecture above the size limit is either). Memory: W as stored, G and V (2 x 8 n² bytes), a few
 float32 blocks of rows.
 
@@ -35,8 +36,9 @@ import torch
 from torch import Tensor
 
 from sahc_core.methods._bounded import ErrorSums, block_rows, float_blocks
-from sahc_core.methods.lowrank import SVDConfig, factor_quant, lowrank_bytes, resolve_rank
-from sahc_core.methods.quant import QuantConfig, _decode, _grid_params, _round_to_grid, _safe_scale, fake_quantize
+from sahc_core.methods.lowrank import LowRankTensor, SVDConfig, factor_quant, lowrank_bytes, resolve_rank
+from sahc_core.methods.quant import (QuantConfig, _decode, _grid_params, _round_to_grid, _safe_scale, fake_quantize,
+                                     quantize)
 
 #: Relative floor below which a singular value counts as zero (its column of u is set to 0).
 _ZERO_SIGMA = 1e-12
@@ -102,6 +104,29 @@ def _u_range(W: Tensor, Vr: Tensor, inv: Tensor, rows: int) -> tuple[Tensor, Ten
         lo = blo if lo is None else torch.minimum(lo, blo)
         hi = bhi if hi is None else torch.maximum(hi, bhi)
     return lo, hi
+
+
+def lowrank_bounded(W: Tensor, cfg: SVDConfig, eig: tuple[Tensor, Tensor] | None = None) -> LowRankTensor:
+    """``lowrank(W, cfg)`` of a big tall W in its stored dtype: the stored factors from the Gram (U never formed).
+
+    Holds ``u`` (r x m float32) once to quantize it (``quantize`` works in row blocks); the result has
+    no unquantized copies (``u_f32`` etc. are ``None``, as after loading).
+    """
+    m, n = _check(W)
+    lam, V = eig if eig is not None else gram_eig(W, str(W.device))
+    r, q = resolve_rank((m, n), cfg), factor_quant(m, n, cfg)
+    sigma = lam.sqrt()
+    sq = sigma[:r].sqrt()
+    inv = torch.where(sigma[:r] > sigma[0] * _ZERO_SIGMA, 1.0 / sq.clamp_min(1e-300), torch.zeros_like(sq))
+    Vr = V[:, :r].to(device=W.device, dtype=torch.float32)
+    inv32 = inv.to(device=W.device, dtype=torch.float32)
+    u = torch.empty(r, m, dtype=torch.float32, device=W.device)  # (U_r sqrt(S_r))ᵀ
+    for a, b, B in float_blocks(W, block_rows(n)):
+        u[:, a:b] = (B @ Vr * inv32).T
+    v = (sq.to(W.device)[:, None] * V[:, :r].to(W.device).T).to(torch.float32)  # (r, n)
+    if q is None:
+        return LowRankTensor((m, n), cfg, r, u.to(torch.float16), v.to(torch.float16))
+    return LowRankTensor((m, n), cfg, r, quantize(u, q), quantize(v, q))
 
 
 def bounded_measure(W: Tensor, cfg: SVDConfig, ctx: Any) -> dict:

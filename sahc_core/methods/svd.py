@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from sahc_core import metrics
-from sahc_core.methods._svd_bounded import bounded_measure
+from sahc_core.io import rows
+from sahc_core.methods._svd_bounded import bounded_measure, lowrank_bounded
 from sahc_core.methods.lowrank import (
     LowRankTensor,
     SVDConfig,
@@ -130,6 +131,13 @@ def fast_measure(W: Tensor, cfg: SVDConfig, ctx: Any) -> dict:
     return out
 
 
+def _compress(W: Tensor, cfg: SVDConfig) -> LowRankTensor:
+    """``lowrank(W, cfg)``; a tall 2-D W above ``io.rows.BOUNDED_MIN_BYTES`` of float32 takes the Gram path."""
+    if W.ndim == 2 and W.shape[0] >= W.shape[1] and 4 * W.numel() > rows.BOUNDED_MIN_BYTES:
+        return lowrank_bounded(W, cfg)
+    return lowrank(W, cfg)
+
+
 def _label(cfg: SVDConfig) -> str:
     g = "row" if cfg.group_size is None else f"g{cfg.group_size}"
     bits = "fp16" if cfg.bits is None else f"int{cfg.bits}-{g}"
@@ -161,7 +169,7 @@ def _rank_options(shape: tuple[int, ...]) -> list[int]:
 
 SPEC = register(MethodSpec(
     name="svd", title="SVD + int-k factors", config=SVDConfig,
-    compress=lambda W, cfg, calib=None: lowrank(W, cfg), nbytes=lowrank_bytes, load=_load,
+    compress=lambda W, cfg, calib=None: _compress(W, cfg), nbytes=lowrank_bytes, load=_load,
     params=(
         Param("rank", "int", None, min=1, nullable=True, scope="tensor", omit_if_none=True,
               options=_rank_options, default_for=lambda shape: max(1, min(_mn(shape)) // 4), help="kept rank r"),
