@@ -407,15 +407,35 @@ def tensor_spectrum(source: ModelSource, name: str, cache: Cache | None = None, 
         If the tensor does not exist or is 1-D.
     """
     t0 = time.perf_counter()
+    _check_tensor(source, name, method)
+    key = cache_key(name, method)
+    hit = cache.get(CACHE_KIND, source.fingerprint, key, SPECTRUM_VERSION) if cache is not None else None
+    if hit is not None:
+        return SpectrumResult.from_value(name, hit, cached=True, seconds=time.perf_counter() - t0)
+    value = spectrum_value(source, name, device, method, adaptive_threads)
+    if cache is not None:
+        cache.put(CACHE_KIND, source.fingerprint, key, SPECTRUM_VERSION, value)
+    return SpectrumResult.from_value(name, value, cached=False, seconds=time.perf_counter() - t0)
+
+
+def _check_tensor(source: ModelSource, name: str, method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown spectrum method {method!r}; use one of {', '.join(METHODS)}.")
     info = source.info(name)
     if len(info.shape) < 2:
         raise ModelError(f"tensor {name!r} is {len(info.shape)}-D (a norm or bias) and has no spectrum; pick a 2-D weight.")
-    key = cache_key(name, method)
-    hit = cache.get(CACHE_KIND, source.fingerprint, key, SPECTRUM_VERSION) if cache is not None else None
-    if hit is not None:
-        return SpectrumResult.from_value(name, hit, cached=True, seconds=time.perf_counter() - t0)
+
+
+def spectrum_value(source: ModelSource, name: str, device: str = "auto", method: str = "auto",
+                   adaptive_threads: bool = False) -> dict:
+    """The stored form of one tensor's spectrum (what :func:`tensor_spectrum` caches), computed, no cache.
+
+    A plain JSON-able dict (``shape``, ``note``, ``device``, ``method``, ``compute_seconds``, ``dtype``,
+    ``tensor_shape``, ``singular_values``, ``stats``): what a distributed scan's worker sends back.
+    """
+    t0 = time.perf_counter()
+    _check_tensor(source, name, method)
+    info = source.info(name)
     dev = resolve_device(device)
     extra: dict[str, Any] = {}
     if is_bounded(info):
@@ -426,14 +446,18 @@ def tensor_spectrum(source: ModelSource, name: str, cache: Cache | None = None, 
         mean = float(M.mean(dtype=torch.float64)) if M.dtype.is_floating_point else float(M.double().mean())
         s, used = _singular_values(M, dev, method, adaptive_threads)
         del W, M
-    value = {"shape": [int(d) for d in _matrix_shape(info.shape)], "note": note, "device": dev, "method": used,
-             "compute_seconds": time.perf_counter() - t0, "dtype": info.dtype,
-             "tensor_shape": [int(d) for d in info.shape],
-             "singular_values": s.tolist(), "stats": spectrum_stats(s, _matrix_shape(info.shape), mean)}
-    value["stats"].update(method=used, **extra)
-    if cache is not None:
-        cache.put(CACHE_KIND, source.fingerprint, key, SPECTRUM_VERSION, value)
-    return SpectrumResult.from_value(name, value, cached=False, seconds=time.perf_counter() - t0)
+    return make_value(info, s, used, mean, note, dev, time.perf_counter() - t0, extra)
+
+
+def make_value(info: Any, s: np.ndarray, method: str, mean: float, note: str | None, device: str,
+               seconds: float, extra: dict | None = None) -> dict:
+    """The cache value of a spectrum from its parts (``info``: the tensor's ``TensorInfo``)."""
+    shape = _matrix_shape(info.shape)
+    value = {"shape": [int(d) for d in shape], "note": note, "device": device, "method": method,
+             "compute_seconds": seconds, "dtype": info.dtype, "tensor_shape": [int(d) for d in info.shape],
+             "singular_values": np.asarray(s, dtype=np.float64).tolist(), "stats": spectrum_stats(s, shape, mean)}
+    value["stats"].update(method=method, **(extra or {}))
+    return value
 
 
 def _bounded_values(source: ModelSource, name: str, device: str,
