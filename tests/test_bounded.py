@@ -235,3 +235,11 @@ def test_svd_compress_of_a_big_tensor_stores_the_factors_its_bounded_measure_mea
         assert got[key] == pytest.approx(ref[key], rel=1e-5), key
     loaded = registry.load_compressed(c.state(), c.meta())
     assert torch.equal(loaded.reconstruct(), c.reconstruct())
+
+
+def test_output_cosine_refuses_a_model_whose_float32_copy_breaks_the_bound(bounded_dir: Path, monkeypatch) -> None:
+    source = ModelSource.open(bounded_dir)
+    monkeypatch.setattr(rows, "BOUND_OVERHEAD_BYTES", 0)  # a one-tensor model: the bound becomes 2 bytes per weight,
+    monkeypatch.setattr(rows, "BOUND_FACTOR", 1.0)        # below its float32 copy (4 bytes per weight)
+    with pytest.raises(ValueError, match="memory bound"):
+        whatif.output_cosine_for(source, "model.embed_tokens.weight", QuantConfig(4, 16))

@@ -167,3 +167,18 @@ def test_ray_scan_of_the_default_model_equals_the_serial_scan(cluster, default_m
     df = ray_scan(source, cache=cache, device="cpu")
     _same(df, scan(source, device="cpu"))
     assert sorted(_rows(cache, source.fingerprint)) == sorted(df["name"])
+
+
+def test_cli_scan_ray_has_the_scan_keys_and_fills_the_cache(cluster, tiny_qwen35_dir, tmp_path, capsys):
+    import json
+
+    from sahc_core.cli.main import main
+
+    db = tmp_path / "c.duckdb"
+    argv = ["scan", "--model", str(tiny_qwen35_dir), "--cache", str(db), "--device", "cpu", "--json"]
+    assert main([*argv, "--ray", "local:2"]) == 0  # the test's session is joined, not replaced
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["ray"] == "local:2" and out["n_tensors"] == len(out["rows"]) > 0
+    assert main([*argv, "--status"]) == 0
+    status = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status["done"] == status["total"] == out["n_tensors"] and status["todo"] == []

@@ -323,6 +323,10 @@ def output_cosine_for(source: ModelSource, name: str, cfg: Any, model: tuple[Any
 
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be at least 1, got {n_tokens}.")
+    if model is None and 4 * source.num_params > memory_bound(source):  # loading it would break the bound
+        raise ValueError(f"the output cosine runs the whole model in float32 ({4 * source.num_params / 1e9:.1f} GB), "
+                         f"above this model's {memory_bound(source) / 1e9:.1f} GB memory bound; use the weight "
+                         "numbers here and a run's layer-sequential gates for output quality.")
     if calib_text is None:
         from sahc_core.io.corpus import default_corpus
 
