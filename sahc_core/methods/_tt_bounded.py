@@ -11,10 +11,9 @@ in float32 at a time, zero rows and columns for the padding), :func:`first_eig` 
 (float32 chunk products added in float64) and :func:`first_step` gives ``L1`` and ``R1`` (r1 x rest,
 float32): then the usual TT-SVD continues on R1, which is r1 / (i1 j1) of X.
 
-Rows of Ŵ come in slabs of one first row digit (:func:`row_slabs`): with ``T`` the contraction of
-cores 2..D, ``(r1, R, Q')`` (``R = prod(i2..iD)`` rows, ``Q' = prod(j2..jD)`` columns), the slab of
-rows ``[a1 R, (a1 + 1) R)`` is ``G1[0, a1] (j1, r1) x T``: 260 GFLOP for the embedding at ranks 256
-against 4.2 TFLOP for gathering the cores row by row (:meth:`TTMatrix.rows`).
+Rows of Ŵ come in slabs of one (first, second) row digit pair (:func:`row_slabs`): 260 GFLOP for the
+embedding at ranks 256 against 4.2 TFLOP for gathering the cores row by row (:meth:`TTMatrix.rows`),
+and nothing of the size of Ŵ or of the contracted cores 2..D (1.6 GB there) is held.
 
 References: I. Oseledets, "Tensor-Train Decomposition", SIAM J. Sci. Comput. 33(5), 2011, Alg. 1.
 """
@@ -96,29 +95,48 @@ def first_step(W: Tensor, row_factors: tuple[int, ...], col_factors: tuple[int, 
 
 
 def _right_part(cores: list[Tensor]) -> Tensor:
-    """Cores 2..D contracted: ``(r1, prod(i2..iD), prod(j2..jD))`` float32, rows and columns row-major."""
+    """Cores k..D contracted (``cores`` = those cores): ``(r_{k-1}, prod(i_k..), prod(j_k..))`` float32."""
     T = cores[-1][..., 0]  # (r_{D-1}, i_D, j_D)
-    for G in reversed(cores[1:-1]):  # (r_{k-1}, i_k, j_k, r_k)
+    for G in reversed(cores[:-1]):  # (r_{k-1}, i_k, j_k, r_k)
         a, i, j, _ = G.shape
         T = torch.einsum("aijb,bIJ->aiIjJ", G, T).reshape(a, i * T.shape[1], j * T.shape[2])
     return T
 
 
 def row_slabs(c: Any) -> Iterator[tuple[int, int, Tensor]]:
-    """``(start, stop, Ŵ[start:stop])`` float32 of a :class:`TTMatrix`, one slab per first row digit."""
+    """``(start, stop, Ŵ[start:stop])`` float32 of a :class:`TTMatrix`, one slab per (first, second) row digit.
+
+    With three or more cores, ``T3`` (cores 3..D contracted, ``(r2, R3, Q3)``) is formed once and,
+    per second digit a2, ``T_a2 = G2[:, a2] T3`` ``(r1, j2, R3, Q3)``; the slab of rows
+    ``a1 i2 R3 + a2 R3 + [0, R3)`` is then ``G1[0, a1] T_a2``: nothing larger than one slab and T3
+    is held (25 MB and 6 MB for the embedding at ranks 256). Two cores: one slab per first digit.
+    """
     cores = c.float_cores()
     V, d = c.shape
-    T = _right_part(cores)  # (r1, R, Q')
-    r1, R, Qp = T.shape
-    T2 = T.reshape(r1, R * Qp)
-    j1 = cores[0].shape[2]
-    for a1 in range(cores[0].shape[1]):
-        start = a1 * R
-        if start >= V:
-            break
-        slab = (cores[0][0, a1] @ T2).reshape(j1, R, Qp).permute(1, 0, 2).reshape(R, j1 * Qp)
-        stop = min(V, start + R)
-        yield start, stop, slab[: stop - start, :d]
+    g1 = cores[0][0]  # (i1, j1, r1)
+    i1, j1, r1 = g1.shape
+    if len(cores) == 2:
+        T = _right_part(cores[1:])  # (r1, i2, j2)
+        R = T.shape[1]
+        for a1 in range(i1):
+            if a1 * R >= V:
+                break
+            slab = (g1[a1] @ T.reshape(r1, -1)).reshape(j1, R, -1).permute(1, 0, 2).reshape(R, -1)
+            yield a1 * R, min(V, (a1 + 1) * R), slab[: min(V, (a1 + 1) * R) - a1 * R, :d]
+        return
+    T3 = _right_part(cores[2:])  # (r2, R3, Q3)
+    G2 = cores[1]  # (r1, i2, j2, r2)
+    i2, j2 = G2.shape[1], G2.shape[2]
+    R3, Q3 = T3.shape[1], T3.shape[2]
+    for a2 in range(i2):
+        Ta2 = (G2[:, a2].reshape(r1 * j2, -1) @ T3.reshape(T3.shape[0], -1)).reshape(r1, j2 * R3 * Q3)
+        for a1 in range(i1):
+            start = a1 * i2 * R3 + a2 * R3
+            if start >= V:
+                continue
+            slab = (g1[a1] @ Ta2).reshape(j1, j2, R3, Q3).permute(2, 0, 1, 3).reshape(R3, j1 * j2 * Q3)
+            stop = min(V, start + R3)
+            yield start, stop, slab[: stop - start, :d]
 
 
 def bounded_measure(W: Tensor, cfg: Any, ctx: Any) -> dict:
