@@ -9,7 +9,7 @@ import app_state
 from sahc_core.errors import NumericalError, SahcError
 from sahc_core.figures.spectrum import (STABLE_RANK, energy_figure, layer_heatmap, output_rank_figure,
                                         rank_error_figure, sigma_figure)
-from sahc_core.spectra.scan import cached_scan, failed, matrix_table, results_frame, scan
+from sahc_core.spectra.scan import cached_scan, failed, matrix_table, results_frame, scan, scan_status
 from sahc_core.spectra.spectrum import tensor_spectrum
 
 MODES = ("This tensor", "All projections of this layer", "This projection across layers")
@@ -77,10 +77,23 @@ def compute(names: list[str], device: str) -> list:
     return results
 
 
+def scan_status_ui(component: str | None, device: str) -> None:
+    """Which tensors the (cached) scan has done, and the ETA of the rest from the measured time per shape."""
+    status = scan_status(source, cache, component, device)
+    eta = status["eta_seconds"]
+    eta_txt = "" if not status["todo"] else (" · ETA unknown until a tensor is timed on this device" if eta is None
+                                             else f" · ETA {eta / 60:.1f} min")
+    st.caption(f"Scan: {status['done']}/{status['total']} tensors done{eta_txt}")
+    if status["todo"] and status["done"]:
+        with st.expander("Scan progress by shape"):
+            st.dataframe(pd.DataFrame(status["shapes"]), hide_index=True, width="stretch")
+
+
 def scan_ui(component: str, device: str) -> pd.DataFrame:
     """Scan button (component or whole model) with progress; returns the scanned rows so far."""
     scope = st.radio("Scope", ("This component", "Whole model"), horizontal=True, key="sp_scope")
     comp_arg = component if scope == "This component" else None
+    scan_status_ui(comp_arg, device)
     if st.button(f"Scan {'component' if comp_arg else 'model'}", key="sp_scan"):
         bar = st.progress(0.0, text="Scanning…")
 

@@ -3,7 +3,7 @@
 Writes once (cached in ``--dir``) a random checkpoint with the real Qwen3.5-9B tensor names and
 full-size embedding (248,320 x 4,096), FFN, vision tower and MTP head, but ``--layers`` text layers
 (default 4: ~7.2 GB bf16; ``sahc_core.io.synthetic``), then runs each command as a child process
-(``nice -n 10 python -m sahc_core ... --json --no-cache --device cpu``) and records per command
+(``nice -n 10 python -m sahc_core ... --json --no-cache --device DEVICE``, default cpu) and records per command
 
 * ``seconds``      wall time of the child; ``cpu_seconds`` its user + system CPU time (steadier than
                    wall time on a shared machine);
@@ -24,6 +24,10 @@ Prints ONE JSON object on stdout (progress on stderr); ``--out FILE`` also merge
     .venv/bin/python bench/scale.py --only inspect plan measure-int-ffn
     .venv/bin/python bench/scale.py --only gram --out /tmp/scale.json
     .venv/bin/python bench/scale.py --only spectrum-embedding --timeout 3600 --out /tmp/scale.json
+    .venv/bin/python bench/scale.py --device cuda --out /tmp/scale-cuda.json
+
+``model-page`` times what the Model page computes (open + tensor table: header reads only);
+``assemble-int4`` the run's assembly stage (written next to ``--dir``, then deleted).
 """
 from __future__ import annotations
 
@@ -52,23 +56,33 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def commands(model: Path, spectra: Path, block_bytes: int) -> dict[str, list[str]]:
+def commands(model: Path, spectra: Path, block_bytes: int, device: str = "cpu",
+             work: Path | None = None) -> dict[str, list[str]]:
     """Every measurable command: name -> argv of the child (without ``nice``); gram children save σ in ``spectra``."""
     cli = [sys.executable, "-m", "sahc_core"]
-    common = ["--model", str(model), "--json", "--no-cache", "--device", "cpu"]
+    common = ["--model", str(model), "--json", "--no-cache", "--device", device]
+    me = [sys.executable, str(Path(__file__).resolve())]
+    work = work or Path(tempfile.gettempdir())
     out: dict[str, list[str]] = {
         "inspect": [*cli, "inspect", *common],
         "spectrum-embedding": [*cli, "spectrum", "--tensor", EMBEDDING, *common],
         "spectrum-ffn": [*cli, "spectrum", "--tensor", FFN, *common],
         "scan": [*cli, "scan", *common],
+        "scan-ray-attention": [*cli, "scan", "--ray", "local:2", "--component", "attention_full", *common],
         "measure-int-embedding": [*cli, "measure", "--tensor", EMBEDDING, "--method", "int", "--bits", "4",
                                   "--group-size", "128", *common],
         "measure-int-ffn": [*cli, "measure", "--tensor", FFN, "--method", "int", "--bits", "4", "--group-size", "128",
                             *common],
         "measure-svd-ffn": [*cli, "measure", "--tensor", FFN, "--method", "svd", "--rank", "512", *common],
+        "measure-svd-embedding": [*cli, "measure", "--tensor", EMBEDDING, "--method", "svd", "--rank", "512", *common],
+        "measure-keep-embedding": [*cli, "measure", "--tensor", EMBEDDING, "--method", "keep", *common],
+        "measure-hqq-embedding": [*cli, "measure", "--tensor", EMBEDDING, "--method", "hqq", *common],
         "measure-tt-embedding": [*cli, "measure", "--tensor", EMBEDDING, "--method", "tt", *common],
         "sweep-embedding": [*cli, "sweep", "--tensor", EMBEDDING, *common],
         "plan": [*cli, "plan", "--plan", str(ROOT / "plans" / "int4-g128.json"), *common],
+        "model-page": [*me, "--child-model-page", str(model)],
+        "assemble-int4": [*me, "--child-assemble", str(model), str(ROOT / "plans" / "int4-g128.json"),
+                          str(work / "sahc-scale-assembled"), device],
     }
     for what, tensor in (("embedding", EMBEDDING), ("ffn", FFN)):
         for bits in ("64", "32"):
@@ -192,9 +206,41 @@ def child_gram(model: str, tensor: str, precision: str, block_bytes: str, out_fi
                       "seconds": time.perf_counter() - t0}))
 
 
+def child_model_page(model: str) -> None:
+    """``--child-model-page``: what the Model page computes (open the model, the tensor table), timed."""
+    from sahc_core.io.components import component_shares, tensor_table
+    from sahc_core.io.source import ModelSource
+
+    t0 = time.perf_counter()
+    table = tensor_table(ModelSource.open(model))
+    shares = component_shares(table)
+    print(json.dumps({"tensors": len(table), "components": len(shares), "seconds": time.perf_counter() - t0}))
+
+
+def child_assemble(model: str, plan: str, out: str, device: str) -> None:
+    """``--child-assemble``: the run's assembly stage of ``plan`` (streaming, tensor by tensor), then delete it."""
+    import shutil
+
+    from sahc_core.io.source import ModelSource
+    from sahc_core.plans.assemble import assemble
+    from sahc_core.plans.plan import CompressionPlan
+
+    t0 = time.perf_counter()
+    res = assemble(ModelSource.open(model), CompressionPlan.from_json(plan), out, overwrite=True, device=device)
+    shutil.rmtree(out, ignore_errors=True)
+    print(json.dumps({"ratio_actual": res["ratio_actual"], "ratio_projected": res["ratio_projected"],
+                      "n_tensors": res["n_tensors"], "seconds": time.perf_counter() - t0}))
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child-gram":
         child_gram(*sys.argv[2:7])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-model-page":
+        child_model_page(sys.argv[2])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-assemble":
+        child_assemble(*sys.argv[2:6])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/sahc-qwen35-9b-like"), help="checkpoint directory (cache)")
@@ -206,6 +252,7 @@ def main() -> None:
     parser.add_argument("--block-mib", type=int, default=256, help="block size of the gram commands (MiB)")
     parser.add_argument("--out", type=Path, help="also merge the JSON into this file")
     parser.add_argument("--list", action="store_true", help="list the command names and exit")
+    parser.add_argument("--device", default="cpu", help="device of every command (cpu, cuda)")
     args = parser.parse_args()
     load_at_start = os.getloadavg()
 
@@ -223,7 +270,7 @@ def main() -> None:
     source = ModelSource.open(args.dir)
     spectra = Path(f"{args.dir}-spectra") / source.fingerprint[:16]  # σ kept across runs, per checkpoint
     spectra.mkdir(parents=True, exist_ok=True)
-    table = commands(args.dir, spectra, args.block_mib * 2**20)
+    table = commands(args.dir, spectra, args.block_mib * 2**20, args.device, args.dir.parent)
     largest = max(source.tensors(), key=lambda t: t.numel)
     bound_gb = 2.5 * largest.numel * 2 / GB + 1.5
     results: dict[str, dict] = {}

@@ -48,8 +48,12 @@ def check_finite(W: Tensor, what: str, consequence: str) -> None:
         raise NumericalError(f"{what} has no elements (shape {tuple(W.shape)}), so {consequence}; "
                              "leave the tensor out or repair the checkpoint.")
     if W.dtype.is_floating_point or W.dtype.is_complex:
-        nan = int(torch.isnan(W).sum())
-        inf = int(torch.isinf(W).sum())
+        # in chunks of 16M entries: the boolean masks of a 248k-row embedding would be 1 GB each
+        flat = W.reshape(-1)
+        nan = inf = 0
+        for part in flat.split(1 << 24):
+            nan += int(torch.isnan(part).sum())
+            inf += int(torch.isinf(part).sum())
         if nan or inf:
             raise NumericalError(f"{what} holds {nan:,} NaN and {inf:,} Inf value(s) among its {n:,} entries, so "
                                  f"{consequence}; repair the checkpoint or leave the tensor out.", math.nan)

@@ -175,3 +175,21 @@ def test_shape_gate_reports_missing_wrong_and_extra(tiny_llama_dir):
     assert (matched, total) == (18, 20)
     assert {m["name"]: m["got"] for m in mism} == {"model.layers.0.mlp.up_proj.weight": [3, 3],
                                                    "model.norm.weight": None, "extra.weight": [2]}
+
+
+def test_bounded_assembly_reads_big_tensors_in_their_stored_dtype_and_writes_the_same_checkpoint(
+        tiny_llama_dir, tmp_path, monkeypatch):
+    """Above io.rows.BOUNDED_MIN_BYTES every tensor goes to its method as stored (blocks, no float32 copy)."""
+    from sahc_core.io import rows
+    from sahc_core.plans import assemble as asm
+
+    src = ModelSource.open(tiny_llama_dir)
+    whole = load_assembled(assemble(src, INT4, tmp_path / "a", device="cpu")["out_dir"])
+    monkeypatch.setattr(rows, "BOUNDED_MIN_BYTES", 0)
+    seen = []
+    real = asm.read_stored
+    monkeypatch.setattr(asm, "read_stored", lambda s, n: seen.append(n) or real(s, n))
+    _check_round_trip(src, INT4, tmp_path / "b")
+    assert set(seen) == {t.name for t in src.tensors()}
+    blocked = load_assembled(tmp_path / "b")
+    assert all(torch.equal(blocked[k], whole[k]) for k in whole)

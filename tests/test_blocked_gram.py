@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sahc_core.errors import ModelError
+from sahc_core.io import rows as rows_mod
 from sahc_core.io.source import ModelSource
 from sahc_core.spectra import _blocked
 from sahc_core.spectra._blocked import gram_blocked, rows_per_block, singular_values_blocked, spectrum_blocked
@@ -102,8 +103,8 @@ def test_blocks_are_read_row_ranges_and_the_tensor_never_whole(tiny_qwen35_dir: 
     source = ModelSource.open(tiny_qwen35_dir)
     monkeypatch.setattr(ModelSource, "read", lambda *a, **k: pytest.fail("the whole tensor was read"))
     reads: list[tuple[int, int]] = []
-    real = _blocked._read_rows
-    monkeypatch.setattr(_blocked, "_read_rows", lambda p, n, a, b, c: reads.append((a, b)) or real(p, n, a, b, c))
+    real = rows_mod._read_rows
+    monkeypatch.setattr(rows_mod, "_read_rows", lambda p, n, a, b, c: reads.append((a, b)) or real(p, n, a, b, c))
     block_bytes = 10 * 64 * 8 + 7  # 10 float64 rows
     gram_blocked(source, name, block_bytes=block_bytes, precision="float64")
     assert rows_per_block(64, 8, block_bytes) == 10
@@ -114,8 +115,8 @@ def test_blocks_are_read_row_ranges_and_the_tensor_never_whole(tiny_qwen35_dir: 
 def test_wide_tensor_reads_each_block_pair_once(tiny_qwen35_dir: Path, monkeypatch) -> None:
     name = NAMES[1]  # (64, 128) wide: G = WWᵀ from row-block pairs
     reads: list[tuple[int, int]] = []
-    real = _blocked._read_rows
-    monkeypatch.setattr(_blocked, "_read_rows", lambda p, n, a, b, c: reads.append((a, b)) or real(p, n, a, b, c))
+    real = rows_mod._read_rows
+    monkeypatch.setattr(rows_mod, "_read_rows", lambda p, n, a, b, c: reads.append((a, b)) or real(p, n, a, b, c))
     gram_blocked(ModelSource.open(tiny_qwen35_dir), name, block_bytes=2 * 16 * 128 * 8, precision="float64")
     p = 64 // 16  # 4 blocks of 16 rows (each half of block_bytes)
     assert len(reads) == p * (p + 1) // 2 and all(b - a == 16 for a, b in reads)
@@ -230,11 +231,11 @@ def test_peak_rss_is_gram_plus_a_block_not_the_tensor(tmp_path: Path) -> None:
 def test_reader_remaps_the_shard_once_the_mapped_budget_is_read(tiny_qwen35_dir: Path, monkeypatch) -> None:
     """The mapping (whose touched pages count in RSS) is dropped and reopened every ~mapped_bytes read."""
     opened: list[str] = []
-    real = _blocked.safe_open
-    monkeypatch.setattr(_blocked, "safe_open", lambda path, framework: opened.append(path) or real(path, framework=framework))
+    real = rows_mod.safe_open
+    monkeypatch.setattr(rows_mod, "safe_open", lambda path, framework: opened.append(path) or real(path, framework=framework))
     source = ModelSource.open(tiny_qwen35_dir)
     info = source.info(NAMES[0])  # (256, 64) float32: 256 bytes a row
-    reader = _blocked._RowReader(source.path / info.file, NAMES[0], 64, 256, mapped_bytes=10 * 256)
+    reader = rows_mod.RowReader(source.path / info.file, NAMES[0], 64, 256, mapped_bytes=10 * 256)
     W = _reference(tiny_qwen35_dir, NAMES[0])
     for a in range(0, 256, 4):  # 4-row reads: 2 fit a 10-row budget, the 3rd remaps
         assert torch.equal(reader.read(a, a + 4).to(torch.float64), W[a:a + 4])

@@ -1,6 +1,7 @@
 """AppTest of the Spectrum page on the tiny llama fixture (cache in tmp)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from apptest_helpers import run_page
@@ -31,11 +32,15 @@ def test_select_a_tensor_and_the_plots_appear(tiny_llama_dir, monkeypatch, tmp_p
     # all projections of this layer overlaid, then the whole-model scan fills the heatmaps
     at.radio(key="sp_mode").set_value("All projections of this layer").run()
     assert len(at.dataframe[0].value) == 3
+    # the FFN tensors shown so far are cached: the FFN scan is partly done, its ETA from their measured times
+    assert any(re.fullmatch(r"Scan: [3-5]/6 tensors done · ETA \d+\.\d min", c.value) for c in at.caption)
     at.radio(key="sp_scope").set_value("Whole model").run()
     at.button(key="sp_scan").click().run()
     assert not at.exception and not at.error
     assert {"sp_heat_rank", "sp_heat_stable"} <= _charts(at)
     assert any("15 tensor(s) scanned" in c.value for c in at.caption)
+    at.run()  # the scan status (computed before the button) now counts every tensor
+    assert any(c.value == "Scan: 15/15 tensors done" for c in at.caption)
 
 
 def test_bad_model_path_is_one_error(monkeypatch, tmp_path):

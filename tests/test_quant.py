@@ -191,3 +191,21 @@ def test_fake_quantize_refuses_what_quantize_refuses():
         quant.fake_quantize(W, quant.QuantConfig(4, 16))
     with pytest.raises(ValueError, match="does not divide"):
         quant.fake_quantize(torch.ones(4, 30), quant.QuantConfig(4, 16))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+@pytest.mark.parametrize("scheme", ["sym", "asym"])
+def test_blockwise_quantize_packs_the_same_bitstream_as_one_block(monkeypatch, bits, scheme):
+    """Blocks of 8k rows (any bf16 W converted block by block) give the codes, scales, zeros of one pass."""
+    import sahc_core.methods.quant as quant
+
+    W = (torch.randn(61, 48, generator=torch.Generator().manual_seed(bits)) * 0.05).to(torch.bfloat16)
+    for g in (None, 16):
+        cfg = quant.QuantConfig(bits, g, scheme)
+        whole = quant.quantize(W, cfg)
+        monkeypatch.setattr(quant, "_QUANT_CHUNK_ELEMS", 17 * 48)  # 16-row blocks, a last block of 13 rows
+        parts = quant.quantize(W, cfg)
+        monkeypatch.undo()
+        assert torch.equal(parts.codes, whole.codes) and torch.equal(parts.scales, whole.scales)
+        assert (parts.zeros is None) == (whole.zeros is None) and (parts.zeros is None or torch.equal(parts.zeros, whole.zeros))
+        assert torch.equal(quant.dequantize(parts), quant.fake_quantize(W.float(), cfg))

@@ -282,3 +282,25 @@ def test_machine_idle_reads_proc_loadavg(monkeypatch, tmp_path):
         monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(f if p == "/proc/loadavg" else p, *a, **k))
         assert sp._machine_idle() is idle
     monkeypatch.setattr(builtins, "open", real_open)
+
+
+def test_big_tensors_take_the_blocked_gram_and_are_never_read_whole(tiny_qwen35_dir, monkeypatch):
+    """Above io.rows.BOUNDED_MIN_BYTES a spectrum comes from row blocks: same σ and stats, no whole read."""
+    from sahc_core.io import rows
+
+    source = ModelSource.open(tiny_qwen35_dir)
+    names = ["model.language_model.embed_tokens.weight", "model.language_model.layers.0.mlp.down_proj.weight",
+             next(t.name for t in source.tensors() if t.name.endswith("conv1d.weight"))]
+    expected = {n: sp.tensor_spectrum(source, n, device="cpu") for n in names}  # in-memory path
+    monkeypatch.setattr(rows, "BOUNDED_MIN_BYTES", 0)
+    monkeypatch.setattr(ModelSource, "read", lambda *a, **k: pytest.fail("the whole tensor was read"))
+    for n in names:
+        res = sp.tensor_spectrum(source, n, device="cpu")
+        ref = expected[n]
+        assert res.stats["blocked"] and res.stats["within_contract"] and res.method == "gram64"
+        assert res.shape == ref.shape and res.tensor_shape == ref.tensor_shape and (res.note is None) == (ref.note is None)
+        assert np.max(np.abs(res.singular_values - ref.singular_values)) / ref.singular_values[0] < TOL
+        for key in ("mp_variance", "mp_hi", "frobenius_norm", "stable_rank", "min_rank_0.1"):
+            assert res.stats[key] == pytest.approx(ref.stats[key], rel=1e-6, abs=1e-12), key
+    with pytest.raises(ValueError, match="memory bound"):
+        sp.tensor_spectrum(source, names[0], device="cpu", method="svd64")

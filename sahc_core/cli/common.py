@@ -38,12 +38,16 @@ def _tqdm_progress(desc: str, unit: str) -> tuple[Callable[..., None], Callable[
 
     bar: dict[str, Any] = {}
 
-    def update(done: int, total: int, *_: Any, **__: Any) -> None:
+    def update(done: int, total: int, *rest: Any, **__: Any) -> None:
         if "bar" not in bar:
             bar["bar"] = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
         b = bar["bar"]
         b.total = total
         b.n = done
+        if rest and isinstance(rest[0], str):  # (name) or (name, eta_s): what was just done and what is left
+            eta = rest[1] if len(rest) > 1 and isinstance(rest[1], int | float) else None
+            b.set_postfix_str(rest[0].removesuffix(".weight")[-40:] + ("" if eta is None else f" · ETA {eta:.0f} s"),
+                             refresh=False)
         b.refresh()
 
     def close() -> None:

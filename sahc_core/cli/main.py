@@ -75,18 +75,27 @@ def cmd_spectrum(args: argparse.Namespace) -> dict:
 def cmd_scan(args: argparse.Namespace) -> dict:
     import time
 
-    from sahc_core.spectra.scan import scan
+    from sahc_core.spectra.scan import scan, scan_status
 
     source = _source(args)
+    if args.status:  # what the cache holds and the ETA of the rest; computes nothing
+        return {"model": str(source.path), "component": args.component,
+                **scan_status(source, _cache(args), args.component, args.device)}
     update, close = _tqdm_progress("scan", "tensor")
     t0 = time.perf_counter()
     try:
-        df = scan(source, component=args.component, cache=_cache(args), device=args.device, progress=update,
-                  adaptive_threads=True)
+        if args.ray:
+            from sahc_core.runs.distributed import ray_scan
+
+            df = ray_scan(source, component=args.component, cache=_cache(args), address=args.ray,
+                          device=args.device, progress=update)
+        else:
+            df = scan(source, component=args.component, cache=_cache(args), device=args.device, progress=update,
+                      adaptive_threads=True, batch=args.batch)
     finally:
         close()
     return {"model": str(source.path), "component": args.component, "n_tensors": len(df),
-            "seconds": time.perf_counter() - t0, "rows": df.to_dict(orient="records")}
+            "seconds": time.perf_counter() - t0, "ray": args.ray, "rows": df.to_dict(orient="records")}
 
 
 def cmd_measure(args: argparse.Namespace) -> dict:
@@ -260,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--corpus", help="calibration text for --calib (default: the Shakespeare calibration split)")
     sp = add("scan", cmd_scan, "spectrum statistics of every 2-D weight (resumable, cached)")
     sp.add_argument("--component", help="only this component (ffn, attention_full, ...)")
+    sp.add_argument("--ray", metavar="auto|local[:N]|ADDRESS",
+                    help="one Ray task per tensor on a cluster (needs the ray extra); the cache is written here")
+    sp.add_argument("--batch", action=argparse.BooleanOptionalAction, default=None,
+                    help="stack same-shape tensors (default: on CUDA only)")
+    sp.add_argument("--status", action="store_true",
+                    help="only report which tensors are done and the ETA of the rest (from measured times)")
 
     sp = add("measure", cmd_measure, "compress one tensor and measure bytes, ratio, error, cosine, gates")
     sp.add_argument("--tensor", required=True)

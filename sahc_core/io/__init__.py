@@ -6,4 +6,5 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "components": ("Component", "TensorRole", "classify", "is_known_architecture", "tensor_table", "component_shares"),
     "default_model": ("default_model_dir", "DEFAULT_MODEL_NOTE"),
     "corpus": ("Corpus", "default_corpus", "load_corpus"),
+    "rows": ("memory_bound", "read_stored", "iter_row_blocks"),
 })

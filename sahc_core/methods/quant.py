@@ -45,6 +45,9 @@ _PACK_CHUNK = 1 << 20  # 8-code blocks packed per step for k in {3,5,6,7} (bound
 #: through the few elementwise passes of a measurement (measured: 128-2048 rows of 576 all ~0.08 s
 #: for the 49152x576 embedding against 0.16 s unblocked).
 _FAKE_CHUNK_ELEMS = 1 << 19
+#: Weights quantized per block by :func:`quantize` (64 MiB of float32): bounds its temporaries for the
+#: 248k embedding (1G weights) while every tensor of a small model is one block.
+_QUANT_CHUNK_ELEMS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -353,12 +356,21 @@ def quantize(W: Tensor, cfg: QuantConfig) -> QuantizedTensor:
     """
     shape = tuple(W.shape)
     rows, cols, g = _layout(shape, cfg)
-    x = W.detach().to(torch.float32).reshape(rows, cols // g, g)  # (rows, groups, g)
-    q, scales, zeros = _grid(x, cfg)
-    if cfg.scheme == "sym":
-        q += 2 ** (cfg.bits - 1) - 1  # stored code in [0, 2Q]
-    codes = pack_codes(q.to(torch.uint8), cfg.bits)
-    return QuantizedTensor(shape, cfg, codes, scales, zeros)
+    x = W.detach().reshape(rows, cols)
+    # blocks of a multiple of 8 rows: each block's bitstream is whole bytes, so the concatenation is the
+    # stream of the whole tensor; each block converted to float32 alone (a bf16 W is never copied whole)
+    step = rows if rows * cols <= _QUANT_CHUNK_ELEMS else max(8, _QUANT_CHUNK_ELEMS // cols // 8 * 8)
+    codes, scales, zeros = [], [], []
+    for start in range(0, rows, step):
+        q, s, z = _grid(x[start:start + step].to(torch.float32).reshape(-1, cols // g, g), cfg)  # (r, groups, g)
+        if cfg.scheme == "sym":
+            q += 2 ** (cfg.bits - 1) - 1  # stored code in [0, 2Q]
+        codes.append(pack_codes(q.to(torch.uint8), cfg.bits))
+        scales.append(s)
+        zeros.append(z)
+        del q
+    cat = (lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts))  # noqa: E731
+    return QuantizedTensor(shape, cfg, cat(codes), cat(scales), None if zeros[0] is None else cat(zeros))
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -389,13 +401,14 @@ def fake_quant_chunks(W: Tensor, cfg: QuantConfig, chunk_elems: int | None = Non
     skips packing and unpacking the codes and works on cache-sized blocks of ``chunk_elems`` weights
     (default ``_FAKE_CHUNK_ELEMS``), so a what-if measurement can take its row norms while the block
     is hot: about 7x faster than ``dequantize(quantize(W))`` on the 49152x576 embedding. Groups never
-    cross rows, so blocking by rows is exact.
+    cross rows, so blocking by rows is exact. ``W`` may be bf16/fp16 (a tensor kept in its stored
+    dtype): each block is converted to float32 alone, so no float32 copy of W is made.
     """
     rows, cols, g = _layout(tuple(W.shape), cfg)
-    x = W.detach().to(torch.float32).reshape(rows, cols)
+    x = W.detach().reshape(rows, cols)  # any float dtype: each block is converted on its own (bf16 W: no copy)
     step = max(1, (chunk_elems or _FAKE_CHUNK_ELEMS) // cols)
     for start in range(0, rows, step):
-        block = x[start:start + step]
+        block = x[start:start + step].to(torch.float32)
         q, scales, zeros = _grid(block.reshape(-1, cols // g, g), cfg)
         yield FakeQuantChunk(slice(start, start + block.shape[0]), block, _decode(q, scales, zeros).reshape(-1, cols),
                              scales)

@@ -220,6 +220,11 @@ class MethodSpec:
     ``adapt(shape, cfg)`` returns ``(cfg', note)`` making ``cfg`` fit ``shape`` or ``None``;
     ``compress_in(ctx, cfg)`` compresses the context's tensor re-using what the context caches (the
     SVD re-uses the tensor's thin SVD instead of computing it again).
+
+    Tensors above ``io.rows.BOUNDED_MIN_BYTES`` (the 248k embedding) are measured without float32
+    copies of W (:mod:`sahc_core.methods._bounded`): ``measure_bounded(W, cfg, ctx)`` gets W in its
+    stored dtype; without one, a ``row_separable`` method (``compress(W)[rows] == compress(W[rows])``)
+    is compressed and compared block by block, and any other method is refused with the memory bound.
     """
 
     name: str
@@ -238,6 +243,8 @@ class MethodSpec:
     candidates: Callable[[tuple[int, ...], str | None], list] | None = None
     adapt: Callable[[tuple[int, ...], Any], tuple[Any, str] | None] | None = None
     compress_in: Callable[[Any, Any], Any] | None = None
+    measure_bounded: Callable[..., dict] | None = None
+    row_separable: bool = False
     color: str = "#888888"
     description: str = ""
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from sahc_core import metrics
+from sahc_core.methods._bounded import quad_form
 from sahc_core.methods.quant import QuantConfig, QuantizedTensor, fake_quant_chunks, quant_bytes, quantize
 from sahc_core.methods.registry import MethodSpec, Param, base_numbers, register
 
@@ -114,6 +115,8 @@ def fast_measure(W: Tensor, cfg: QuantConfig, ctx: Any) -> dict:
     :func:`quant.fake_quant_chunks` (bit-identical to ``dequantize(quantize(W))``, without packing the
     codes) and their row norms are taken while each block is in cache; bytes from the exact formula.
     With calibration statistics the output error ``tr(E H Eᵀ)`` accumulates block by block too.
+    ``W`` may stay in its stored dtype (a bounded measurement, :mod:`sahc_core.methods._bounded`): the
+    chunks convert one block at a time, and ``ctx.w_row2`` holds its float32 row norms.
     """
     x = metrics.rows(W)
     h_row2 = torch.empty(x.shape[0], dtype=torch.float64, device=W.device)
@@ -124,8 +127,7 @@ def fast_measure(W: Tensor, cfg: QuantConfig, ctx: Any) -> dict:
         E = c.w_hat.sub_(c.w)
         e_row2[c.rows] = metrics.row_norm2(E)
         if H is not None:
-            e = E.double()
-            eHe += float(((e @ H) * e).sum())
+            eHe += quad_form(E, H, c.rows.start, c.rows.stop)
         step2 += float(c.scales.double().square().sum())
         n_groups += c.scales.numel()
     out = base_numbers("int", W, quant_bytes(tuple(W.shape), cfg), *metrics.from_row_norms(ctx.w_row2, h_row2, e_row2))
@@ -162,7 +164,8 @@ SPEC = register(MethodSpec(
     compress=lambda W, cfg, calib=None: quantize(W, cfg), nbytes=quant_bytes,
     load=lambda state, meta, cfg: QuantizedTensor.from_state(state, tuple(meta["shape"]), cfg),
     params=(*int_params(), SCHEME),
-    label=_label, measure=fast_measure, extras=_extras, candidates=_candidates,
+    label=_label, measure=fast_measure, extras=_extras, candidates=_candidates, row_separable=True,
+    measure_bounded=fast_measure,
     adapt=lambda shape, cfg: adapt_group(int(shape[-1]), cfg),
     color="#4C78A8",
     description="Round-to-nearest int-k with fp16 scales (and zeros), per row or per group; no calibration."))

@@ -1,7 +1,9 @@
 """``svd``: truncated SVD with fp16 or int-k factors (:mod:`sahc_core.methods.lowrank`), as a registry entry.
 
 Also the fast What-if measurement of an SVD setting (:func:`fast_measure`): a new rank or factor bit
-width only slices and quantizes the cached thin SVD of the tensor, never re-runs it.
+width only slices and quantizes the cached thin SVD of the tensor, never re-runs it. A tensor too big
+for its thin SVD (the 248k embedding) is measured by :mod:`sahc_core.methods._svd_bounded` (factors
+from the Gram's eigenvectors, U formed a block of rows at a time).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import torch
 from torch import Tensor
 
 from sahc_core import metrics
+from sahc_core.io import rows
+from sahc_core.methods._svd_bounded import bounded_measure, lowrank_bounded
 from sahc_core.methods.lowrank import (
     LowRankTensor,
     SVDConfig,
@@ -156,6 +160,13 @@ def fast_measure(W: Tensor, cfg: SVDConfig, ctx: Any) -> dict:
     return out
 
 
+def _compress(W: Tensor, cfg: SVDConfig) -> LowRankTensor:
+    """``lowrank(W, cfg)``; a tall 2-D W above ``io.rows.BOUNDED_MIN_BYTES`` of float32 takes the Gram path."""
+    if W.ndim == 2 and W.shape[0] >= W.shape[1] and 4 * W.numel() > rows.BOUNDED_MIN_BYTES:
+        return lowrank_bounded(W, cfg)
+    return lowrank(W, cfg)
+
+
 def label_for(cfg: Any, name: str = "svd") -> str:
     """``svd r256 int4-g128`` (or ``r0.25k`` for a rank fraction); shared with whitened SVD."""
     g = "row" if cfg.group_size is None else f"g{cfg.group_size}"
@@ -188,7 +199,7 @@ def _rank_options(shape: tuple[int, ...]) -> list[int]:
 
 SPEC = register(MethodSpec(
     name="svd", title="SVD + int-k factors", config=SVDConfig,
-    compress=lambda W, cfg, calib=None: lowrank(W, cfg), nbytes=lowrank_bytes, load=_load,
+    compress=lambda W, cfg, calib=None: _compress(W, cfg), nbytes=lowrank_bytes, load=_load,
     params=(
         Param("rank", "int", None, min=1, nullable=True, scope="tensor", omit_if_none=True,
               options=_rank_options, default_for=lambda shape: max(1, min(_mn(shape)) // 4), help="kept rank r"),
@@ -204,6 +215,7 @@ SPEC = register(MethodSpec(
         Param("scheme", "choice", "asym", choices=("asym", "sym")),
     ),
     label=label_for, min_ndim=2, measure=fast_measure, extras=extras, candidates=_candidates, adapt=_adapt,
+    measure_bounded=bounded_measure,
     compress_in=lambda ctx, cfg: lowrank(ctx.W, cfg, factors=ctx.factors()),
     color="#F58518",
     description="Truncated SVD W ≈ U_r S_r V_rᵀ with the singular values folded into two factors, stored in "

@@ -248,10 +248,18 @@ def _tt_svd(X: Tensor, ranks: tuple[int, ...] | None, delta2: float = 0.0) -> tu
     Each step splits the remaining core as ``M = L R + E_k`` with ``L`` orthonormal and ``E_k ⟂ L``, so
     in exact arithmetic ``‖X − TT‖² = Σ_k δ_k²`` (the equality behind Oseledets' Thm 2.2 bound).
     """
-    modes = list(X.shape)
-    M = X
-    cores, discarded, r_prev = [], [], 1
-    for k in range(len(modes) - 1):
+    return _tt_svd_from(X, list(X.shape), ranks, delta2)
+
+
+def _tt_svd_from(M: Tensor, modes: list[int], ranks: tuple[int, ...] | None, delta2: float = 0.0,
+                 cores: list[Tensor] | None = None,
+                 discarded: list[float] | None = None) -> tuple[list[Tensor], list[float]]:
+    """The TT-SVD sweep from step ``len(cores)`` on: ``M`` is what the previous steps left, (r_prev, rest);
+    ``discarded`` the δ_k² of those steps."""
+    cores = [] if cores is None else cores
+    discarded = [] if discarded is None else discarded
+    r_prev = cores[-1].shape[-1] if cores else 1
+    for k in range(len(cores), len(modes) - 1):
         M = M.reshape(r_prev * modes[k], -1)
         L, M, d2 = _top_subspace(M, None if ranks is None else ranks[k + 1], delta2)
         cores.append(L.reshape(r_prev, modes[k], L.shape[1]))
@@ -352,22 +360,52 @@ def _store(core: Tensor, q: QuantConfig | None) -> Tensor | QuantizedTensor:
     return view.to(torch.float16) if q is None else quantize(view, q)
 
 
-def tt_decompose(W: Tensor, cfg: TTConfig) -> TTMatrix:
-    """TT-SVD of the ``V × d`` matrix ``W`` into TT-matrix cores (on ``W``'s device).
+def tt_decompose(W: Tensor, cfg: TTConfig, first_eig: tuple[Tensor, Tensor] | None = None) -> TTMatrix:
+    """TT-SVD of the ``V × d`` matrix ``W`` (any float dtype) into TT-matrix cores (on ``W``'s device).
+
+    When the first unfolding is wide (every default layout), its step is streamed from W in chunks
+    (:mod:`sahc_core.methods._tt_bounded`: no float32 tensorization, the 248k embedding's TT in a
+    bounded memory); ``first_eig`` (:func:`first_eig_of`) re-uses that step's Gram eigendecomposition,
+    which depends on the layout only (a rank sweep computes it once).
 
     Returns
     -------
     TTMatrix
         With ``.tt_shape`` (row factors, column factors, ranks), ``.rows(idx)``, ``.padded_rows``.
     """
+    from sahc_core.methods import _tt_bounded
+
     lay = _layout(tuple(W.shape), cfg)
     q = _core_quant(lay, cfg)
-    X = _tensorize(W, lay)
-    if not torch.isfinite(X).all():
-        raise ValueError("the matrix contains NaN or Inf values and cannot be decomposed.")
-    cores, discarded = _tt_svd(X, lay.ranks)
+    if _tt_bounded.first_is_wide(lay.modes):
+        L, R, d1 = _tt_bounded.first_step(W, lay.row_factors, lay.col_factors, lay.ranks[1], first_eig)
+        cores, discarded = _tt_svd_from(R, lay.modes, lay.ranks, cores=[L.reshape(1, lay.modes[0], L.shape[1])],
+                                        discarded=[d1])
+    else:
+        X = _tensorize(W, lay)
+        if not torch.isfinite(X).all():
+            raise ValueError("the matrix contains NaN or Inf values and cannot be decomposed.")
+        cores, discarded = _tt_svd(X, lay.ranks)
     return TTMatrix((lay.V, lay.d), cfg, lay.tt_shape(), tuple(_store(c, q) for c in cores), tuple(cores),
                     tuple(discarded))
+
+
+def first_eig_of(W: Tensor, cfg: TTConfig) -> tuple[Tensor, Tensor] | None:
+    """The first TT-SVD step's Gram eigendecomposition for ``cfg``'s layout (``None``: not streamed)."""
+    from sahc_core.methods import _tt_bounded
+
+    lay = _layout(tuple(W.shape), cfg)
+    if not _tt_bounded.first_is_wide(lay.modes):
+        return None
+    return _tt_bounded.first_eig(W, lay.row_factors, lay.col_factors)
+
+
+def _compress_in(ctx, cfg: TTConfig) -> TTMatrix:
+    """TT of the context's tensor re-using its cached first-step Gram (same layout for every rank)."""
+    lay = _layout(tuple(ctx.W.shape), cfg, check_ranks=False)
+    W = ctx.W.to(ctx.device)
+    eig = ctx.cached(f"tt_first_eig:{lay.row_factors}:{lay.col_factors}", lambda: first_eig_of(W, cfg))
+    return tt_decompose(W, cfg, eig)
 
 
 def _load(state: dict[str, Tensor], meta: dict, cfg: TTConfig) -> TTMatrix:
@@ -464,6 +502,7 @@ def _label(cfg: TTConfig) -> str:
 
 
 def _register() -> None:
+    from sahc_core.methods import _tt_bounded
     from sahc_core.methods.registry import MethodSpec, Param, register
 
     register(MethodSpec(
@@ -481,7 +520,8 @@ def _register() -> None:
             Param("col_factors", "int_list", None, nullable=True, omit_if_none=True, scope="json",
                   help="factors of the padded column count (automatic when omitted)"),
         ),
-        label=_label, components=frozenset({"embedding"}), min_ndim=2, extras=_extras,
+        label=_label, components=frozenset({"embedding"}), min_ndim=2, extras=_extras, compress_in=_compress_in,
+        measure_bounded=_tt_bounded.bounded_measure,
         candidates=lambda shape, component: fitting(shape, STUDY_TT_RANKS) if component == "embedding" else [],
         color="#54A24B",
         description="Tensor-Train matrix of the embedding / LM head (Oseledets 2011; Novikov et al. 2015)."))

@@ -9,7 +9,9 @@ Layout of an assembled directory::
 
 Streaming: one source tensor is read, compressed and its state appended to the current shard
 buffer, which is flushed with ``safetensors.torch.save_file`` once it reaches ``shard_bytes``; so
-peak memory is one tensor + its compressed state + one shard buffer, never the whole model.
+peak memory is one tensor + its compressed state + one shard buffer, never the whole model. A tensor
+above ``io.rows.BOUNDED_MIN_BYTES`` (the 248k embedding) is handed to its method in its stored dtype
+(int-k quantizes it in row blocks, SVD takes the Gram path, TT streams its first step), not as float32.
 Atomic: everything is written into ``<out_dir>.tmp-<pid>`` and renamed to ``out_dir`` only once
 ``manifest.json`` is complete; any failure removes the temporary directory.
 
@@ -36,6 +38,7 @@ from safetensors.torch import save_file
 from sahc_core.methods import registry as methods
 from sahc_core.device import resolve_device
 from sahc_core.errors import JobError, ModelError, SahcError
+from sahc_core.io.rows import is_bounded, read_stored
 from sahc_core.io.source import header_length
 from sahc_core.paths import check_removable, is_owned, mark_owned, member, remove_owned
 from sahc_core.metrics import check_finite
@@ -212,7 +215,10 @@ def _write_tensors(source, df, root: Path, progress, check_cancel, shard_bytes: 
             entry.update(tied_to=row.tied_to, state_keys={}, file=None, bytes=0)
         else:
             cfg = methods.config_from_dict(row.config)
-            W = source.read(row.name, device=device, dtype=torch.float32)
+            # a tensor above io.rows.BOUNDED_MIN_BYTES stays in its stored dtype, read without mapped residency
+            # (the methods convert it block by block); the others as float32
+            W = (read_stored(source, row.name).to(device) if is_bounded(info)
+                 else source.read(row.name, device=device, dtype=torch.float32))
             check_finite(W, f"tensor {row.name!r}", "it cannot be compressed or kept")  # named, before any work
             stats = calib.for_weight(row.name) if calib is not None and methods.spec_of(cfg).needs_calibration else None
             c = methods.compress(W, cfg, stats)

@@ -1,9 +1,10 @@
 """Memory-bounded Gram matrix and singular values of ONE stored tensor, read a row block at a time.
 
 The tensor is never read whole: row blocks ``W[a:b]`` of the 2-D view ``(d0, d1*...)`` (the view
-:func:`sahc_core.spectra.spectrum.as_matrix` uses) come from ``safe_open(...).get_slice(name)[a:b]``, the
-shard being reopened for every block so that the memory-mapped pages a block touched are unmapped
-again (one long-lived mapping keeps every page read so far in the process's RSS). Peak memory is
+:func:`sahc_core.spectra.spectrum.as_matrix` uses) come from ``safe_open(...).get_slice(name)[a:b]`` through
+:class:`sahc_core.io.rows.RowReader`, the shard being reopened once half a block has been read through
+one mapping, so that the memory-mapped pages read so far are unmapped again (one long-lived mapping
+keeps every page read in the process's RSS). Peak memory is
 about the k x k float64 Gram (k = min(m, n); 134 MB for k = 4096) plus one block of
 ``block_bytes`` (default 256 MiB) in the product dtype, plus the block as stored.
 
@@ -51,19 +52,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from scipy.linalg.blas import dsyrk, ssyrk
 
 from sahc_core.device import resolve_device
 from sahc_core.errors import ModelError
 from sahc_core.io.dtypes import not_analysed_reason
+from sahc_core.io.rows import DEFAULT_BLOCK_BYTES, matrix_shape, row_reader, rows_per_block
 from sahc_core.spectra.spectrum import _GRAM_TOL, _eigvalsh, _gram_error_estimate
 
 if TYPE_CHECKING:
     from sahc_core.io.source import ModelSource
 
-#: Bytes of one row block in the product dtype (float32 or float64).
-DEFAULT_BLOCK_BYTES = 256 * 2**20
 PRECISIONS = ("auto", "float32", "float64")
 #: Largest float64 copy of a tensor that ``"auto"`` may SVD whole when both Gram paths miss the contract.
 DEFAULT_SVD_MAX_BYTES = 2**30
@@ -72,13 +71,9 @@ CONTRACT = 1e-5
 #: Calibration constant of the float32 estimate (see the module docstring: >= 4.8x the measured need).
 _GRAM32_C = 4.0
 _EPS32 = float(np.finfo(np.float32).eps)
-#: Floor of the bytes read through one mapping before the shard is remapped (small blocks share one).
-_MIN_MAPPED_BYTES = 16 * 2**20
 #: Columns copied at a time when mirroring the upper triangle (bounds the temporary).
 _SYMM_STRIP = 512
 _PRODUCT_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-#: Bytes per element of the safetensors dtypes (others count as 8, an upper bound).
-_STORED_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8}
 
 
 @dataclass(frozen=True)
@@ -99,6 +94,8 @@ class BlockedSpectrum:
         The estimate is within the tolerance of the method (1e-5 for gram32, ``_GRAM_TOL`` for gram64).
     block_rows : int
         Rows per block read.
+    mean : float
+        Mean of the entries (summed in float64 while the blocks were read; for the MP reference).
     """
 
     singular_values: np.ndarray = field(repr=False)
@@ -107,16 +104,7 @@ class BlockedSpectrum:
     error_estimate: float
     within_contract: bool
     block_rows: int
-
-
-def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The (rows, cols) of the 2-D view ``(d0, d1*...*dk)`` of an N-D shape (N >= 2)."""
-    return int(shape[0]), int(math.prod(shape[1:]))
-
-
-def rows_per_block(n_cols: int, itemsize: int, block_bytes: int) -> int:
-    """Rows of ``n_cols`` elements of ``itemsize`` bytes in one block (at least 1 row)."""
-    return max(1, int(block_bytes) // max(1, n_cols * itemsize))
+    mean: float = 0.0
 
 
 def _block_rows(shape: tuple[int, int], precision: str, block_bytes: int) -> int:
@@ -136,39 +124,6 @@ def _check(source: ModelSource, name: str, block_bytes: int, precision: str, all
     if precision not in allowed:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(allowed)}.")
     return info
-
-
-class _RowReader:
-    """Row ranges of the 2-D view of one stored tensor, with bounded memory-mapped residency.
-
-    ``safe_open`` memory-maps the shard, and every page a slice touches stays in the process's RSS
-    while the mapping lives; so the shard is reopened (the old mapping dropped) whenever the bytes
-    read through the current mapping would pass ``mapped_bytes``. Small blocks share one mapping.
-    """
-
-    def __init__(self, path: Path, name: str, n_cols: int, row_bytes: int, mapped_bytes: int) -> None:
-        self._path, self._name, self._n_cols = str(path), name, n_cols
-        self._row_bytes, self._mapped_bytes = row_bytes, mapped_bytes
-        self._fh = None
-        self._touched = 0
-
-    def read(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` in the stored dtype, (stop - start, n_cols)."""
-        nbytes = (stop - start) * self._row_bytes
-        if self._fh is None or self._touched + nbytes > self._mapped_bytes:
-            self._fh = None  # drop the old mapping (and its resident pages) first
-            self._fh = safe_open(self._path, framework="pt")
-            self._touched = 0
-        self._touched += nbytes
-        return _read_rows(self._fh, self._name, start, stop, self._n_cols)
-
-    def close(self) -> None:
-        self._fh = None
-
-
-def _read_rows(fh, name: str, start: int, stop: int, n_cols: int) -> torch.Tensor:
-    """Rows ``start:stop`` of tensor ``name`` from an open shard, as a (stop - start, n_cols) copy."""
-    return fh.get_slice(name)[start:stop].reshape(stop - start, n_cols)
 
 
 def _symmetrize_upper(G):
@@ -230,6 +185,42 @@ def _use_blas(device: str) -> bool:
     return device == "cpu"
 
 
+class _Summed:
+    """A row-range reader that also adds up (float64) every row range it reads for the first time."""
+
+    def __init__(self, read) -> None:
+        self._read, self._seen, self.total = read, set(), 0.0
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        B = self._read(start, stop)
+        if start not in self._seen:  # a wide tensor reads a block several times: count it once
+            self._seen.add(start)
+            self.total += float(B.sum(dtype=torch.float64))
+        return B
+
+
+def _gram(source: ModelSource, name: str, block_bytes: int, device: str,
+          precision: str) -> tuple[torch.Tensor, tuple[int, int], float]:
+    """:func:`gram_blocked` plus the sum of all entries (float64, for the mean of the MP reference)."""
+    info = _check(source, name, block_bytes, precision, ("float32", "float64"))
+    m, n = matrix_shape(info.shape)
+    dtype = _PRODUCT_DTYPES[precision]
+    dev = resolve_device(device)
+    if min(m, n) == 0:
+        return torch.zeros(min(m, n), min(m, n), dtype=torch.float64, device=dev), (m, n), 0.0
+    rows = _block_rows((m, n), precision, block_bytes)
+    reader = row_reader(source, name, mapped_bytes=block_bytes // 2)
+    read = _Summed(reader.read)
+    try:
+        if _use_blas(dev):
+            G = torch.from_numpy(_symmetrize_upper(_gram_cpu(read, m, n, rows, dtype)))
+        else:
+            G = _symmetrize_upper(_gram_torch(read, m, n, rows, dtype, dev))
+        return G, (m, n), read.total
+    finally:
+        reader.close()
+
+
 def gram_blocked(source: ModelSource, name: str, *, block_bytes: int = DEFAULT_BLOCK_BYTES, device: str = "cpu",
                  precision: str = "float64") -> tuple[torch.Tensor, tuple[int, int]]:
     """Float64 Gram of the smaller side of one stored tensor, accumulated from row blocks.
@@ -253,22 +244,28 @@ def gram_blocked(source: ModelSource, name: str, *, block_bytes: int = DEFAULT_B
         G, symmetric float64 (k, k) with k = min(m, n) on ``device`` (WᵀW when m >= n, else WWᵀ),
         and the view's shape (m, n).
     """
-    info = _check(source, name, block_bytes, precision, ("float32", "float64"))
-    m, n = matrix_shape(info.shape)
-    dtype = _PRODUCT_DTYPES[precision]
+    G, shape, _ = _gram(source, name, block_bytes, device, precision)
+    return G, shape
+
+
+def gram_of(W: torch.Tensor, *, precision: str = "float32", device: str = "cpu",
+            block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
+    """The blocked float64 Gram (as :func:`gram_blocked`) of an IN-MEMORY matrix in any dtype.
+
+    For a tensor held in its stored dtype (bf16): each block of rows is converted to the product
+    dtype alone, so no float32/float64 copy of the whole matrix is made.
+    """
+    if W.ndim != 2:
+        raise ValueError(f"gram_of takes a 2-D matrix, got shape {tuple(W.shape)}.")
+    if precision not in _PRODUCT_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; use float32 or float64.")
+    m, n = (int(d) for d in W.shape)
     dev = resolve_device(device)
-    if min(m, n) == 0:
-        return torch.zeros(min(m, n), min(m, n), dtype=torch.float64, device=dev), (m, n)
     rows = _block_rows((m, n), precision, block_bytes)
-    row_bytes = n * _STORED_ITEMSIZE.get(info.dtype, 8)
-    mapped = max(block_bytes // 2, row_bytes, _MIN_MAPPED_BYTES)
-    reader = _RowReader(source.path / info.file, name, n, row_bytes, mapped)
-    try:
-        if _use_blas(dev):
-            return torch.from_numpy(_symmetrize_upper(_gram_cpu(reader.read, m, n, rows, dtype))), (m, n)
-        return _symmetrize_upper(_gram_torch(reader.read, m, n, rows, dtype, dev)), (m, n)
-    finally:
-        reader.close()
+    read = lambda a, b: W[a:b]  # noqa: E731 - a view; the Gram code converts it
+    if _use_blas(dev):
+        return torch.from_numpy(_symmetrize_upper(_gram_cpu(read, m, n, rows, _PRODUCT_DTYPES[precision])))
+    return _symmetrize_upper(_gram_torch(read, m, n, rows, _PRODUCT_DTYPES[precision], dev))
 
 
 def _gram32_error_estimate(s: np.ndarray, shape: tuple[int, int]) -> float:
@@ -309,23 +306,25 @@ def spectrum_blocked(source: ModelSource, name: str, *, block_bytes: int = DEFAU
     first = precision
     if precision == "auto":
         first = "float64" if info.dtype == "F64" else "float32"  # float64 data is not exact in float32
-    G, _ = gram_blocked(source, name, block_bytes=block_bytes, device=device, precision=first)
+    G, _, total = _gram(source, name, block_bytes, device, first)
+    mean = total / max(1, shape[0] * shape[1])
     s = _sigma(G)
     del G
     if first == "float32":
         est = _gram32_error_estimate(s, shape)
         if precision == "float32" or est <= CONTRACT:
-            return BlockedSpectrum(s, shape, "gram32", est, est <= CONTRACT, _block_rows(shape, first, block_bytes))
+            return BlockedSpectrum(s, shape, "gram32", est, est <= CONTRACT, _block_rows(shape, first, block_bytes),
+                                   mean)
         G, _ = gram_blocked(source, name, block_bytes=block_bytes, device=device, precision="float64")
         s = _sigma(G)
         del G
     rows = _block_rows(shape, "float64", block_bytes)
     est = _gram_error_estimate(s, shape)
     if precision != "auto" or est <= _GRAM_TOL or shape[0] * shape[1] * 8 > svd_max_bytes:
-        return BlockedSpectrum(s, shape, "gram64", est, est <= _GRAM_TOL, rows)
+        return BlockedSpectrum(s, shape, "gram64", est, est <= _GRAM_TOL, rows, mean)
     W = source.read(name, device=resolve_device(device), dtype=torch.float64).reshape(shape)
     s = torch.linalg.svdvals(W).cpu().numpy()
-    return BlockedSpectrum(s, shape, "svd64", 0.0, True, rows)
+    return BlockedSpectrum(s, shape, "svd64", 0.0, True, rows, mean)
 
 
 def singular_values_blocked(source: ModelSource, name: str, *, block_bytes: int = DEFAULT_BLOCK_BYTES,

@@ -40,6 +40,7 @@ from scipy.linalg.blas import dsyrk as _dsyrk
 
 from sahc_core.device import resolve_device
 from sahc_core.errors import ModelError, NumericalError
+from sahc_core.io.rows import is_bounded, memory_bound
 from sahc_core.metrics import check_finite
 
 if TYPE_CHECKING:
@@ -406,6 +407,10 @@ def tensor_spectrum(source: ModelSource, name: str, cache: Cache | None = None, 
                     method: str = "auto", adaptive_threads: bool = False) -> SpectrumResult:
     """Spectrum and statistics of ONE tensor of ``source`` (the only tensor read), cached.
 
+    A tensor whose float32 copy exceeds ``io.rows.BOUNDED_MIN_BYTES`` (512 MiB: the 248,320 x 4,096
+    embedding, not a 12,288 x 4,096 FFN matrix) is never read whole: its float64 Gram is accumulated
+    from row blocks (:func:`sahc_core.spectra._blocked.spectrum_blocked`; peak = the Gram + one
+    256 MiB block, 1.1 GB instead of 10.5 GB for the embedding), ``stats["blocked"]`` says so.
     ``adaptive_threads``: let the eigensolver pick its CPU thread count (see :func:`_eigvalsh`); only
     the CLI, which owns its process, sets it.
 
@@ -420,6 +425,18 @@ def tensor_spectrum(source: ModelSource, name: str, cache: Cache | None = None, 
         If the tensor has no elements or holds NaN / Inf values (the message names it).
     """
     t0 = time.perf_counter()
+    _check_tensor(source, name, method)
+    key = cache_key(name, method)
+    hit = cache.get(CACHE_KIND, source.fingerprint, key, SPECTRUM_VERSION) if cache is not None else None
+    if hit is not None:
+        return SpectrumResult.from_value(name, hit, cached=True, seconds=time.perf_counter() - t0)
+    value = spectrum_value(source, name, device, method, adaptive_threads)
+    if cache is not None:
+        cache.put(CACHE_KIND, source.fingerprint, key, SPECTRUM_VERSION, value)
+    return SpectrumResult.from_value(name, value, cached=False, seconds=time.perf_counter() - t0)
+
+
+def _check_tensor(source: ModelSource, name: str, method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown spectrum method {method!r}; use one of {', '.join(METHODS)}.")
     info = source.info(name)
@@ -428,24 +445,64 @@ def tensor_spectrum(source: ModelSource, name: str, cache: Cache | None = None, 
     if math.prod(info.shape) == 0:
         raise NumericalError(f"tensor {name!r} has no elements (shape {tuple(info.shape)}), so {_UNDEFINED}; "
                              "leave the tensor out or repair the checkpoint.")
-    key = cache_key(name, method)
-    hit = cache.get(CACHE_KIND, source.fingerprint, key, SPECTRUM_VERSION) if cache is not None else None
-    if hit is not None:
-        return SpectrumResult.from_value(name, hit, cached=True, seconds=time.perf_counter() - t0)
+
+
+def spectrum_value(source: ModelSource, name: str, device: str = "auto", method: str = "auto",
+                   adaptive_threads: bool = False) -> dict:
+    """The stored form of one tensor's spectrum (what :func:`tensor_spectrum` caches), computed, no cache.
+
+    A plain JSON-able dict (``shape``, ``note``, ``device``, ``method``, ``compute_seconds``, ``dtype``,
+    ``tensor_shape``, ``singular_values``, ``stats``): what a distributed scan's worker sends back.
+    """
+    t0 = time.perf_counter()
+    _check_tensor(source, name, method)
+    info = source.info(name)
     dev = resolve_device(device)
-    W = source.read(name, device=dev)
-    M, note = as_matrix(W)
-    mean = float(M.mean(dtype=torch.float64)) if M.dtype.is_floating_point else float(M.double().mean())
-    s, used = _singular_values(M, dev, method, adaptive_threads, what=f"tensor {name!r}")
-    del W, M
-    value = {"shape": [int(d) for d in _matrix_shape(info.shape)], "note": note, "device": dev, "method": used,
-             "compute_seconds": time.perf_counter() - t0, "dtype": info.dtype,
-             "tensor_shape": [int(d) for d in info.shape],
-             "singular_values": s.tolist(), "stats": spectrum_stats(s, _matrix_shape(info.shape), mean)}
-    value["stats"]["method"] = used
-    if cache is not None:
-        cache.put(CACHE_KIND, source.fingerprint, key, SPECTRUM_VERSION, value)
-    return SpectrumResult.from_value(name, value, cached=False, seconds=time.perf_counter() - t0)
+    extra: dict[str, Any] = {}
+    if is_bounded(info):
+        s, used, mean, note, extra = _bounded_values(source, name, dev, method)
+        if not (np.isfinite(s).all() and math.isfinite(mean)):  # the blocked Gram of a NaN / Inf tensor
+            raise NumericalError(f"tensor {name!r} holds NaN or Inf values (its blocked Gram matrix is not finite), "
+                                 f"so {_UNDEFINED}; repair the checkpoint or leave the tensor out.", math.nan)
+    else:
+        W = source.read(name, device=dev)
+        M, note = as_matrix(W)
+        mean = float(M.mean(dtype=torch.float64)) if M.dtype.is_floating_point else float(M.double().mean())
+        s, used = _singular_values(M, dev, method, adaptive_threads, what=f"tensor {name!r}")
+        del W, M
+    return make_value(info, s, used, mean, note, dev, time.perf_counter() - t0, extra)
+
+
+def make_value(info: Any, s: np.ndarray, method: str, mean: float, note: str | None, device: str,
+               seconds: float, extra: dict | None = None) -> dict:
+    """The cache value of a spectrum from its parts (``info``: the tensor's ``TensorInfo``)."""
+    shape = _matrix_shape(info.shape)
+    value = {"shape": [int(d) for d in shape], "note": note, "device": device, "method": method,
+             "compute_seconds": seconds, "dtype": info.dtype, "tensor_shape": [int(d) for d in info.shape],
+             "singular_values": np.asarray(s, dtype=np.float64).tolist(), "stats": spectrum_stats(s, shape, mean)}
+    value["stats"].update(method=method, **(extra or {}))
+    return value
+
+
+def _bounded_values(source: ModelSource, name: str, device: str,
+                    method: str) -> tuple[np.ndarray, str, float, str | None, dict]:
+    """σ of a tensor above ``io.rows.BOUNDED_MIN_BYTES`` from its blocked float64 Gram (never read whole).
+
+    Returns ``(σ, method, mean, note, extra stats)``. ``"auto"`` cannot fall back to a float64 SVD
+    here (8 bytes per element is above the memory bound), so an estimate above ``_GRAM_TOL`` is
+    recorded (``gram_error_estimate``, ``within_contract: False``) instead of being hidden.
+    """
+    from sahc_core.spectra._blocked import spectrum_blocked
+
+    info = source.info(name)
+    if method not in ("auto", "gram64"):
+        raise ValueError(f"method {method!r} needs tensor {name} whole in memory ({4 * info.numel / 1e9:.1f} GB as "
+                         f"float32, above the {memory_bound(source) / 1e9:.1f} GB memory bound); use method 'auto'.")
+    r = spectrum_blocked(source, name, device=device, precision="float64")
+    m, n = r.shape
+    note = None if len(info.shape) == 2 else f"{len(info.shape)}-D weight {tuple(info.shape)} reshaped to ({m}, {n})"
+    extra = {"blocked": True, "gram_error_estimate": r.error_estimate, "within_contract": r.within_contract}
+    return r.singular_values, "gram64", r.mean, note, extra
 
 
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -10,6 +10,10 @@ none for a private one.
 
 A tensor with no elements or with NaN / Inf values raises :class:`~sahc_core.errors.NumericalError`
 naming it before any compression (its error is undefined, not "worse than zeros").
+A tensor above ``io.rows.BOUNDED_MIN_BYTES`` (the 248k embedding and LM head) is measured within the
+memory bound: W kept in its stored dtype, the rest in row blocks (:mod:`sahc_core.methods._bounded`:
+a method's ``measure_bounded``, else block-wise compression for a ``row_separable`` method, else a
+clear refusal naming the bound).
 
 A requested setting that does not fit the tensor is fitted first (:func:`registry.fit_to_shape`: a
 group size that does not divide the width becomes the largest divisor within 2x below it, else per
@@ -39,8 +43,10 @@ from sahc_core.cache import Cache
 from sahc_core.device import resolve_device
 from sahc_core.errors import ModelError, NumericalError
 from sahc_core.gates import log_gates, tensor_gates
+from sahc_core.io.rows import is_bounded, memory_bound, read_stored
 from sahc_core.io.source import ModelSource
 from sahc_core.methods import registry
+from sahc_core.methods._bounded import row_block_measure, row_norm2_blocked, w_h_w
 from sahc_core.methods.lowrank import svd_factors
 from sahc_core.workspace import Workspace
 
@@ -66,12 +72,39 @@ def _ws(workspace: Workspace | None) -> Workspace:
 
 
 def _weight(source: ModelSource, name: str, ws: Workspace) -> tuple[Tensor, Tensor]:
-    """``(W, squared row norms in float64)``: the tensor as float32 on CPU, read once per tensor."""
+    """``(W, squared row norms in float64)``: the tensor as float32 on CPU, read once per tensor.
+
+    A tensor above ``io.rows.BOUNDED_MIN_BYTES`` stays in its STORED dtype (read block by block:
+    2 GB for the bf16 248k embedding instead of 4 GB float32 + 2 GB of mapped pages), its row norms
+    taken in float32 blocks.
+    """
+    if is_bounded(source.info(name)):
+        def stored() -> tuple[Tensor, Tensor]:
+            W = read_stored(source, name)
+            return W, row_norm2_blocked(W)
+
+        return ws.weights.get_or_make((source.fingerprint, name, "stored"), stored)
+
     def make() -> tuple[Tensor, Tensor]:
         W = source.read(name, device="cpu", dtype=torch.float32)
         return W, metrics.row_norm2(W)
 
     return ws.weights.get_or_make((source.fingerprint, name), make)
+
+
+def _measure_fn(spec: registry.MethodSpec, source: ModelSource, name: str) -> Any:
+    """The measurement of ``spec`` for tensor ``name``: its fast path, or the bounded one for a big tensor."""
+    info = source.info(name)
+    if not is_bounded(info):
+        return spec.measure or registry.float32_measure
+    if spec.measure_bounded is not None:
+        return spec.measure_bounded
+    if spec.row_separable:
+        return row_block_measure
+    able = ", ".join(s.name for s in registry.methods() if s.measure_bounded is not None or s.row_separable)
+    raise ValueError(f"method {spec.name!r} needs tensor {name} whole in float32 ({4 * info.numel / 1e9:.1f} GB plus "
+                     f"its reconstruction), above the {memory_bound(source) / 1e9:.1f} GB memory bound of this model; "
+                     f"use one of the methods that measure it in blocks ({able}).")
 
 
 def svd_of(source: ModelSource, name: str, device: str = "auto", workspace: Workspace | None = None
@@ -124,9 +157,9 @@ class _Context:
         return self.cached(f"xtx:{getattr(stats, 'key', id(stats))}", lambda: stats.xtx)
 
     def wHw(self) -> float:
+        """``tr(W H Wᵀ)`` of the evaluation statistics (float64, in float32 blocks of W: no float64 copy)."""
         stats = self._eval_stats
-        return self.cached(f"wHw:{getattr(stats, 'key', id(stats))}",
-                           lambda: float(((self.W.double() @ self.xtx()) * self.W.double()).sum()))
+        return self.cached(f"wHw:{getattr(stats, 'key', id(stats))}", lambda: w_h_w(self.W, self.xtx()))
 
 
 def _key(name: str, cfg: Any, calib_key: str | None) -> str:
@@ -249,9 +282,13 @@ def measure_tensor(source: ModelSource, name: str, cfg: Any, cache: Cache | None
         if hit is not None:
             return {**hit, **fitted, "cached": True}
     t0 = time.perf_counter()
+    fn = _measure_fn(spec, source, name)
+    if is_bounded(info) and len(info.shape) != 2:
+        raise ValueError(f"tensor {name} of shape {tuple(info.shape)} is above the in-memory size limit and not 2-D; "
+                         "bounded measurements take 2-D weights only.")
     ws = _ws(workspace)
     ctx = _Context(source, name, device, ws, fit_stats, heldout)
-    m = (spec.measure or registry.float32_measure)(ctx.W, cfg, ctx)
+    m = fn(ctx.W, cfg, ctx)
     if heldout is not None and fit_stats is not None:
         m["output_error_tokens"] = int(getattr(heldout, "n_tokens", 0))
     gates = tensor_gates(name, m)
@@ -345,6 +382,10 @@ def output_cosine_for(source: ModelSource, name: str, cfg: Any, model: tuple[Any
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be at least 1, got {n_tokens}.")
     _check_nonempty(source, name)
+    if model is None and 4 * source.num_params > memory_bound(source):  # loading it would break the bound
+        raise ValueError(f"the output cosine runs the whole model in float32 ({4 * source.num_params / 1e9:.1f} GB), "
+                         f"above this model's {memory_bound(source) / 1e9:.1f} GB memory bound; use the weight "
+                         "numbers here and a run's layer-sequential gates for output quality.")
     if calib_text is None:
         from sahc_core.io.corpus import default_corpus
 

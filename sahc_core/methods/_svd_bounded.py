@@ -1,0 +1,161 @@
+"""Truncated SVD of a tensor too big for its thin SVD: factors from the Gram's eigenvectors, U never formed.
+
+The What-if fast path of :mod:`sahc_core.methods.svd` keeps the thin SVD, whose ``U`` is m x n float32
+(4 GB for the 248,320 x 4,096 embedding) next to ``W Vhᵀ`` (4 GB more). For a tall matrix (m >= n)
+above ``io.rows.BOUNDED_MIN_BYTES`` this module uses instead
+
+* ``G = WᵀW`` from float32 row-block products accumulated in float64 (:func:`spectra._blocked.gram_of`,
+  W in its stored dtype), ``G = V Λ Vᵀ`` (float64 ``eigh``), ``σ = sqrt(λ)``: kept per tensor;
+* the stored factors ``u = (U_r sqrt(S_r))ᵀ = (W V_r / sqrt(σ_r))ᵀ`` formed one block of rows at a
+  time (a block of W's rows is a block of u's columns, so u's groups along m are quantized exactly
+  per block; per-row scales take one extra pass for each rank row's range) and
+  ``v = sqrt(S_r) V_rᵀ`` (r x n, small).
+
+Errors, per block of rows (``P = B V_r`` the block's coordinates in V_r, ``Ŵ_B = û_Bᵀ v̂``):
+
+* ``rel_error``, ``weight_cosine``: row norms of Ŵ_B and B − Ŵ_B (as :func:`registry.measure`);
+* ``quant_error = ‖W_r − Ŵ‖ / ‖W‖`` with ``W_r = W V_r V_rᵀ``: splitting v̂ along V_r and its
+  complement, ``‖W_r − Ŵ‖² = Σ_B ‖P − û_Bᵀ (v̂ V_r)‖² + tr(û K ûᵀ)``, ``K = v̂ (I − V_r V_rᵀ) v̂ᵀ``
+  (r x r, float64): two differences that never cancel, at r x r cost per row;
+* ``trunc_error``: ``‖W − W_r‖² = Σ_{i>r} λ_i`` exactly for this W_r, so it equals ``eym_error``
+  (the in-memory path's float32 SVD leaves a ~1e-6 residual that separates them).
+
+:func:`lowrank_bounded` gives the stored factors the same way (for assembly). Wide matrices (m < n)
+and tensors of more than 2 dimensions are refused (no weight of a supported
+architecture above the size limit is either). Memory: W as stored, G and V (2 x 8 n² bytes), a few
+float32 blocks of rows.
+
+References: Eckart & Young 1936; Higham, "Accuracy and Stability of Numerical Algorithms", §20 (Gram).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sahc_core.methods._bounded import ErrorSums, block_rows, float_blocks
+from sahc_core.methods.lowrank import LowRankTensor, SVDConfig, factor_quant, lowrank_bytes, resolve_rank
+from sahc_core.methods.quant import (QuantConfig, _decode, _grid_params, _round_to_grid, _safe_scale, fake_quantize,
+                                     quantize)
+
+#: Relative floor below which a singular value counts as zero (its column of u is set to 0).
+_ZERO_SIGMA = 1e-12
+
+
+def gram_eig(W: Tensor, device: str = "cpu") -> tuple[Tensor, Tensor]:
+    """``(λ, V)`` of ``WᵀW``: eigenvalues descending (float64, clamped at 0) and eigenvectors (n, n) float64."""
+    from sahc_core.spectra._blocked import gram_of
+
+    G = gram_of(W, precision="float32", device=device)
+    lam, V = torch.linalg.eigh(G)
+    del G
+    return lam.flip(0).clamp_min(0.0), V.flip(1)
+
+
+def _check(W: Tensor) -> tuple[int, int]:
+    if W.ndim != 2 or W.shape[0] < W.shape[1]:
+        raise ValueError(f"a bounded SVD takes a tall 2-D matrix (m >= n), got shape {tuple(W.shape)}; "
+                         "a wide or N-D tensor this large has no bounded SVD path.")
+    return int(W.shape[0]), int(W.shape[1])
+
+
+class _UQuant:
+    """Quantizes the blocks ``u_B`` (r, b) of the stored factor ``u`` (r, m) exactly as ``quantize(u)`` would."""
+
+    def __init__(self, q: QuantConfig | None, lo: Tensor | None = None, hi: Tensor | None = None) -> None:
+        self.q = q
+        self.scales = self.zeros = None
+        if q is not None and q.group_size is None:  # one scale per rank row over all m: from the global range
+            self.scales, self.zeros = _grid_params(torch.stack([lo, hi], dim=-1)[:, None, :], q)
+
+    def __call__(self, u_block: Tensor) -> Tensor:
+        if self.q is None:
+            return u_block.half().float()
+        if self.q.group_size is not None:  # the block's width is a multiple of the group size
+            return fake_quantize(u_block, self.q)
+        z = None if self.zeros is None else self.zeros.float()[..., None]
+        x = u_block[:, None, :]  # (r, 1, b): one group per rank row
+        qv = _round_to_grid(x, _safe_scale(self.scales)[..., None], z, self.q)
+        return _decode(qv, self.scales, self.zeros).reshape(u_block.shape)
+
+
+def _factors(lam: Tensor, V: Tensor, r: int, q: QuantConfig | None, dev: torch.device) -> dict:
+    """Everything of rank r that does not depend on W's rows: V_r, 1/sqrt(σ_r), v̂, v̂ V_r and K."""
+    sigma = lam.sqrt()
+    sq = sigma[:r].sqrt()
+    inv = torch.where(sigma[:r] > sigma[0] * _ZERO_SIGMA, 1.0 / sq.clamp_min(1e-300), torch.zeros_like(sq))
+    Vr64 = V[:, :r].to(dev)
+    v = (sq.to(dev)[:, None] * Vr64.T).to(torch.float32)  # (r, n)
+    v_hat = v.half().float() if q is None else fake_quantize(v, q)
+    vV = v_hat.double() @ Vr64  # (r, r): v̂ in the V_r basis
+    K = v_hat.double() @ v_hat.double().T - vV @ vV.T  # v̂ (I - V_r V_rᵀ) v̂ᵀ, PSD
+    return {"Vr": Vr64.to(torch.float32), "inv": inv.to(device=dev, dtype=torch.float32), "v_hat": v_hat,
+            "vV": vV, "K": K}
+
+
+def _u_range(W: Tensor, Vr: Tensor, inv: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """Per rank row, min and max of ``u`` over all m (the range of a per-row scale): one pass over W."""
+    lo = hi = None
+    for _, _, B in float_blocks(W, rows):
+        u = (B.to(Vr.device) @ Vr * inv).T  # (r, b)
+        blo, bhi = torch.aminmax(u, dim=1)
+        lo = blo if lo is None else torch.minimum(lo, blo)
+        hi = bhi if hi is None else torch.maximum(hi, bhi)
+    return lo, hi
+
+
+def lowrank_bounded(W: Tensor, cfg: SVDConfig, eig: tuple[Tensor, Tensor] | None = None) -> LowRankTensor:
+    """``lowrank(W, cfg)`` of a big tall W in its stored dtype: the stored factors from the Gram (U never formed).
+
+    Holds ``u`` (r x m float32) once to quantize it (``quantize`` works in row blocks); the result has
+    no unquantized copies (``u_f32`` etc. are ``None``, as after loading).
+    """
+    m, n = _check(W)
+    lam, V = eig if eig is not None else gram_eig(W, str(W.device))
+    r, q = resolve_rank((m, n), cfg), factor_quant(m, n, cfg)
+    sigma = lam.sqrt()
+    sq = sigma[:r].sqrt()
+    inv = torch.where(sigma[:r] > sigma[0] * _ZERO_SIGMA, 1.0 / sq.clamp_min(1e-300), torch.zeros_like(sq))
+    Vr = V[:, :r].to(device=W.device, dtype=torch.float32)
+    inv32 = inv.to(device=W.device, dtype=torch.float32)
+    u = torch.empty(r, m, dtype=torch.float32, device=W.device)  # (U_r sqrt(S_r))ᵀ
+    for a, b, B in float_blocks(W, block_rows(n)):
+        u[:, a:b] = (B @ Vr * inv32).T
+    v = (sq.to(W.device)[:, None] * V[:, :r].to(W.device).T).to(torch.float32)  # (r, n)
+    if q is None:
+        return LowRankTensor((m, n), cfg, r, u.to(torch.float16), v.to(torch.float16))
+    return LowRankTensor((m, n), cfg, r, quantize(u, q), quantize(v, q))
+
+
+def bounded_measure(W: Tensor, cfg: SVDConfig, ctx: Any) -> dict:
+    """:func:`registry.measure` numbers of ``lowrank(W, cfg)`` for a big tall W in its stored dtype.
+
+    ``ctx``: the What-if context (``cached``, ``device``, ``w_row2``, ``calib``, ``xtx``, ``wHw``);
+    the Gram's eigendecomposition is computed once per tensor and kept in ``ctx.cached``.
+    """
+    m, n = _check(W)
+    lam, V = ctx.cached("svd_gram_eig", lambda: gram_eig(W, ctx.device))
+    r, q = resolve_rank((m, n), cfg), factor_quant(m, n, cfg)
+    dev = torch.device(ctx.device)
+    f = _factors(lam, V, r, q, dev)
+    rows = block_rows(n, multiple=q.group_size if q is not None and q.group_size else 1)
+    uq = _UQuant(q, *(_u_range(W, f["Vr"], f["inv"], rows) if q is not None and q.group_size is None else ()))
+    H = ctx.xtx() if ctx.calib is not None else None
+    sums = ErrorSums(m, H, dev)
+    quant2 = 0.0
+    for a, b, B in float_blocks(W, rows):
+        B = B.to(dev)
+        P = B @ f["Vr"]  # (b, r)
+        u_hat_t = uq((P * f["inv"]).T.contiguous()).T  # (b, r) = û_Bᵀ
+        quant2 += float((P.double() - u_hat_t.double() @ f["vV"]).square().sum())
+        uh = u_hat_t.double()
+        quant2 += float(((uh @ f["K"]) * uh).sum())
+        sums.add(a, b, B, u_hat_t @ f["v_hat"])  # Ŵ_B (b, n)
+    out = sums.numbers("svd", W, lowrank_bytes((m, n), cfg), ctx.w_row2, ctx.wHw() if H is not None else None)
+    w2, total = float(ctx.w_row2.sum()), float(lam.sum())
+    eym = math.sqrt(float(lam[r:].sum()) / total) if total > 0 else 1.0
+    out.update(rank=r, trunc_error=eym, eym_error=eym,
+               quant_error=math.sqrt(max(quant2, 0.0) / w2) if w2 > 0 else 1.0, measured_in_blocks=True)
+    return out
