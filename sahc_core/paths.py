@@ -22,6 +22,8 @@ import os
 import re
 import shutil
 import unicodedata
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from sahc_core.errors import SahcError
@@ -157,3 +159,38 @@ def remove_owned(directory: str | Path, what: str = "directory") -> bool:
     else:
         os.rmdir(d)  # empty: rmdir removes nothing else
     return True
+
+
+@contextmanager
+def staged_directory(out: Path, tmp: Path, write_error: Callable[[Exception, Path], Exception],
+                     what: str = "output") -> Iterator[Path]:
+    """Write a directory atomically: yield ``tmp`` (fresh, marked ours), then move it onto ``out``.
+
+    The one staging rule of every directory SAHC writes (an assembly, an export): nothing appears at
+    ``out`` until the block has finished; an existing ``out`` (the caller checked it removable with
+    :func:`check_removable` before any work) is moved aside, replaced, then removed; on any failure
+    ``tmp`` is removed, and an ``OSError`` / ``SafetensorError`` (a full disk, a permission) becomes
+    ``write_error(exc, out)``.
+    """
+    from safetensors import SafetensorError
+
+    remove_owned(tmp, f"a stale temporary {what} directory")  # never a directory SAHC did not create
+    try:
+        mark_owned(tmp)  # marked before anything is written, so a failure can always remove it
+        yield tmp
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():  # os.replace cannot overwrite a non-empty directory
+            os.replace(out, old)
+        os.replace(tmp, out)
+        remove_owned(old, f"the replaced {what}")
+    except (OSError, SafetensorError) as exc:
+        _discard(tmp)
+        raise write_error(exc, out) from exc
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def _discard(tmp: Path) -> None:
+    if is_owned(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)  # best effort: the error that stopped the writer is what counts

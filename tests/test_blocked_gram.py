@@ -202,11 +202,10 @@ def test_bad_input_raises_one_clear_error(tiny_qwen35_dir: Path) -> None:
 @pytest.mark.slow
 def test_peak_rss_is_gram_plus_a_block_not_the_tensor(tmp_path: Path) -> None:
     """A 512 MiB bf16 tensor through 16 MiB blocks: the child's peak RSS grows by far less than the tensor."""
+    from tiny_models import randn_bf16
+
     rows, cols = 262144, 1024
-    gen = torch.Generator().manual_seed(0)
-    W = torch.empty(rows, cols, dtype=torch.bfloat16)
-    for a in range(0, rows, 16384):
-        W[a:a + 16384] = torch.randn(16384, cols, generator=gen)
+    W = randn_bf16(rows, cols)
     _model_with(tmp_path, {"w": W})
     del W
     code = textwrap.dedent(f"""

@@ -191,11 +191,10 @@ def test_read_stored_is_the_tensor_in_its_dtype(bounded_dir: Path) -> None:
 @pytest.mark.slow
 def test_bounded_measure_peak_rss_is_the_stored_tensor_plus_blocks(tmp_path: Path) -> None:
     """A 256 MiB bf16 embedding measured by int4, SVD and TT: the peak grows by about the stored tensor."""
+    from tiny_models import randn_bf16
+
     m, n = 131072, 1024
-    gen = torch.Generator().manual_seed(0)
-    W = torch.empty(m, n, dtype=torch.bfloat16)
-    for a in range(0, m, 16384):
-        W[a:a + 16384] = torch.randn(16384, n, generator=gen) * 0.02
+    W = randn_bf16(m, n, scale=0.02)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     save_file({"model.embed_tokens.weight": W}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     del W

@@ -45,6 +45,15 @@ def _shard_bytes(model: torch.nn.Module, shards: int) -> int:
     return max(1, total // shards + 1)
 
 
+def _save_seeded(build, directory: str | Path, shards: int):
+    """``(out, model)``: ``build()`` under the fixed seed, saved to ``directory`` in ``shards`` shards."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    model = build()
+    model.save_pretrained(out, max_shard_size=_shard_bytes(model, shards))
+    return out, model
+
 def build_tiny_llama(directory: str | Path, shards: int = 2) -> Path:
     """Build and save a seeded 2-layer llama model, sharded into (at least) ``shards`` files.
 
@@ -62,12 +71,7 @@ def build_tiny_llama(directory: str | Path, shards: int = 2) -> Path:
     """
     from transformers import LlamaForCausalLM
 
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(SEED)
-    model = LlamaForCausalLM(tiny_llama_config())
-    model.save_pretrained(out, max_shard_size=_shard_bytes(model, shards))
-    return out
+    return _save_seeded(lambda: LlamaForCausalLM(tiny_llama_config()), directory, shards)[0]
 
 
 def tiny_qwen35_config():
@@ -163,12 +167,8 @@ def build_tiny_qwen35(directory: str | Path, shards: int = 3) -> Path:
     from safetensors.torch import save_file
     from transformers import Qwen3_5ForConditionalGeneration
 
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(SEED)
     config = tiny_qwen35_config()
-    model = Qwen3_5ForConditionalGeneration(config)
-    model.save_pretrained(out, max_shard_size=_shard_bytes(model, shards))
+    out, model = _save_seeded(lambda: Qwen3_5ForConditionalGeneration(config), directory, shards)
 
     gen = torch.Generator().manual_seed(SEED + 1)
     mtp = {
@@ -213,24 +213,16 @@ def build_tiny_gemma3(directory: str | Path, shards: int = 2) -> Path:
     """
     from transformers import Gemma3ForConditionalGeneration
 
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(SEED)
-    model = Gemma3ForConditionalGeneration(tiny_gemma3_config())
-    model.save_pretrained(out, max_shard_size=_shard_bytes(model, shards))
-    return out
+    return _save_seeded(lambda: Gemma3ForConditionalGeneration(tiny_gemma3_config()), directory, shards)[0]
 
 
 def build_tiny_gpt2(directory: str | Path, shards: int = 2) -> Path:
     """Build and save a seeded 2-layer GPT-2 (``Conv1D`` projections, learned positions, tied head)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(SEED)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=128,
-                                       bos_token_id=0, eos_token_id=0))
-    model.save_pretrained(out, max_shard_size=_shard_bytes(model, shards))
+    out, model = _save_seeded(lambda: GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256,
+                                                                 n_positions=128, bos_token_id=0, eos_token_id=0)),
+                              directory, shards)
     return out
 
 
@@ -253,3 +245,14 @@ def with_word_tokenizer(model_dir: str | Path, out: str | Path, text: str = TINY
     tok.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=256, special_tokens=["[UNK]"]))
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(out)
     return out
+
+
+def randn_bf16(rows: int, cols: int, scale: float = 1.0, seed: int = 0, block: int = 16384) -> torch.Tensor:
+    """A seeded Gaussian ``rows x cols`` bf16 matrix built in row blocks (no float32 copy of the whole:
+    the peak-RSS tests measure what the code under test adds, not this)."""
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.empty(rows, cols, dtype=torch.bfloat16)
+    for a in range(0, rows, block):
+        b = min(rows, a + block)
+        W[a:b] = torch.randn(b - a, cols, generator=gen) * scale
+    return W

@@ -224,6 +224,13 @@ def header(col: str) -> str:
     return f"{words} ({unit})" if unit else words
 
 
+
+#: Column kind -> (format spec, scale): MB columns, bytes shown in MB, ratios, percentages, errors.
+_NUMBER_FORMATS = {"mb": (",.1f", 1), "bytes": (",.2f", 1e-6), "ratio": (",.2f", 1), "pct": (",.1f", 1),
+                   "frac": (",.1f", 100), "signed_pct": ("+,.1f", 1), "error": (".4f", 1)}
+#: Column kind -> (spec below 1e6, spec above).
+_BOUNDED_FORMATS = {"ppl": (",.2f", ".3g"), "delta": ("+,.3f", "+.3g")}
+
 def format_value(col: str, v: Any, kind: str | None = None) -> str:
     """One cell as text, by the column's kind (see :func:`column_kind`)."""
     kind = kind or column_kind(col)
@@ -247,24 +254,12 @@ def format_value(col: str, v: Any, kind: str | None = None) -> str:
         return "∞" if x > 0 else ("−∞" if x < 0 else "NaN")
     if kind == "count":
         return fmt_count(x)
-    if kind == "mb":
-        return f"{x:,.1f}"
-    if kind == "bytes":
-        return f"{x / 1e6:,.2f}"
-    if kind == "ratio":
-        return f"{x:,.2f}"
-    if kind == "pct":
-        return f"{x:,.1f}"
-    if kind == "frac":
-        return f"{100 * x:,.1f}"
-    if kind == "signed_pct":
-        return f"{x:+,.1f}"
-    if kind == "ppl":
-        return f"{x:,.2f}" if abs(x) < 1e6 else f"{x:.3g}"
-    if kind == "delta":
-        return f"{x:+,.3f}" if abs(x) < 1e6 else f"{x:+.3g}"
-    if kind == "error":
-        return f"{x:.4f}"
+    if kind in _NUMBER_FORMATS:
+        spec, scale = _NUMBER_FORMATS[kind]
+        return format(x * scale, spec)
+    if kind in _BOUNDED_FORMATS:  # a huge value (a diverged perplexity) in 3 significant digits
+        spec, big = _BOUNDED_FORMATS[kind]
+        return format(x, spec if abs(x) < 1e6 else big)
     if kind == "duration":
         return fmt_duration(x)
     if float(x).is_integer() and abs(x) < 1e15:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from importlib import metadata
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sahc_core.methods import registry as methods
@@ -40,7 +39,7 @@ from sahc_core.device import resolve_device
 from sahc_core.errors import JobError, ModelError, SahcError
 from sahc_core.io.rows import is_bounded, read_stored
 from sahc_core.io.source import header_length
-from sahc_core.paths import check_removable, is_owned, mark_owned, member, remove_owned
+from sahc_core.paths import check_removable, member, staged_directory
 from sahc_core.metrics import check_finite
 from sahc_core.plans.plan import TIED, CompressionPlan, resolve
 from sahc_core.methods.quant import state_nbytes
@@ -167,11 +166,8 @@ def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Calla
         raise methods.CalibrationRequired(
             f"plan {plan.name!r} uses calibration-aware methods on {len(needing)} tensor(s) (e.g. {needing[0]}); "
             "assemble it with calibration statistics (a run captures them itself).")
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    remove_owned(tmp, "a stale temporary directory")
     t0 = time.perf_counter()
-    try:
-        mark_owned(tmp)
+    with staged_directory(out, out.parent / f"{out.name}.tmp-{os.getpid()}", _disk_error, "assembly") as tmp:
         entries = _write_tensors(source, df, tmp, progress, check_cancel, shard_bytes, dev, calib)
         files = sorted(p.name for p in tmp.glob("*.safetensors"))
         manifest = {
@@ -182,21 +178,7 @@ def assemble(source, plan: CompressionPlan, out_dir: str | Path, progress: Calla
             "files": files, "tensors": entries,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        remove_owned(out, "output directory")  # only a directory of ours (or an empty one) is replaced
-        os.replace(tmp, out)
-    except (OSError, SafetensorError) as exc:
-        _cleanup(tmp)
-        raise _disk_error(exc, out) from exc
-    except BaseException:
-        _cleanup(tmp)
-        raise
     return _summary(out, df, entries, files, time.perf_counter() - t0)
-
-
-def _cleanup(tmp: Path) -> None:
-    """Remove the temporary directory of a failed assembly (it is ours: marked before any write)."""
-    if is_owned(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)  # best effort: the error that stopped the assembly is what counts
 
 
 def _write_tensors(source, df, root: Path, progress, check_cancel, shard_bytes: int, device: str,

@@ -37,19 +37,17 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from sahc_core.plans.assemble import MANIFEST, iter_assembled, read_manifest
 from sahc_core.plans.plan import TIED
 from sahc_core.errors import JobError, ModelError, SahcError
-from sahc_core.paths import check_removable, is_owned, mark_owned, remove_owned, safe_id
+from sahc_core.paths import check_removable, safe_id, staged_directory
 
 ExportFormat = Literal["compressed-tensors", "dense", "gguf"]
 #: Largest dense/compressed-tensors shard: the Hugging Face Hub's long-standing ``max_shard_size``.
@@ -170,7 +168,7 @@ def export_checkpoint(run_dir_or_manifest_dir: str | Path, model_dir: str | Path
     out = _check_out(Path(out_dir).expanduser().resolve(), force, (job.run_dir, job.model_dir))
     spec = _LOADERS[fmt]()
     spec.check(job)
-    with _staging(out) as tmp:
+    with staged_directory(out, out.parent / f".{out.name}.tmp-export-{os.getpid()}", _write_error, "export") as tmp:
         info = spec.write(job, tmp)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     weights = [f for f in files if f.endswith((".safetensors", ".gguf"))]
@@ -206,39 +204,6 @@ def _check_out(out: Path, force: bool, protected: tuple[Path, ...]) -> Path:
                             "to replace it.")
         check_removable(out, "output directory")  # force replaces only an earlier export (SAHC's marker)
     return out
-
-
-@contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A fresh hidden directory beside ``out``; moved onto ``out`` when the block ends, removed on failure."""
-    tmp = out.parent / f".{out.name}.tmp-export-{os.getpid()}"
-    remove_owned(tmp, "a stale temporary export directory")  # never a directory SAHC did not create
-    try:
-        mark_owned(tmp)  # the export carries SAHC's marker, so a later force=True may replace it
-        yield tmp
-        _swap_in(tmp, out)
-    except (OSError, SafetensorError) as exc:
-        _discard(tmp)
-        raise _write_error(exc, out) from exc
-    except BaseException:
-        _discard(tmp)
-        raise
-
-
-def _discard(tmp: Path) -> None:
-    """Remove the staging directory of a failed export (ours: marked before anything was written)."""
-    if is_owned(tmp):
-        shutil.rmtree(tmp, ignore_errors=True)  # best effort: the error that stopped the export is what counts
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """``os.replace(tmp, out)``; an existing ``out`` is moved aside first and deleted after (``replace``
-    cannot overwrite a non-empty directory)."""
-    old = out.parent / f".{out.name}.old-export-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    remove_owned(old, "the replaced export")  # checked removable (marked or empty) before the export began
 
 
 def _write_error(exc: Exception, out: Path) -> SahcError:
