@@ -171,7 +171,8 @@ if runs.empty:
 for rec in runs[runs["gates_failed"].fillna(0) > 0].itertuples():
     st.warning(f"Run {rec.run_id} ({rec.plan_name}): {rec.gates_failed} quality gate(s) failed; see the gate log.")
 
-app_frontier.frontier_section(cache, None, "runs")
+_src = app_state.current_source()  # the frontier of this model's runs (another model's are not comparable)
+app_frontier.frontier_section(cache, _src.fingerprint if _src is not None else None, "runs")
 
 on_disk = runs[runs["status"].isin(["done", "failed", "cancelled"]) & (runs["checkpoint_mb"] > 0)]
 with st.expander(f"Disk space: {on_disk['checkpoint_mb'].sum():,.0f} MB of checkpoints from {len(on_disk)} finished run(s)"):

@@ -125,7 +125,7 @@ def test_comparison_is_protocol_aware(filled, tiny_llama_dir) -> None:
     base = next(d.value for d in at.dataframe if "Baseline perplexity (same protocol)" in d.value.columns
                 and "Runs" in d.value.columns)
     assert sorted(base["Baseline perplexity (same protocol)"]) == ["29.24", "33.07"]
-    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    fig = next(json.loads(c.proto.spec) for c in at.get("plotly_chart") if "runs_scatter" in c.proto.id)
     hlines = sorted(s["y0"] for s in fig["layout"]["shapes"])
     assert hlines == [29.24, 33.07]  # one baseline per protocol, drawn per protocol
     assert "2 perplexity protocols" in fig["layout"]["title"]["text"]
