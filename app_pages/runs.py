@@ -57,8 +57,14 @@ def protocol_ui() -> dict:
     max_tokens = c[2].number_input("Max tokens (0 = whole text)", 0, 1 << 30, 0, step=1024, key="runs_max_tokens")
     pct = c[3].number_input("Max perplexity increase (%)", 0.0, 10_000.0, 100 * PPL_THRESHOLD, step=1.0,
                             key="runs_ppl_threshold", help="the ppl_increase gate: (ppl − baseline) / baseline")
+    d = st.columns(2)
+    dtype = d[0].radio("Evaluation dtype", ["float32", "bfloat16"], horizontal=True, key="runs_dtype",
+                       help="dtype of the smoke test and both perplexities (bfloat16 halves the model's memory; "
+                            "the run states whether this CPU computes it natively)")
+    offload = d[1].radio("Layer by layer", ["auto", "never", "always"], horizontal=True, key="runs_offload",
+                         help="auto: one decoder layer in memory at a time when the model would not fit")
     return {"corpus": corpus or None, "window": int(window) or None, "max_tokens": int(max_tokens) or None,
-            "ppl_threshold": float(pct) / 100}
+            "ppl_threshold": float(pct) / 100, "dtype": dtype, "offload": offload}
 
 
 @st.cache_data(ttl=30, show_spinner="Estimating the run time…")

@@ -169,8 +169,11 @@ def test_perplexity_gate_threshold_is_set_at_launch_and_shown(filled, tiny_llama
     at = _page(str(tiny_llama_dir))
     assert at.number_input(key="runs_ppl_threshold").value == 10.0  # the default gate, +10 %, shown
     at.number_input(key="runs_ppl_threshold").set_value(25.0).run()
+    at.radio(key="runs_dtype").set_value("bfloat16").run()
+    at.radio(key="runs_offload").set_value("always").run()
     at.button(key="runs_start").click().run()
     assert not at.exception and calls[0]["ppl_threshold"] == 0.25
+    assert calls[0]["dtype"] == "bfloat16" and calls[0]["offload"] == "always"  # passed on to the run as chosen
     table = at.dataframe[0].value.set_index("Run")
     assert table.loc["r-int4", "Perplexity gate: max Δppl (%)"].startswith("25")
 
@@ -223,10 +226,13 @@ def test_every_widget_on_the_default_model(filled, monkeypatch: pytest.MonkeyPat
     at.number_input(key="runs_window").set_value(512).run()
     at.number_input(key="runs_max_tokens").set_value(2048).run()
     at.number_input(key="runs_ppl_threshold").set_value(25.0).run()
+    at.radio(key="runs_dtype").set_value("bfloat16").run()
+    at.radio(key="runs_offload").set_value("never").run()
     assert any("≈ 2,000 scored tokens" in m.value for m in [*at.info, *at.warning]), [m.value for m in at.info]
     at.button(key="runs_start").click().run()
     assert calls[0][0].name == "int8" and calls[0][1] == {"corpus": None, "window": 512, "max_tokens": 2048,
-                                                          "ppl_threshold": 0.25}
+                                                          "ppl_threshold": 0.25, "dtype": "bfloat16",
+                                                          "offload": "never"}
     at.button(key="runs_cancel_r-live").click().run()
     # export: the fake checkpoint has no manifest, so the export is refused in one line (tests/test_model_export.py
     # exports real runs)
