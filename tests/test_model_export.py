@@ -352,3 +352,23 @@ def test_cli_export_of_a_run_and_its_refusals(runs, model_dir, tmp_path, capsys)
     assert _differing(_load(Path(out["out"])), ref) == []
     assert main(argv) == 2 and "not empty" in capsys.readouterr().err
     assert main([*argv, "--force"]) == 0
+
+
+def test_gptq_codes_export_like_rtn_codes(model_dir, tmp_path):
+    """GPTQ stores the int-k format (MethodSpec.storage "int-k"): its sym codes pack into compressed-tensors and
+    its Q4_0 blocks into GGUF, and both load bit for bit as the run's weights (float32)."""
+    from sahc_core.calib.store import CalibConfig, calibration_stats
+
+    src = ModelSource.open(model_dir)
+    calib = calibration_stats(src, Cache(tmp_path / "c.duckdb"), TINY_TEXT, CalibConfig(tokens=96, heldout_tokens=16,
+                                                                                         window=32), device="cpu")
+    plan = CompressionPlan.from_dict({"name": "gptq-sym", "default": {"method": "gptq", "bits": 4, "group_size": 32,
+                                                                      "scheme": "sym"},
+                                      "components": {"embedding": {"method": "keep"}}, "overrides": [NORMS]})
+    run = Path(assemble(src, plan, tmp_path / "run", calib=calib)["out_dir"])
+    ref = load_assembled(run)
+    res = export_checkpoint(run, model_dir, tmp_path / "ct", "compressed-tensors", dtype="float32")
+    assert len(res["packed"]) == 14 and not res["dense_fallback"]
+    assert _differing(_load(Path(res["out"])), ref) == []
+    gg = export_checkpoint(run, model_dir, tmp_path / "gguf", "gguf", dtype="float32")
+    assert gg["ggml_types"].get("Q4_0") == 14

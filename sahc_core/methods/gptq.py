@@ -67,7 +67,7 @@ SPEC = register(MethodSpec(
         Param("act_order", "choice", False, choices=(False, True), scope="plan",
               help="process columns by decreasing diag(H) (static groups)"),
     ),
-    label=_label, min_ndim=2, needs_calibration=True, row_separable=True,
+    label=_label, min_ndim=2, needs_calibration=True, row_separable=True, storage="int-k",
     candidates=lambda shape, component: [GPTQConfig(b, g) for b in (2, 3, 4, 8) for g in SWEEP_GROUPS
                                          if g is None or int(shape[-1]) % g == 0],
     adapt=lambda shape, cfg: adapt_group(int(shape[-1]), cfg), color="#B279A2",

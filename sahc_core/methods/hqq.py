@@ -60,7 +60,7 @@ SPEC = register(MethodSpec(
         Param("beta", "float", 10.0, min=0.0, max=1e6, scope="json"),
         Param("kappa", "float", 1.01, min=1.0, max=10.0, scope="json"),
     ),
-    label=_label, extras=lambda W, c, W_hat: _rtn_extras(W, c.inner, W_hat), row_separable=True,
+    label=_label, extras=lambda W, c, W_hat: _rtn_extras(W, c.inner, W_hat), row_separable=True, storage="int-k",
     candidates=lambda shape, component: [HQQConfig(b, g) for b in (2, 3, 4, 8) for g in SWEEP_GROUPS
                                          if g is None or int(shape[-1]) % g == 0],
     adapt=lambda shape, cfg: adapt_group(int(shape[-1]), cfg), color="#72B7B2",

@@ -70,5 +70,5 @@ SPEC = register(MethodSpec(
     name="keep", title="16-bit (kept)", config=KeepConfig, compress=keep, nbytes=keep_bytes, load=_load,
     params=(Param("dtype", "choice", "bfloat16", choices=("bfloat16", "float16"), help="16-bit storage dtype"),),
     label=lambda c: "16-bit" if c.dtype == "bfloat16" else "float16",
-    candidates=lambda shape, component: [KeepConfig()], row_separable=True,
+    candidates=lambda shape, component: [KeepConfig()], row_separable=True, storage="16-bit",
     color="#999999", description="No compression: the reference point of every ratio (2 bytes per weight)."))

@@ -245,6 +245,10 @@ class MethodSpec:
     compress_in: Callable[[Any, Any], Any] | None = None
     measure_bounded: Callable[..., dict] | None = None
     row_separable: bool = False
+    #: How a compressed tensor is stored, for exporters to serving formats: ``"int-k"`` (a
+    #: :class:`~sahc_core.methods.quant.QuantizedTensor`: codes + fp16 scales, zeros; compressed-tensors
+    #: and GGUF can pack it), ``"16-bit"`` (the tensor itself, ``.weight``) or ``"other"`` (exported dense).
+    storage: str = "other"
     color: str = "#888888"
     description: str = ""
 
@@ -512,3 +516,9 @@ def float32_measure(W: Tensor, cfg: Any, ctx: Any) -> dict:
 def schema() -> list[dict]:
     """Every method with its parameter schema (``python -m sahc_core methods --json``)."""
     return [m.to_json() for m in methods()]
+
+
+def quant_config_of(cfg: Any) -> Any:
+    """The :class:`~sahc_core.methods.quant.QuantConfig` (bits, group size, scheme) of an ``"int-k"``
+    method's config (RTN's config is one; GPTQ's and HQQ's carry one as ``.quant``)."""
+    return getattr(cfg, "quant", cfg)

@@ -164,7 +164,7 @@ SPEC = register(MethodSpec(
     compress=lambda W, cfg, calib=None: quantize(W, cfg), nbytes=quant_bytes,
     load=lambda state, meta, cfg: QuantizedTensor.from_state(state, tuple(meta["shape"]), cfg),
     params=(*int_params(), SCHEME),
-    label=_label, measure=fast_measure, extras=_extras, candidates=_candidates, row_separable=True,
+    label=_label, measure=fast_measure, extras=_extras, candidates=_candidates, row_separable=True, storage="int-k",
     measure_bounded=fast_measure,
     adapt=lambda shape, cfg: adapt_group(int(shape[-1]), cfg),
     color="#4C78A8",

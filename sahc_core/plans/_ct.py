@@ -47,9 +47,9 @@ from torch import Tensor
 from sahc_core.methods import registry as methods
 from sahc_core.plans.export import ExportJob, ExportRefused, ShardWriter, config_with_dtype, copy_model_files
 from sahc_core.methods.quant import QuantConfig, QuantizedTensor, unpack_codes
+from sahc_core.plans.plan import TIED
 
 FORMAT = "pack-quantized"
-_LOWRANK = ("svd", "tt")
 
 
 def quant_args(cfg: QuantConfig):
@@ -108,7 +108,17 @@ def _module_kinds(job: ExportJob) -> tuple[str, dict[str, str]]:
 
 def _packable(name: str, entry: dict, kinds: dict[str, str]) -> bool:
     """Only the 2-D weight of an ``nn.Linear`` is packed (see the module docstring)."""
-    return entry["method"] == "int" and kinds.get(name) == "Linear" and len(entry["shape"]) == 2
+    return _storage(entry) == "int-k" and kinds.get(name) == "Linear" and len(entry["shape"]) == 2
+
+
+def _storage(entry: dict) -> str:
+    """How the entry's method stores a tensor (``MethodSpec.storage``): only int-k codes can be packed."""
+    return "tied" if entry["method"] == TIED else methods.get(entry["method"]).storage
+
+
+def _int_k(c):
+    """The :class:`QuantizedTensor` of an int-k method's loaded tensor (GPTQ / HQQ wrap theirs in a Tagged)."""
+    return getattr(c, "inner", c)
 
 
 def check(job: ExportJob) -> None:
@@ -118,7 +128,7 @@ def check(job: ExportJob) -> None:
     if not packable:
         raise ExportRefused("the plan quantizes no nn.Linear weight, so a compressed-tensors export would hold "
                             "no packed tensor; export it as 'dense' instead.")
-    cfgs = {n: methods.config_from_dict(job.tensors[n]["config"]) for n in packable}
+    cfgs = {n: methods.quant_config_of(methods.config_from_dict(job.tensors[n]["config"])) for n in packable}
     asym = [n for n in packable if cfgs[n].scheme == "asym"]
     if asym:
         c = cfgs[asym[0]]
@@ -131,7 +141,7 @@ def check(job: ExportJob) -> None:
 
 
 def _fallback_reason(name: str, entry: dict, kinds: dict[str, str], cls: str) -> str:
-    if entry["method"] in _LOWRANK:
+    if _storage(entry) == "other":
         return "compressed-tensors has no low-rank or tensor-train format"
     kind = kinds.get(name)
     if kind == "Embedding":
@@ -154,6 +164,7 @@ def write(job: ExportJob, tmp) -> dict:
     for name, e, c in job.items():
         target = aliases.get(name, name)
         if _packable(name, e, kinds) and (target == name or target in packed):
+            c = _int_k(c)
             state = pack_tensor(c)
             module = name.removesuffix(".weight")
             for key, t in state.items():
@@ -163,9 +174,9 @@ def write(job: ExportJob, tmp) -> dict:
             extra["packing_padding_bytes"] += state["weight_packed"].nbytes - c.codes.nbytes
             extra["weight_shape_bytes"] += state["weight_shape"].nbytes
             continue
-        t = c.weight if e["method"] == "keep" else c.reconstruct(job.torch_dtype)
+        t = c.weight if _storage(e) == "16-bit" else c.reconstruct(job.torch_dtype)
         shards.add(name, t)
-        if e["method"] != "keep" and target == name:
+        if _storage(e) != "16-bit" and target == name:
             fallback[name] = _fallback_reason(name, e, kinds, cls)
             extra["dense_fallback_bytes"] += t.nbytes - e["bytes"]
     n = shards.finish()

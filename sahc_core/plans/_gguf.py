@@ -55,11 +55,12 @@ _DENSE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 def ggml_type(name: str, entry: dict) -> str:
     """The GGML type a manifest entry is written as, or :class:`ExportRefused` naming why not."""
     shape = entry["shape"]
-    if entry["method"] == "keep":
+    storage = methods.get(entry["method"]).storage
+    if storage == "16-bit":
         return "F32" if len(shape) == 1 else _DENSE[entry["config"].get("dtype", "bfloat16")]
-    if entry["method"] != "int":
+    if storage != "int-k":
         return ""  # SVD/TT: dense in the export dtype
-    cfg = methods.config_from_dict(entry["config"])
+    cfg = methods.quant_config_of(methods.config_from_dict(entry["config"]))
     g = cfg.group_size or shape[-1]
     groups = f"one group per row of {g}" if cfg.group_size is None else f"groups of {g}"
     what = f"int{cfg.bits} {cfg.scheme} with {groups}"
@@ -184,10 +185,11 @@ def write(job: ExportJob, tmp: Path) -> dict:
         if name not in names:  # a tied alias: GGUF reads a missing output.weight as tied
             continue
         typ = ggml_type(name, e) or _DENSE[job.dtype]
-        if e["method"] == "int":
-            arr = blocks(c, typ)
+        storage = methods.get(e["method"]).storage
+        if storage == "int-k":
+            arr = blocks(getattr(c, "inner", c), typ)  # GPTQ / HQQ wrap their QuantizedTensor in a Tagged
         else:
-            t = c.weight if e["method"] == "keep" else c.reconstruct(job.torch_dtype)
+            t = c.weight if storage == "16-bit" else c.reconstruct(job.torch_dtype)
             arr = _dense(t, typ)
         heads = {"self_attn.q_proj.weight": hp["heads"], "self_attn.k_proj.weight": hp["kv_heads"]}
         h = next((v for k, v in heads.items() if name.endswith(k)), None)
@@ -203,7 +205,7 @@ def write(job: ExportJob, tmp: Path) -> dict:
     copy_model_files(job, tmp, config_with_dtype(job.config, job.dtype))
     notes.insert(0, "tensors by GGML type: " + ", ".join(f"{k} {v}" for k, v in sorted(types.items())) + "; the "
                  "int blocks carry the run's codes and fp16 scales (and minima).")
-    if any(e["method"] in ("svd", "tt") for e in job.tensors.values()):
+    if any(e["method"] != TIED and methods.get(e["method"]).storage == "other" for e in job.tensors.values()):
         notes.append(f"SVD/TT tensors are stored dense ({_DENSE[job.dtype]}): GGUF has no low-rank format.")
     return {"tensors": len(names), "ggml_types": types, "notes": notes}
 
