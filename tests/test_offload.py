@@ -147,3 +147,20 @@ def test_calibration_capture_one_layer_at_a_time(tiny_tok_dirs, tmp_path) -> Non
         torch.testing.assert_close(off.for_weight(name).xtx, mem.for_weight(name).xtx, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(off.heldout_for_weight(name).xtx, mem.heldout_for_weight(name).xtx,
                                    rtol=1e-6, atol=1e-7)
+
+
+def test_calibration_decides_offload_like_a_run(tiny_tok_dirs, tmp_path, monkeypatch) -> None:
+    """No ``offload`` given (the CLI's ``calib``, What-if, the optimizer): a model that would not fit in the
+    available memory is captured one layer at a time, never loaded whole."""
+    import sahc_core.evaluate.model as model_mod
+    import sahc_core.evaluate.offload as offload_mod
+    from sahc_core.cache import Cache
+    from sahc_core.calib.stats import CalibConfig
+    from sahc_core.calib.store import calibration_stats
+
+    monkeypatch.setattr(offload_mod, "available_memory", lambda device="cpu": 1)  # nothing fits
+    monkeypatch.setattr(model_mod, "load_model", lambda *a, **k: pytest.fail("loaded the whole model"))
+    source = ModelSource.open(tiny_tok_dirs["qwen3_5"])
+    cfg = CalibConfig(tokens=96, heldout_tokens=32, window=32)
+    stats = calibration_stats(source, Cache(tmp_path / "c.duckdb"), TINY_TEXT * 3, cfg, device="cpu")
+    assert "model.language_model.layers.1.mlp.down_proj.weight" in stats.weights()

@@ -58,7 +58,7 @@ def stats_dir(cache: Cache, model_fp: str, key: str) -> Path:
 def calibration_stats(source: ModelSource, cache: Cache, text: str | None = None, cfg: CalibConfig = CalibConfig(), *,
                       model: nn.Module | None = None, tokenizer: Any = None,
                       progress: Callable[[int, int], None] | None = None, device: str = "auto",
-                      offload: bool = False) -> CalibStats:
+                      offload: bool | None = None) -> CalibStats:
     """Calibration statistics of ``source`` on ``text``: looked up, or captured once and stored.
 
     Parameters
@@ -77,9 +77,11 @@ def calibration_stats(source: ModelSource, cache: Cache, text: str | None = None
         ``progress(turns_done, turns_total)`` during a capture (decoder layers + LM head).
     device : str
         Where the capture runs when the model is loaded here (``auto``: GPU when present).
-    offload : bool
+    offload : bool, optional
         Capture with an empty model that holds one decoder layer at a time, read from the checkpoint
         (:mod:`sahc_core.evaluate.offload`; a model larger than RAM), instead of loading it whole.
+        ``None`` (default): decided like a run's ``--offload auto`` (layer by layer when the model in
+        ``cfg.dtype`` would not fit in the available memory).
 
     Returns
     -------
@@ -107,6 +109,13 @@ def calibration_stats(source: ModelSource, cache: Cache, text: str | None = None
     stats = _open(folder, key)
     if stats is None:
         prepare = None
+        if model is None and offload is None:
+            from sahc_core.evaluate.evaluator import plan_offload
+            from sahc_core.evaluate.names import name_map_for
+            from sahc_core.evaluate.perplexity import PplConfig
+
+            offload = plan_offload("auto", source, name_map_for(source), PplConfig(window=cfg.window, dtype=cfg.dtype),
+                                   device).offload
         if model is None and offload:
             from sahc_core.evaluate.model import load_tokenizer
             from sahc_core.evaluate.names import empty_model, name_map_for
