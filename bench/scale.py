@@ -27,7 +27,12 @@ Prints ONE JSON object on stdout (progress on stderr); ``--out FILE`` also merge
     .venv/bin/python bench/scale.py --device cuda --out /tmp/scale-cuda.json
 
 ``model-page`` times what the Model page computes (open + tensor table: header reads only);
-``assemble-int4`` the run's assembly stage (written next to ``--dir``, then deleted).
+``assemble-int4`` the run's assembly stage (written next to ``--dir``, then deleted). ``ppl-offload``
+(512 tokens, one decoder layer at a time, bf16), ``calib`` (XᵀX of every text-model linear input,
+512 + 128 tokens) and ``run-int4`` (the int4-g128 plan end to end: assembly, gates, smoke test,
+baseline and compressed perplexity on 512 tokens, offload decided by the run) use ``<dir>-tok``: the
+same shards linked plus a word-level tokenizer trained on the default corpus (random weights: the
+perplexities mean nothing, the time and memory do), with a cache next to ``--dir``.
 """
 from __future__ import annotations
 
@@ -84,6 +89,16 @@ def commands(model: Path, spectra: Path, block_bytes: int, device: str = "cpu",
         "assemble-int4": [*me, "--child-assemble", str(model), str(ROOT / "plans" / "int4-g128.json"),
                           str(work / "sahc-scale-assembled"), device],
     }
+    # ppl / calib / run need a tokenizer: the same shards (linked) plus a word-level one (with_tokenizer)
+    tok = Path(f"{model}-tok")
+    small = ["--window", "128", "--dtype", "bfloat16"]
+    cached = ["--model", str(tok), "--json", "--cache", str(work / "sahc-scale-cache.duckdb"), "--device", device]
+    out.update({
+        "ppl-offload": [*cli, "ppl", "--max-tokens", "512", *small, "--offload", "always", *cached],
+        "calib": [*cli, "calib", "--tokens", "512", "--heldout-tokens", "128", "--window", "128", *cached],
+        "run-int4": [*cli, "run", "--plan", str(ROOT / "plans" / "int4-g128.json"), "--max-tokens", "512", *small,
+                     "--offload", "auto", *cached],
+    })
     for what, tensor in (("embedding", EMBEDDING), ("ffn", FFN)):
         for bits in ("64", "32"):
             out[f"gram{bits}-{what}"] = [sys.executable, str(Path(__file__).resolve()), "--child-gram", str(model),
@@ -217,6 +232,30 @@ def child_model_page(model: str) -> None:
     print(json.dumps({"tensors": len(table), "components": len(shares), "seconds": time.perf_counter() - t0}))
 
 
+def with_tokenizer(model: Path) -> Path:
+    """``<model>-tok``: every file of ``model`` linked, plus a word-level tokenizer (ids far below the
+    248,320 vocabulary) trained on the default corpus, so that ``ppl``, ``calib`` and ``run`` have one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from sahc_core.io.corpus import default_corpus
+
+    out = Path(f"{model}-tok")
+    if (out / "tokenizer.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model.iterdir():
+        if f.is_file() and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    text = default_corpus()
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text.calib_text, text.test_text],
+                            trainers.WordLevelTrainer(vocab_size=32000, special_tokens=["[UNK]", "<|endoftext|>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|endoftext|>").save_pretrained(out)
+    return out
+
+
 def child_assemble(model: str, plan: str, out: str, device: str) -> None:
     """``--child-assemble``: the run's assembly stage of ``plan`` (streaming, tensor by tensor), then delete it."""
     import shutil
@@ -264,6 +303,8 @@ def main() -> None:
     if not chosen:
         raise SystemExit(f"no command matches {args.only}; see --list.")
     generated = ensure_model(args.dir, args.layers, args.tied, args.timeout)
+    if any(n in ("ppl-offload", "calib", "run-int4") for n in chosen):
+        with_tokenizer(args.dir)
 
     from sahc_core.io.source import ModelSource
 

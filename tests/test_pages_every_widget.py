@@ -163,4 +163,7 @@ def test_every_widget_of_the_budget_page(monkeypatch, tmp_path):
             "overrides": [{"pattern": "*norm*", "method": "keep"}]}
     at.file_uploader(key="budget_upload").upload("p.json", json.dumps(plan).encode(), "application/json").run()
     assert not at.exception and at.text_input(key="budget_name").value == "up4"
-    assert not cov.missing(), cov.missing()
+    # the "Optimise for a ratio" section's widgets (opt_*) are moved, each, in
+    # tests/test_page_optimize.py::test_every_widget_of_the_optimise_section (on a small candidate grid)
+    missing = [w for w in cov.missing() if not w.startswith("opt_")]
+    assert not missing, missing

@@ -99,6 +99,8 @@ def test_library_calls_never_change_the_thread_count(tiny_llama_dir, monkeypatch
 
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    # a thread count no adaptive choice keeps (it picks 1 or the core count), whatever OMP_NUM_THREADS says
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
     src = ModelSource.open(tiny_llama_dir)
     measure_tensor(src, Q, QuantConfig(4, 32))
     tensor_spectrum(src, Q)
