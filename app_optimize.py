@@ -25,7 +25,8 @@ def constraints_ui(components: list[str]) -> tuple[float, Constraints, tuple[str
     target = c[0].number_input("Target ratio", 1.0, 100.0, 4.5, step=0.5, key="opt_target")
     keep = c[1].multiselect("Keep in 16 bits", components, key="opt_keep")
     emb_bits = c[2].selectbox("Embedding: max bits", [_NO_LIMIT, 8, 6, 5, 4, 3], key="opt_emb_bits")
-    one_group = c[3].checkbox("One group size (hardware-friendly)", key="opt_one_group")
+    one_group = c[3].checkbox("One group size", key="opt_one_group",
+                             help="hardware-friendly: every int tensor uses the same group size")
     names = [m.name for m in registry.methods()]
     d1, d2 = st.columns([3, 1])
     methods = d1.multiselect("Methods to measure and choose from", names, default=names, key="opt_methods",

@@ -164,3 +164,14 @@ def test_calibration_decides_offload_like_a_run(tiny_tok_dirs, tmp_path, monkeyp
     cfg = CalibConfig(tokens=96, heldout_tokens=32, window=32)
     stats = calibration_stats(source, Cache(tmp_path / "c.duckdb"), TINY_TEXT * 3, cfg, device="cpu")
     assert "model.language_model.layers.1.mlp.down_proj.weight" in stats.weights()
+
+
+def test_auto_offload_keeps_the_memory_bound_on_cpu() -> None:
+    """On the CPU a model whose in-memory peak would break its memory bound goes layer by layer even
+    when RAM would hold it (a 9B-shaped model on a big machine); a small one stays in memory."""
+    gib = 2**30
+    big = decide_offload("auto", weights_bytes=11 * gib, logits_bytes=gib // 8, available=64 * gib, bound=6 * gib)
+    assert big.offload and "above the model's 6.0 GiB memory bound" in big.reason
+    small = decide_offload("auto", weights_bytes=gib // 4, logits_bytes=gib // 16, available=64 * gib, bound=2 * gib)
+    assert not small.offload and "within the model's" in small.reason
+    assert not decide_offload("auto", weights_bytes=11 * gib, logits_bytes=gib // 8, available=64 * gib).offload

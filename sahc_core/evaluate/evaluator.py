@@ -128,11 +128,14 @@ def plan_offload(mode: str, source, names, cfg: PplConfig, device: str):
     """The :class:`~sahc_core.evaluate.offload.OffloadDecision` of a run or ``ppl`` on ``source``."""
     from sahc_core.evaluate.offload import decide_offload, evaluated_bytes
     from sahc_core.evaluate.perplexity import DEFAULT_WINDOW
+    from sahc_core.io.rows import memory_bound
 
     shapes = {t.name: tuple(t.shape) for t in source.tensors()}
     text = source.config.get("text_config") if isinstance(source.config.get("text_config"), dict) else source.config
     vocab = int(text.get("vocab_size") or source.config.get("vocab_size") or 0)
     limit = text.get("max_position_embeddings") or text.get("n_positions") or DEFAULT_WINDOW
     window = cfg.window or min(DEFAULT_WINDOW, int(limit))
+    dev = resolve_device(device)
+    bound = memory_bound(source) if dev == "cpu" else None  # on a GPU its own free memory decides
     return decide_offload(mode, evaluated_bytes(names, shapes, DTYPES[cfg.dtype]), window * vocab * 4,
-                          device=resolve_device(device))
+                          device=dev, bound=bound)

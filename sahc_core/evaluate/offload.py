@@ -25,7 +25,11 @@ to the identity) finds, before the pass, which of "nothing" and "soft-capping" m
 Offload decision (``offload="auto"``, :func:`decide_offload`): in memory when the weights in the run
 dtype + two float32 logits tensors of one window (the logits and their log-softmax) + 1.5 GiB of
 working memory fit in 90 % of the memory available to this process (``MemAvailable``, capped by a
-cgroup limit; on a GPU also its free memory); else layer by layer.
+cgroup limit; on a GPU also its free memory) and, on the CPU, within the model's memory bound
+(``bound``: 2.5 x its largest tensor's bf16 bytes + 1.5 GB, :func:`sahc_core.io.rows.memory_bound`);
+else layer by layer. The bound is the design's promise for every command: a 9B-shaped model whose
+float32 copy would fit in a big machine's RAM is still evaluated layer by layer, which on a CPU costs
+about the same time (``bench/offload.py``: 139 vs 144 CPU seconds for 16k tokens of the default model).
 """
 from __future__ import annotations
 
@@ -49,6 +53,8 @@ OFFLOAD_MODES = ("auto", "never", "always")
 HEADROOM_BYTES = 3 * 2**29
 #: Share of the available memory an in-memory evaluation may plan to use.
 MEMORY_SHARE = 0.9
+#: Interpreter, libraries and one window's activations of an in-memory evaluation (for the memory bound).
+BOUND_BASE_BYTES = 2**29
 #: Bytes of one chunk of float32 logits in the layer-sequential head.
 OFFLOAD_LOGITS_BYTES = 64 * 2**20
 
@@ -104,21 +110,29 @@ def evaluated_bytes(names, shapes: Mapping[str, tuple[int, ...]], dtype: torch.d
 
 
 def decide_offload(mode: str, weights_bytes: int, logits_bytes: int, device: str = "cpu",
-                   available: int | None = None) -> OffloadDecision:
+                   available: int | None = None, bound: int | None = None) -> OffloadDecision:
     """Apply the rule of the module docstring to ``mode`` (``auto|never|always``).
 
-    ``logits_bytes``: one window's float32 logits (window x vocabulary x 4).
+    ``logits_bytes``: one window's float32 logits (window x vocabulary x 4); ``bound``: the model's
+    memory bound in bytes (``None``: no bound, only the available memory counts).
     """
     if mode not in OFFLOAD_MODES:
         raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {mode!r}.")
     need = weights_bytes + 2 * logits_bytes + HEADROOM_BYTES
     avail = available_memory(device) if available is None else int(available)
     fits = need <= MEMORY_SHARE * avail
+    # against the bound: the peak RSS the in-memory path reaches (bench/offload.py: the interpreter's 240 MB
+    # + one window's activations on top of weights and logits), not the headroom kept for other processes
+    peak = weights_bytes + 2 * logits_bytes + BOUND_BASE_BYTES
+    within = bound is None or peak <= bound
     gib = 2**30
     if mode == "auto":
-        offload = not fits
+        offload = not (fits and within)
         reason = (f"auto: the in-memory evaluation needs about {need / gib:.1f} GiB "
-                  f"({'within' if fits else 'more than'} {MEMORY_SHARE:.0%} of the {avail / gib:.1f} GiB available)")
+                  f"({'within' if fits else 'more than'} {MEMORY_SHARE:.0%} of the {avail / gib:.1f} GiB available"
+                  + ("" if bound is None else f"; its peak, about {peak / gib:.1f} GiB, is "
+                                              f"{'within' if within else 'above'} the model's {bound / gib:.1f} GiB "
+                                              "memory bound") + ")")
     else:
         offload = mode == "always"
         reason = f"{mode} (asked for)"
