@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow test-browser bench
+.PHONY: install run test test-slow test-browser bench bench-scale
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-data.txt
 	$(PY) -m venv $(VENV)
@@ -34,3 +34,13 @@ bench: install
 	$(BIN)/python bench/ppl.py
 	$(BIN)/python bench/study.py
 	$(BIN)/python bench/runs.py
+	$(BIN)/python bench/calib.py
+	$(BIN)/python bench/solver.py
+	$(BIN)/python bench/methods.py
+	$(BIN)/python bench/optimize.py
+	$(BIN)/python bench/export_sizes.py
+	$(BIN)/python bench/offload.py
+
+# the 9B-shaped model (writes ~7 GB under /tmp once; hours on a 2-core CPU)
+bench-scale: install
+	$(BIN)/python bench/scale.py --out bench-scale.json
