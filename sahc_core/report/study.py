@@ -262,6 +262,16 @@ def study_figures(source, cache=None, device: str = "auto") -> dict:
             "tensors_without_spectrum": failed(df)["error"].tolist()}
 
 
+
+def _or_skip(skipped: list[str], fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or ``None`` with the reason appended to ``skipped`` when the tensor has
+    NaN / Inf values or no elements (the study names it and goes on with the rest)."""
+    try:
+        return fn(*args, **kwargs)
+    except NumericalError as exc:
+        skipped.append(str(exc))
+        return None
+
 def reproduce_study(source, cache=None, device: str = "auto", progress: Progress | None = None,
                     with_tt: bool = True, calib=None) -> StudyTables:
     """Compute (or read from the cache) the study's tables for ``source``; see the module docstring.
@@ -288,11 +298,8 @@ def reproduce_study(source, cache=None, device: str = "auto", progress: Progress
     else:
         if progress:
             progress(0, 3, f"spectrum of {gate}")
-        try:
-            sp = tensor_spectrum(source, gate, cache=cache, device=device)
-        except NumericalError as exc:
-            skipped.append(str(exc))
-        else:
+        sp = _or_skip(skipped, tensor_spectrum, source, gate, cache=cache, device=device)
+        if sp is not None:
             title = f"Singular values of {gate} {list(sp.shape)}"
             t[title] = sigma_table(sp.singular_values, sp.shape)
             k = len(sp.singular_values)
@@ -304,10 +311,8 @@ def reproduce_study(source, cache=None, device: str = "auto", progress: Progress
             name = middle_tensor(table, kind)
             if name is None:
                 continue
-            try:
-                s = tensor_spectrum(source, name, cache=cache, device=device)
-            except NumericalError as exc:
-                skipped.append(str(exc))
+            s = _or_skip(skipped, tensor_spectrum, source, name, cache=cache, device=device)
+            if s is None:
                 continue
             r = min_rank(s.singular_values, ERROR_TARGET)
             full = len(s.singular_values)
@@ -333,11 +338,8 @@ def reproduce_study(source, cache=None, device: str = "auto", progress: Progress
         def prog(done, total, *_):
             if progress:
                 progress(done, total, f"TT sweep of {emb}")
-        try:
-            sweep = tt_sweep(source, emb, progress=prog, cos_threshold=COS_THRESHOLD)
-        except NumericalError as exc:
-            skipped.append(str(exc))
-        else:
+        sweep = _or_skip(skipped, tt_sweep, source, emb, progress=prog, cos_threshold=COS_THRESHOLD)
+        if sweep is not None:
             title = f"Tensor-Train sweep of {emb} {list(source.info(emb).shape)}"
             t[title] = tt_table(sweep)
             n[title] = f"Weight cosine per token row; the gate is cos ≥ {COS_THRESHOLD:g} (study section 4)."
