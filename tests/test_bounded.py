@@ -244,3 +244,38 @@ def test_output_cosine_refuses_a_model_whose_float32_copy_breaks_the_bound(bound
     monkeypatch.setattr(rows, "BOUND_FACTOR", 1.0)        # below its float32 copy (4 bytes per weight)
     with pytest.raises(ValueError, match="memory bound"):
         whatif.output_cosine_for(source, "model.embed_tokens.weight", QuantConfig(4, 16))
+
+
+def test_gates_stage_of_big_tensors_is_blocked_and_equal(tiny_llama_dir, tmp_path, monkeypatch) -> None:
+    """A run's gates stage measures a tensor above the bound a block of rows at a time (W in its stored dtype,
+    Ŵ rebuilt per block: no 12 GB of float32 copies of a 248k embedding) with the numbers of the whole path,
+    for every stored format: int-k (RTN sym / asym, GPTQ-style Tagged wrappers), kept, low-rank, Tensor-Train."""
+    from sahc_core.io.source import ModelSource
+    from sahc_core.plans.assemble import assemble
+    from sahc_core.plans.plan import CompressionPlan
+    from sahc_core.runs.pipeline import measure_checkpoint
+
+    plan = CompressionPlan.from_dict({
+        "name": "mixed", "default": {"method": "int", "bits": 4, "group_size": 32, "scheme": "asym"},
+        "components": {"embedding": {"method": "tt", "tt_ranks": [1, 8, 8, 1], "bits": 8},
+                       "ffn": {"method": "svd", "rank_fraction": 0.25, "bits": 4, "group_size": 32}},
+        "overrides": [{"pattern": "*norm*", "method": "keep"},
+                      {"pattern": "*q_proj*", "method": "int", "bits": 3, "group_size": None, "scheme": "sym"},
+                      {"pattern": "*o_proj*", "method": "keep"}]})
+    src = ModelSource.open(tiny_llama_dir)
+    out = assemble(src, plan, tmp_path / "run")["out_dir"]
+    _, whole, shapes = measure_checkpoint(src, out)
+    monkeypatch.setattr(rows, "BOUNDED_MIN_BYTES", 0)  # every tensor takes the bounded path
+    import sahc_core.methods._bounded as bounded
+
+    calls = []
+    real = bounded.compare_rebuilt
+    monkeypatch.setattr(bounded, "compare_rebuilt", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    gates, blocked, shapes2 = measure_checkpoint(src, out)
+    assert shapes2 == shapes and {"int", "keep", "svd", "tt"} <= set(calls)
+    for w, b in zip(whole, blocked):
+        assert w["name"] == b["name"]
+        assert b["rel_error"] == pytest.approx(w["rel_error"], rel=1e-5, abs=1e-7), w["name"]
+        assert b["weight_cosine"] == pytest.approx(w["weight_cosine"], rel=1e-6), w["name"]
+    theory = {g.tensor for g in gates if g.gate == "theory_vs_actual"}
+    assert any("q_proj" in t for t in theory)  # int-k keeps its prediction on the bounded path

@@ -209,3 +209,23 @@ def test_blockwise_quantize_packs_the_same_bitstream_as_one_block(monkeypatch, b
         assert torch.equal(parts.codes, whole.codes) and torch.equal(parts.scales, whole.scales)
         assert (parts.zeros is None) == (whole.zeros is None) and (parts.zeros is None or torch.equal(parts.zeros, whole.zeros))
         assert torch.equal(quant.dequantize(parts), quant.fake_quantize(W.float(), cfg))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("scheme", ["asym", "sym"])
+def test_dequantize_in_row_blocks_equals_one_whole_decode(bits, scheme, monkeypatch):
+    """The blocked decode (64 MB temporaries, the 248k embedding) is bit for bit the whole-tensor decode,
+    for block sizes that cut the bitstream anywhere, and any row range decodes alone."""
+    from sahc_core.methods import quant as Q
+
+    W = torch.randn(203, 96, generator=torch.Generator().manual_seed(bits))
+    for g in (None, 32):
+        q = Q.quantize(W, Q.QuantConfig(bits, g, scheme))
+        rows, cols, gg = Q._layout(q.shape, q.config)
+        codes = Q.unpack_codes(q.codes, bits, rows * cols).to(torch.float32).reshape(rows, cols // gg, gg)
+        if scheme == "sym":
+            codes -= 2 ** (bits - 1) - 1
+        ref = Q._decode(codes, q.scales, q.zeros).reshape(q.shape)  # the whole tensor at once
+        monkeypatch.setattr(Q, "DEQUANT_BLOCK_ELEMS", 96 * 16)  # blocks of 16 rows
+        assert torch.equal(Q.dequantize(q), ref)
+        assert torch.equal(q.row_block(13, 77), ref[13:77]) and torch.equal(q.row_block(200, 203), ref[200:])

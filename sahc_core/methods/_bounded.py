@@ -135,3 +135,50 @@ def rows_measure(W: Tensor, c: Any, method: str, ctx: Any, rows_fn, rows: int) -
     for a, b, B in float_blocks(W, rows):
         sums.add(a, b, B, rows_fn(c, a, b).to(device=B.device, dtype=torch.float32))
     return sums.numbers(method, W, int(c.nbytes), ctx.w_row2, wHw)
+
+
+def rebuilt_row_blocks(c: Any, rows: int) -> Iterator[tuple[int, int, Tensor]] | None:
+    """``(start, stop, Ŵ2[start:stop] float32)`` of a LOADED compressed tensor, never Ŵ whole; ``None``
+    when its type has no row access (the caller then rebuilds it whole).
+
+    int-k codes decode row blocks alone (:meth:`QuantizedTensor.row_block`), a kept tensor is sliced,
+    low-rank factors are dequantized once (r x m and r x n) and multiplied a block at a time, a
+    Tensor-Train gives its row slabs (:func:`sahc_core.methods._tt_bounded.row_slabs`).
+    """
+    from sahc_core.methods.keep import KeptTensor
+    from sahc_core.methods.lowrank import LowRankTensor
+    from sahc_core.methods.quant import QuantizedTensor
+    from sahc_core.methods.tt import TTMatrix
+
+    inner = getattr(c, "inner", c)  # GPTQ / HQQ wrap their QuantizedTensor
+    if isinstance(inner, TTMatrix):
+        from sahc_core.methods._tt_bounded import row_slabs
+
+        return ((a, b, S.to(torch.float32)) for a, b, S in row_slabs(inner))
+    if isinstance(inner, QuantizedTensor):
+        m = math.prod(inner.shape[:-1])
+        return ((a, min(m, a + rows), inner.row_block(a, min(m, a + rows))) for a in range(0, m, rows))
+    if isinstance(inner, KeptTensor):
+        W2 = metrics.rows(inner.weight)
+        return ((a, min(W2.shape[0], a + rows), W2[a:a + rows].to(torch.float32, copy=True))
+                for a in range(0, W2.shape[0], rows))
+    if isinstance(inner, LowRankTensor) and len(inner.shape) == 2:
+        u, v = inner._factor(inner.u), inner._factor(inner.v)  # (r, m), (r, n) float32
+        m = inner.shape[0]
+        return ((a, min(m, a + rows), u[:, a:a + rows].T @ v) for a in range(0, m, rows))
+    return None
+
+
+def compare_rebuilt(W: Tensor, c: Any, method: str, H: Tensor | None = None) -> dict | None:
+    """:func:`registry.measure`'s base numbers (and ``output_error`` with ``H``) of ``W`` (any dtype, e.g.
+    stored bf16) against a loaded compressed tensor, a block of rows at a time; ``None`` when ``c`` has
+    no row access. The gates stage of a run uses it for tensors above ``io.rows.BOUNDED_MIN_BYTES``."""
+    W2 = metrics.rows(W)
+    blocks = rebuilt_row_blocks(c, block_rows(W2.shape[1]))
+    if blocks is None:
+        return None
+    sums = ErrorSums(W2.shape[0], H, W.device)
+    for a, b, B in blocks:
+        sums.add(a, b, W2[a:b].to(torch.float32), B.to(W.device))
+    wHw = w_h_w(W, H) if H is not None else None
+    return sums.numbers(method, W, int(c.nbytes), row_norm2_blocked(W), wHw)

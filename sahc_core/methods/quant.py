@@ -205,6 +205,10 @@ class QuantizedTensor:
         """The dequantized tensor, of the original shape."""
         return dequantize(self, dtype)
 
+    def row_block(self, a: int, b: int) -> Tensor:
+        """Rows ``a:b`` of the 2-D view of ``ŵ`` in float32, decoded alone (:func:`dequantize_rows`)."""
+        return dequantize_rows(self, a, b)
+
     def state(self) -> dict[str, Tensor]:
         """Tensors to store (all of them count in :attr:`nbytes`)."""
         out = {"codes": self.codes, "scales": self.scales}
@@ -373,15 +377,45 @@ def quantize(W: Tensor, cfg: QuantConfig) -> QuantizedTensor:
     return QuantizedTensor(shape, cfg, cat(codes), cat(scales), None if zeros[0] is None else cat(zeros))
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Reconstruct ``ŵ`` from a :class:`QuantizedTensor` (float32 arithmetic, then cast to ``dtype``)."""
+#: Elements decoded per block by :func:`dequantize` (64 MB of float32 temporaries at a time).
+DEQUANT_BLOCK_ELEMS = 1 << 24
+
+
+def dequantize_rows(q: QuantizedTensor, a: int, b: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Rows ``a:b`` of the 2-D view of ``ŵ`` (``(b - a, cols)``), decoding only their codes.
+
+    The codes of row ``a`` start at bit ``a * cols * bits``: a whole byte, and the start of one of
+    :func:`pack_codes`' 8-code words, whenever ``a`` is a multiple of 8 (or 0); other starts are
+    decoded from the enclosing aligned rows. Same float32 arithmetic as the whole tensor.
+    """
     rows, cols, g = _layout(q.shape, q.config)
-    codes = unpack_codes(q.codes, q.config.bits, rows * cols).to(torch.float32).reshape(rows, cols // g, g)
+    if not 0 <= a <= b <= rows:
+        raise ValueError(f"rows {a}:{b} are outside the {rows} rows of the tensor.")
+    a0 = a - a % 8  # aligned start
+    bits = q.config.bits
+    lo, hi = a0 * cols * bits // 8, (b * cols * bits + 7) // 8
+    codes = unpack_codes(q.codes[lo:hi], bits, (b - a0) * cols).to(torch.float32).reshape(b - a0, cols // g, g)
     if q.config.scheme == "sym":
-        codes -= 2 ** (q.config.bits - 1) - 1
+        codes -= 2 ** (bits - 1) - 1
     else:
         assert q.zeros is not None, "asym QuantizedTensor without zeros"
-    return _decode(codes, q.scales, q.zeros).reshape(q.shape).to(dtype)
+    zeros = None if q.zeros is None else q.zeros[a0:b]
+    return _decode(codes, q.scales[a0:b], zeros).reshape(b - a0, cols)[a - a0:].to(dtype)
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Reconstruct ``ŵ`` from a :class:`QuantizedTensor` (float32 arithmetic, then cast to ``dtype``).
+
+    Decoded in blocks of rows (:func:`dequantize_rows`) into the result: the float32 codes and
+    products of a whole 248k-row embedding would be 8 GB of temporaries; a block is 64 MB.
+    """
+    rows, cols, _ = _layout(q.shape, q.config)
+    out = torch.empty(rows, cols, dtype=dtype, device=q.codes.device)
+    step = max(8, DEQUANT_BLOCK_ELEMS // cols // 8 * 8)
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        out[a:b] = dequantize_rows(q, a, b, dtype)
+    return out.reshape(q.shape)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from sahc_core import metrics
-from sahc_core.methods._bounded import quad_form
+from sahc_core.methods._bounded import quad_form, row_norm2_blocked
 from sahc_core.methods.quant import QuantConfig, QuantizedTensor, fake_quant_chunks, quant_bytes, quantize
 from sahc_core.methods.registry import MethodSpec, Param, base_numbers, register
 
@@ -103,7 +103,7 @@ def rounding_noise_var(x: Tensor, q: QuantConfig | None) -> Tensor:
 def _extras(W: Tensor, c: QuantizedTensor, W_hat: Tensor) -> dict:
     """The rounding-noise prediction from the stored scales (the whole error is quantization error,
     so no separate ``quant_error``: it would repeat ``rel_error``)."""
-    w2 = float(metrics.row_norm2(W.detach().float()).sum())
+    w2 = float(row_norm2_blocked(W.detach()).sum())  # in float32 blocks: W may be a stored bf16 embedding
     per_group = W.numel() // c.scales.numel()
     return predicted_error(per_group, float(c.scales.double().square().sum()), w2)
 

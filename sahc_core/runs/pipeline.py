@@ -111,6 +111,7 @@ def measure_checkpoint(source, out_dir: str | Path, progress=None, calib=None) -
         ``(gates, rows, shapes)``: a list of GateResult, one dict per tensor (name, component, method,
         bytes, rel_error, weight_cosine), and the rebuilt shape of every tensor, tied aliases included.
     """
+    from sahc_core.io.rows import is_bounded
     from sahc_core.methods import registry as methods
     from sahc_core.plans.assemble import iter_assembled, read_manifest
     from sahc_core.gates import tensor_gates
@@ -120,12 +121,18 @@ def measure_checkpoint(source, out_dir: str | Path, progress=None, calib=None) -
     n_stored = sum(e["method"] != TIED for e in manifest["tensors"].values())
     gates, rows, shapes = [], [], {}
     for i, (name, e, c) in enumerate(iter_assembled(out_dir, manifest)):
-        W_hat = c.reconstruct(torch.float32)
-        W = source.read(name, dtype=torch.float32)
         held = calib.heldout_for_weight(name) if calib is not None else None
-        m = methods.measure(W, methods.config_from_dict(e["config"]), compressed=c, w_hat=W_hat, calib=held)
-        shapes[name] = tuple(W_hat.shape)
-        del W, W_hat, c
+        cfg = methods.config_from_dict(e["config"])
+        m = _bounded_measure(source, name, e, c, cfg, held) if is_bounded(source.info(name)) else None
+        if m is None:
+            W_hat = c.reconstruct(torch.float32)
+            W = source.read(name, dtype=torch.float32)
+            m = methods.measure(W, cfg, compressed=c, w_hat=W_hat, calib=held)
+            shapes[name] = tuple(W_hat.shape)
+            del W, W_hat
+        else:
+            shapes[name] = tuple(c.shape)
+        del c
         gates += tensor_gates(name, {**m, "config": e["config"]})
         rows.append({"name": name, "component": e["component"], "method": e["method"], "bytes": m["bytes"],
                      "rel_error": m["rel_error"], "weight_cosine": m["weight_cosine"],
@@ -136,6 +143,28 @@ def measure_checkpoint(source, out_dir: str | Path, progress=None, calib=None) -
         if e["method"] == TIED:
             shapes[name] = shapes[e["tied_to"]]
     return gates, rows, shapes
+
+
+def _bounded_measure(source, name: str, entry: dict, c, cfg, held) -> dict | None:
+    """The gates' numbers of a tensor above ``io.rows.BOUNDED_MIN_BYTES`` (the 248k embedding and LM head)
+    within the memory bound: W in its stored dtype, Ŵ a block of rows at a time
+    (:func:`sahc_core.methods._bounded.compare_rebuilt`), never both whole in float32 (12 GB for
+    Qwen3.5-9B's embedding). The int-k prediction of the theory gate comes from the stored scales as
+    usual; a low-rank / TT tensor this large gets no prediction here (its prediction needs a fresh
+    decomposition). ``None``: no row access, measured whole."""
+    from sahc_core.io.rows import read_stored
+    from sahc_core.methods import registry as methods
+    from sahc_core.methods._bounded import compare_rebuilt
+
+    if len(getattr(c, "shape", ())) != 2:
+        return None
+    W = read_stored(source, name)
+    H = held.xtx if held is not None else None
+    spec = methods.get(entry["method"])
+    m = compare_rebuilt(W, c, spec.name, H)
+    if m is not None and spec.storage in ("int-k", "16-bit"):
+        m.update(spec.extras(W, c, None))  # int-k: step²/12 from the stored scales (no Ŵ needed)
+    return m
 
 
 def _components(projected: dict, assembled: dict, rows: list[dict]) -> list[dict]:
