@@ -182,3 +182,26 @@ def test_cli_scan_ray_has_the_scan_keys_and_fills_the_cache(cluster, tiny_qwen35
     assert main([*argv, "--status"]) == 0
     status = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert status["done"] == status["total"] == out["n_tensors"] and status["todo"] == []
+
+
+def test_a_tensor_without_a_spectrum_is_recorded_and_the_ray_scan_goes_on(cluster, tiny_qwen35_dir, tmp_path):
+    """As the serial scan: the bad tensor's row carries the reason, every other row its spectrum, and the
+    reason is cached (a rerun and the serial scan read it back)."""
+    from sahc_core.spectra.scan import ERROR_KIND, failed
+
+    def nan_down_proj(model_path: str, name: str, fp: str, device: str) -> dict:  # a closure: pickled by value
+        if name == BAD:  # what spectrum_task returns for a NumericalError
+            return {"error": f"tensor {name!r} holds 1 NaN and 0 Inf value(s), so its spectrum is undefined."}
+        return distributed.spectrum_task(model_path, name, fp, device)
+
+    BAD = "model.language_model.layers.0.mlp.down_proj.weight"
+    source = ModelSource.open(tiny_qwen35_dir)
+    cache = Cache(tmp_path / "c.duckdb")
+    df = ray_scan(source, cache=cache, address="local", device="cpu", task=nan_down_proj)
+    bad = failed(df)
+    assert bad["name"].tolist() == [BAD] and "NaN" in bad["error"].iloc[0]
+    assert df[df["error"].isna()]["sigma_max"].gt(0).all() and len(df) == len(scan(source, device="cpu"))
+    errors = cache.execute("SELECT key FROM results WHERE kind = ? AND model_fp = ?", [ERROR_KIND, source.fingerprint])
+    assert [k for (k,) in errors] == [bad["name"].iloc[0]]
+    again = scan(source, cache=cache, device="cpu")  # the serial scan reads the recorded reason back
+    assert failed(again)["name"].tolist() == bad["name"].tolist() and again["cached"].all()
