@@ -163,3 +163,33 @@ def test_tt_padded_layout_is_checked_from_above_only():
     assert m["padded_rows"] == 6 and m["prediction_sides"] == "upper"
     assert m["rel_error"] <= m["predicted_error"] * (1 + 1e-4)
     assert _theory(m).passed
+
+
+def test_tt_prediction_in_row_blocks_equals_the_whole_core_contraction(monkeypatch):
+    """predicted() sums noise and contracts the right Gram a block of core rows at a time (a rank-256 core of a
+    248k embedding is 670 MB in float64); the result is the one-shot einsum's."""
+    import math
+
+    import torch
+
+    from sahc_core.methods import tt
+    from sahc_core.methods.quant import QuantConfig
+    from sahc_core.methods.rtn import rounding_noise_var
+
+    g = torch.Generator().manual_seed(0)
+    cores = (torch.randn(1, 12, 5, generator=g), torch.randn(5, 20, 7, generator=g), torch.randn(7, 9, 1, generator=g))
+    for q in (None, QuantConfig(4, None, "sym")):
+        gram, noise2 = torch.ones(1, 1, dtype=torch.float64), 0.0
+        for core in reversed(cores):  # the reference: whole cores, one einsum
+            c = core.to(torch.float64)
+            noise2 += float((rounding_noise_var(core.reshape(core.shape[0], -1), q).reshape(c.shape)
+                             * torch.diagonal(gram)).sum())
+            gram = torch.einsum("aib,bc,dic->ad", c, gram, c)
+        norm2 = 50.0
+        got = tt.predicted(cores, (1.0, 2.0), q, norm2, padded=False)
+        assert got["core_noise"] == pytest.approx(math.sqrt(noise2 / norm2), rel=1e-12)
+        monkeypatch.setattr(tt, "_PREDICT_BLOCK_BYTES", 1)  # every core cut into single rows
+        small = tt.predicted(cores, (1.0, 2.0), q, norm2, padded=False)
+        monkeypatch.undo()
+        assert small["core_noise"] == pytest.approx(got["core_noise"], rel=1e-12)
+        assert small["trunc_bound"] == got["trunc_bound"] == pytest.approx(math.sqrt(3.0 / norm2))

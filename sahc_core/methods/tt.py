@@ -424,6 +424,10 @@ def _load(state: dict[str, Tensor], meta: dict, cfg: TTConfig) -> TTMatrix:
     return out
 
 
+#: float64 bytes of one block of core rows in :func:`predicted`.
+_PREDICT_BLOCK_BYTES = 64 << 20
+
+
 def predicted(svd_cores: tuple[Tensor, ...], discarded: tuple[float, ...], q: QuantConfig | None,
               norm2: float, padded: bool) -> dict:
     """The error of a stored TT-matrix predicted from the TT-SVD sweep and the cores' storage alone.
@@ -447,10 +451,22 @@ def predicted(svd_cores: tuple[Tensor, ...], discarded: tuple[float, ...], q: Qu
     gram = torch.ones(1, 1, dtype=torch.float64)  # R_{>D} R_{>D}ᵀ
     noise2 = 0.0
     for core in reversed(svd_cores):  # (r_{k-1}, n_k, r_k)
-        c = core.detach().to(device="cpu", dtype=torch.float64)
-        var = rounding_noise_var(core.reshape(core.shape[0], -1), q).cpu().reshape(c.shape)
-        noise2 += float((var * torch.diagonal(gram)).sum())
-        gram = torch.einsum("aib,bc,dic->ad", c, gram, c)  # R_{>k-1} R_{>k-1}ᵀ
+        r0, n, r1 = core.shape
+        flat = core.detach().to("cpu").reshape(r0, n * r1)
+        # In blocks of rows (64 MB of float64 each): a rank-256 core of the 248k embedding is 670 MB in
+        # float64 and its noise variances several times that; rows are independent in both sums.
+        step = max(1, _PREDICT_BLOCK_BYTES // (8 * n * r1))
+        blocks = [(a, min(r0, a + step)) for a in range(0, r0, step)]
+        diag = torch.diagonal(gram)
+        new = torch.empty(r0, r0, dtype=torch.float64)
+        for a, b in blocks:
+            var = rounding_noise_var(flat[a:b], q).cpu().reshape(b - a, n, r1)  # per-row groups: block = whole
+            noise2 += float((var * diag).sum())
+            del var
+            A = (flat[a:b].to(torch.float64).reshape(-1, r1) @ gram).reshape(b - a, n * r1)
+            for d, e in blocks:  # R_{>k-1} R_{>k-1}ᵀ = Σ_{i,b,c} C[a,i,b] gram[b,c] C[d,i,c]
+                new[a:b, d:e] = A @ flat[d:e].to(torch.float64).T
+        gram = new
     trunc2 = float(sum(discarded))
     rel = (lambda x2: math.sqrt(max(x2, 0.0) / norm2) if norm2 > 0 else 1.0)  # noqa: E731
     return {"trunc_bound": rel(trunc2), "core_noise": rel(noise2), "predicted_error": rel(trunc2 + noise2),
