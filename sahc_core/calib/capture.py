@@ -138,4 +138,5 @@ def capture_stats(model: nn.Module, windows: list[Tensor], split_of: list[str], 
         del stats
         write(turn.index, turn.name, tensors, inputs)
 
-    run_layerwise(model, windows, on_layer, prepare=prepare, progress=progress)
+    # the head's statistics need its input only: its own weights are never loaded (pre-hooks stop the forward)
+    run_layerwise(model, windows, on_layer, prepare=prepare, head_weights=False, progress=progress)

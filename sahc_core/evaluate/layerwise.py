@@ -213,7 +213,7 @@ def capture_layer_inputs(model: nn.Module, windows: list[Tensor], prepare: TurnC
 
 
 def run_layerwise(model: nn.Module, windows: list[Tensor], on_layer: TurnContext | None = None, *,
-                  prepare: TurnContext | None = None, logits: bool = False,
+                  prepare: TurnContext | None = None, logits: bool = False, head_weights: bool = True,
                   progress: Callable[[int, int], None] | None = None) -> LayerwiseOutput:
     """Run ``model`` over ``windows`` one decoder layer at a time (protocol in the module docstring).
 
@@ -234,6 +234,10 @@ def run_layerwise(model: nn.Module, windows: list[Tensor], on_layer: TurnContext
         the seam for loading a layer's weights from disk just before its turn.
     logits : bool
         Also compute the logits (``(B, L, vocab)`` per window: memory!).
+    head_weights : bool
+        ``False``: ``prepare`` does not load the (untied) LM head's own weights for its turn, for a
+        caller that needs only the head's input (calibration: the 248k-row head of Qwen3.5-9B is 4 GB
+        in float32); requires ``logits=False``.
     progress : callable, optional
         ``progress(turns_done, turns_total)`` after each layer and the head.
 
@@ -270,7 +274,7 @@ def run_layerwise(model: nn.Module, windows: list[Tensor], on_layer: TurnContext
                 progress(index + 1, total)
         del inputs  # the per-layer arguments: only the final hidden states are needed now
         out = _run_head(model, [m for _, m in named], head, names.get(id(head), ""), windows, hidden,
-                        on_layer, prepare, logits)
+                        on_layer, prepare, logits, head_weights)
     if progress is not None:
         progress(total, total)
     return out
@@ -278,7 +282,7 @@ def run_layerwise(model: nn.Module, windows: list[Tensor], on_layer: TurnContext
 
 def _run_head(model: nn.Module, layers: list[nn.Module], head: nn.Module, head_name: str, windows: list[Tensor],
               final: list[Tensor], on_layer: TurnContext | None, prepare: TurnContext | None,
-              logits: bool) -> LayerwiseOutput:
+              logits: bool, head_weights: bool = True) -> LayerwiseOutput:
     """Protocol step 3: replay the model with stub layers, the last returning ``final[w]``."""
     turn = LayerTurn(len(layers), head_name, head)
     hidden: list[Tensor] = []
@@ -294,7 +298,8 @@ def _run_head(model: nn.Module, layers: list[nn.Module], head: nn.Module, head_n
 
     with ExitStack() as stack, _stubbed(layers, replay):
         _enter(stack, prepare, LayerTurn(STEM, "", model))
-        _enter(stack, prepare, turn)
+        if head_weights or logits:
+            _enter(stack, prepare, turn)
         device = _input_device(model)
         _enter(stack, on_layer, turn)
         stack.callback(head.register_forward_pre_hook(head_input).remove)  # after the caller's pre-hooks
