@@ -279,3 +279,18 @@ def test_gates_stage_of_big_tensors_is_blocked_and_equal(tiny_llama_dir, tmp_pat
         assert b["weight_cosine"] == pytest.approx(w["weight_cosine"], rel=1e-6), w["name"]
     theory = {g.tensor for g in gates if g.gate == "theory_vs_actual"}
     assert any("q_proj" in t for t in theory)  # int-k keeps its prediction on the bounded path
+
+
+def test_checkpoint_weights_read_big_tensors_as_another_dtype_in_blocks(tiny_llama_dir, monkeypatch) -> None:
+    """The layer loader's read of a big tensor in the evaluation dtype, block by block, is the plain cast."""
+    from sahc_core.evaluate.weights import CheckpointWeights
+    from sahc_core.io.source import ModelSource
+
+    src = ModelSource.open(tiny_llama_dir)
+    name = "model.embed_tokens.weight"
+    monkeypatch.setattr(rows, "BOUNDED_MIN_BYTES", 0)
+    monkeypatch.setattr(rows, "DEFAULT_BLOCK_BYTES", 4096)  # many blocks
+    w = CheckpointWeights(src)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = w.read_as(name, dtype)
+        assert got.dtype == dtype and torch.equal(got, src.read(name).to(dtype))

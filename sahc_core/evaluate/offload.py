@@ -203,7 +203,9 @@ class LayerLoader:
 
     def _materialize(self, g: int) -> None:
         meta = self._meta[g]
-        tensor = self.weights[self._ckpt[g]].to(self.device, meta.dtype)
+        read_as = getattr(self.weights, "read_as", None)  # CheckpointWeights: big tensors converted in blocks
+        tensor = (read_as(self._ckpt[g], meta.dtype) if read_as is not None
+                  else self.weights[self._ckpt[g]]).to(self.device, meta.dtype)
         if tuple(tensor.shape) != tuple(meta.shape):
             raise ModelError(f"{self._ckpt[g]} has shape {tuple(tensor.shape)} but the model expects "
                              f"{tuple(meta.shape)}.")
