@@ -47,6 +47,10 @@ class CheckpointWeights(Mapping):
         info = self.source.info(name)
         if not is_bounded(info) or len(info.shape) < 2:
             return self.source.read(name, dtype=dtype)
+        stored = self.source.read(name)  # a view of the file (no copy): kept as it is in its own dtype, where
+        if stored.dtype == dtype:        # only the pages used become resident (an embedding's token rows)
+            return stored
+        del stored
         out = torch.empty(tuple(info.shape), dtype=dtype)
         flat = out.reshape(out.shape[0], -1)
         for a, b, block in iter_row_blocks(self.source, name, itemsize=out.element_size()):
