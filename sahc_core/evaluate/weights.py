@@ -42,7 +42,7 @@ class CheckpointWeights(Mapping):
         """Tensor ``name`` in ``dtype``; a tensor above ``io.rows.BOUNDED_MIN_BYTES`` is converted a block of
         rows at a time into the result (never its stored copy and the converted one whole at once: 6 GB for
         a 248k-row bf16 embedding read as float32)."""
-        from sahc_core.io.rows import is_bounded, iter_row_blocks
+        from sahc_core.io.rows import is_bounded, read_stored
 
         info = self.source.info(name)
         if not is_bounded(info) or len(info.shape) < 2:
@@ -51,11 +51,7 @@ class CheckpointWeights(Mapping):
         if stored.dtype == dtype:        # only the pages used become resident (an embedding's token rows)
             return stored
         del stored
-        out = torch.empty(tuple(info.shape), dtype=dtype)
-        flat = out.reshape(out.shape[0], -1)
-        for a, b, block in iter_row_blocks(self.source, name, itemsize=out.element_size()):
-            flat[a:b] = block.reshape(b - a, -1).to(dtype)
-        return out
+        return read_stored(self.source, name, dtype=dtype)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)

@@ -127,21 +127,24 @@ def iter_row_blocks(source: ModelSource, name: str, block_bytes: int = DEFAULT_B
         reader.close()
 
 
-def read_stored(source: ModelSource, name: str, window_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
-    """The whole tensor in its STORED dtype and shape, read block by block into one preallocated tensor.
+def read_stored(source: ModelSource, name: str, window_bytes: int = DEFAULT_BLOCK_BYTES,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The whole tensor in its STORED dtype (or ``dtype``) and shape, read block by block into one
+    preallocated tensor, each block converted on the way.
 
     Peak memory is the tensor plus one mapped window (``window_bytes``), not twice the tensor as
-    ``ModelSource.read`` (whose mapping keeps every page resident until the shard is closed).
+    ``ModelSource.read`` (whose mapping keeps every page resident until the shard is closed), nor the
+    stored copy beside the converted one.
     """
     info = source.info(name)
     m, n = matrix_shape(info.shape)
-    itemsize = STORED_ITEMSIZE.get(info.dtype, 8)
+    itemsize = STORED_ITEMSIZE.get(info.dtype, 8) if dtype is None else torch.empty((), dtype=dtype).element_size()
     out: torch.Tensor | None = None
     for a, b, block in iter_row_blocks(source, name, window_bytes, itemsize):
         if out is None:
-            out = torch.empty(m, n, dtype=block.dtype)
+            out = torch.empty(m, n, dtype=block.dtype if dtype is None else dtype)
         out[a:b] = block
         del block
     if out is None:  # an empty tensor
-        return source.read(name)
+        return source.read(name, dtype=dtype)
     return out.reshape(info.shape)

@@ -127,14 +127,14 @@ def row_block_measure(W: Tensor, cfg: Any, ctx: Any) -> dict:
     return out
 
 
-def rows_measure(W: Tensor, c: Any, method: str, ctx: Any, rows_fn, rows: int) -> dict:
-    """Compare W with a compressed tensor ``c`` whose rows ``rows_fn(c, a, b)`` (float32) come without Ŵ whole."""
-    H, wHw = _eval_h(W, ctx)
+def _compare_blocks(W: Tensor, hat_blocks, method: str, nbytes: int, w_row2: Tensor, H: Tensor | None,
+                    wHw: float | None) -> dict:
+    """The base numbers (and ``output_error`` with ``H``) of W against ``(start, stop, Ŵ rows)`` blocks."""
     W2 = metrics.rows(W)
     sums = ErrorSums(W2.shape[0], H, W.device)
-    for a, b, B in float_blocks(W, rows):
-        sums.add(a, b, B, rows_fn(c, a, b).to(device=B.device, dtype=torch.float32))
-    return sums.numbers(method, W, int(c.nbytes), ctx.w_row2, wHw)
+    for a, b, B in hat_blocks:
+        sums.add(a, b, W2[a:b].to(torch.float32), B.to(device=W.device, dtype=torch.float32))
+    return sums.numbers(method, W, nbytes, w_row2, wHw)
 
 
 def rebuilt_row_blocks(c: Any, rows: int) -> Iterator[tuple[int, int, Tensor]] | None:
@@ -173,12 +173,8 @@ def compare_rebuilt(W: Tensor, c: Any, method: str, H: Tensor | None = None) -> 
     """:func:`registry.measure`'s base numbers (and ``output_error`` with ``H``) of ``W`` (any dtype, e.g.
     stored bf16) against a loaded compressed tensor, a block of rows at a time; ``None`` when ``c`` has
     no row access. The gates stage of a run uses it for tensors above ``io.rows.BOUNDED_MIN_BYTES``."""
-    W2 = metrics.rows(W)
-    blocks = rebuilt_row_blocks(c, block_rows(W2.shape[1]))
+    blocks = rebuilt_row_blocks(c, block_rows(metrics.rows(W).shape[1]))
     if blocks is None:
         return None
-    sums = ErrorSums(W2.shape[0], H, W.device)
-    for a, b, B in blocks:
-        sums.add(a, b, W2[a:b].to(torch.float32), B.to(W.device))
     wHw = w_h_w(W, H) if H is not None else None
-    return sums.numbers(method, W, int(c.nbytes), row_norm2_blocked(W), wHw)
+    return _compare_blocks(W, blocks, method, int(c.nbytes), row_norm2_blocked(W), H, wHw)
