@@ -26,7 +26,12 @@ Prints ONE JSON object on stdout (progress on stderr); ``--out FILE`` also merge
     .venv/bin/python bench/scale.py --only spectrum-embedding --timeout 3600 --out /tmp/scale.json
     .venv/bin/python bench/scale.py --device cuda --out /tmp/scale-cuda.json
 
-``model-page`` times what the Model page computes (open + tensor table: header reads only);
+``page-model``, ``page-spectrum`` and ``page-whatif`` run the dashboard page itself (``app_pages/<page>.py``
+under Streamlit's ``AppTest``, a fresh cache) on the checkpoint and drive it to its heaviest views: the Model
+page opens (header reads only); the Spectrum page shows the first tensor, then the embedding component
+(the 248,320-row LM head's spectrum) and an FFN tensor; the What-if page measures its default method on
+the first tensor, then the LM head and the embedding in the same process (its in-process caches are
+bounded in bytes); ``result.steps`` gives the time at which each view was drawn;
 ``assemble-int4`` the run's assembly stage (written next to ``--dir``, then deleted). ``ppl-offload``
 (512 tokens, one decoder layer at a time, bf16), ``calib`` (XᵀX of every text-model linear input,
 512 + 128 tokens) and ``run-int4`` (the int4-g128 plan end to end: assembly, gates, smoke test,
@@ -85,7 +90,7 @@ def commands(model: Path, spectra: Path, block_bytes: int, device: str = "cpu",
         "measure-tt-embedding": [*cli, "measure", "--tensor", EMBEDDING, "--method", "tt", *common],
         "sweep-embedding": [*cli, "sweep", "--tensor", EMBEDDING, *common],
         "plan": [*cli, "plan", "--plan", str(ROOT / "plans" / "int4-g128.json"), *common],
-        "model-page": [*me, "--child-model-page", str(model)],
+        **{f"page-{p}": [*me, "--child-page", p, str(model)] for p in PAGE_STEPS},
         "assemble-int4": [*me, "--child-assemble", str(model), str(ROOT / "plans" / "int4-g128.json"),
                           str(work / "sahc-scale-assembled"), device],
     }
@@ -168,10 +173,10 @@ def run_measured(argv: list[str], timeout: float) -> dict:
 
 
 def _scalars(answer: dict | None) -> dict:
-    """The scalar top-level fields of a command's JSON answer (lists and tables left out)."""
+    """The scalar top-level fields of a command's JSON answer (lists and tables left out; a page's steps kept)."""
     if not isinstance(answer, dict):
         return {}
-    return {k: v for k, v in answer.items() if isinstance(v, str | int | float | bool) or v is None}
+    return {k: v for k, v in answer.items() if isinstance(v, str | int | float | bool) or v is None or k == "steps"}
 
 
 def ensure_model(directory: Path, layers: int, tied: bool, timeout: float) -> dict:
@@ -221,15 +226,39 @@ def child_gram(model: str, tensor: str, precision: str, block_bytes: str, out_fi
                       "seconds": time.perf_counter() - t0}))
 
 
-def child_model_page(model: str) -> None:
-    """``--child-model-page``: what the Model page computes (open the model, the tensor table), timed."""
-    from sahc_core.io.components import component_shares, tensor_table
-    from sahc_core.io.source import ModelSource
+#: Per page: the (widget key, value) selections made in turn, each followed by a script run.
+PAGE_STEPS: dict[str, tuple[tuple[str, str], ...]] = {
+    "model": (),
+    "spectrum": (("sp_component", "embedding"), ("sp_component", "ffn"), ("sp_tensor", FFN)),
+    "whatif": (("wi_component", "embedding"), ("wi_tensor", EMBEDDING)),
+}
 
+
+def child_page(page: str, model: str) -> None:
+    """``--child-page``: ``app_pages/<page>.py`` under AppTest on ``model``, through :data:`PAGE_STEPS`, timed."""
+    import shutil
+
+    from streamlit.testing.v1 import AppTest
+
+    sys.path.insert(0, str(ROOT))  # the pages import app_state / app_widgets from the repo root
+    tmp = Path(tempfile.mkdtemp(prefix="sahc-scale-page-"))
+    os.environ["SAHC_CACHE"] = str(tmp / "sahc.duckdb")
     t0 = time.perf_counter()
-    table = tensor_table(ModelSource.open(model))
-    shares = component_shares(table)
-    print(json.dumps({"tensors": len(table), "components": len(shares), "seconds": time.perf_counter() - t0}))
+    steps: list[dict] = []
+    try:
+        at = AppTest.from_file(str(ROOT / "app_pages" / f"{page}.py"), default_timeout=7200)
+        at.session_state["model_path"] = model
+        for key, value in (("open", ""), *PAGE_STEPS[page]):
+            if key != "open":
+                at.selectbox(key=key).select(value)
+            at.run()
+            if at.exception or at.error:
+                what = (at.exception or at.error)[0].value
+                raise SystemExit(f"{page} page after {key}={value!r}: {str(what).splitlines()[0]}")
+            steps.append({"step": key if key == "open" else f"{key}={value}", "seconds": round(time.perf_counter() - t0, 2)})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps({"page": page, "steps": steps, "seconds": time.perf_counter() - t0}))
 
 
 def with_tokenizer(model: Path) -> Path:
@@ -275,8 +304,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child-gram":
         child_gram(*sys.argv[2:7])
         return
-    if len(sys.argv) > 1 and sys.argv[1] == "--child-model-page":
-        child_model_page(sys.argv[2])
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-page":
+        child_page(sys.argv[2], sys.argv[3])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--child-assemble":
         child_assemble(*sys.argv[2:6])
