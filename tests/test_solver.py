@@ -385,3 +385,15 @@ def test_full_size_tables_solve_within_the_required_time() -> None:
     smol, orig_s = synthetic_candidates("smol", seed=0)
     sol = solve(smol, int(orig_s / 4), orig_s)
     assert sol.status == "optimal" and sol.seconds < 10
+
+
+def test_native_writes_to_stdout_during_a_solve_go_to_stderr(capfd) -> None:
+    """HiGHS prints some lines with C printf; ``stdout_to_stderr`` moves fd 1 itself (a --json stdout stays JSON)."""
+    import os
+
+    os.write(1, b"before\n")
+    with _mckp.stdout_to_stderr():
+        os.write(1, b"native line\n")  # what printf in a C library does
+    os.write(1, b"after\n")
+    out, err = capfd.readouterr()
+    assert out.split() == ["before", "after"] and "native line" in err

@@ -37,13 +37,48 @@ References
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
+
+
+_FD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what native code writes to file descriptor 1 to stderr while the block runs.
+
+    HiGHS (through ``scipy.optimize.milp``) prints some internal lines with C ``printf`` whatever its
+    ``disp`` option says (e.g. ``HighsMipSolverData::transformNewIntegerFeasibleSolution``); on the
+    CLI's stdout they would break the ``--json`` answer, so the descriptor itself is redirected (a
+    Python-level ``redirect_stdout`` does not reach C code). Serialised by a lock: the descriptor is
+    process-wide.
+    """
+    with _FD_LOCK:
+        try:
+            sys.stdout.flush()
+            saved = os.dup(1)
+        except (OSError, ValueError, AttributeError):  # no usable fd 1 (closed, replaced): nothing to guard
+            yield
+            return
+        try:
+            os.dup2(2, 1)
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 @dataclass(frozen=True)
@@ -193,9 +228,10 @@ def highs(red: Reduced, budget: int, mask: np.ndarray, ub: float, time_limit: fl
                           sparse.csr_array(((b - bmin[t]) / unit)[None, :])])
     n, rhs, bound, note = len(first), slack / unit, math.nan, ""
     for _ in range(3):  # a plan over by tolerance is re-solved with the excess taken off the budget
-        res = milp(cost, integrality=np.ones(len(idx)), bounds=Bounds(0, 1),
-                   constraints=LinearConstraint(rows, np.r_[np.ones(n), -np.inf], np.r_[np.ones(n), rhs]),
-                   options={"time_limit": max(time_limit, 0.05), "mip_rel_gap": rel_gap})
+        with stdout_to_stderr():  # HiGHS's stray printf lines must not reach a --json stdout
+            res = milp(cost, integrality=np.ones(len(idx)), bounds=Bounds(0, 1),
+                       constraints=LinearConstraint(rows, np.r_[np.ones(n), -np.inf], np.r_[np.ones(n), rhs]),
+                       options={"time_limit": max(time_limit, 0.05), "mip_rel_gap": rel_gap})
         if math.isnan(bound) and res.mip_dual_bound is not None and np.isfinite(res.mip_dual_bound):
             bound = float(res.mip_dual_bound) * scale + float(dmin.sum())  # of the first (exact) problem
         if res.status == 1:
