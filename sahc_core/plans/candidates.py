@@ -190,7 +190,7 @@ class GateSource:
 def candidate_table(source: ModelSource, gate: GateSource, cache: Cache | None = None, calib: Any = None,
                     grid: CandidateGrid = CandidateGrid(), workspace: Workspace | None = None, device: str = "auto",
                     tensors: Sequence[str] | None = None, extra: Mapping[str, Sequence[Any]] | None = None,
-                    progress: Callable[[int, int, str], None] | None = None) -> pd.DataFrame:
+                    progress: Callable[[int, int, str], None] | None = None, ray: str | None = None) -> pd.DataFrame:
     """Measure (or look up) every option of every tensor (see the module docstring).
 
     Parameters
@@ -210,6 +210,10 @@ def candidate_table(source: ModelSource, gate: GateSource, cache: Cache | None =
         Tensor name -> configs to measure besides the grid's (e.g. a hand plan's settings).
     progress : callable, optional
         ``progress(done, total, tensor)`` once per tensor.
+    ray : str, optional
+        ``auto``, ``local[:N]`` or a cluster address: every tensor with an option missing from the
+        cache is one Ray task, each result committed as it arrives (:mod:`._ray_candidates`); the
+        rows are the serial table's.
 
     Returns
     -------
@@ -236,6 +240,11 @@ def candidate_table(source: ModelSource, gate: GateSource, cache: Cache | None =
                            (extra or {}).get(rec.name, ()), rec.shape, rec.component) for rec in recs]
     rows: list[dict] = []
     try:
+        if ray is not None:  # the missing options measured on the cluster; the rows below are look-ups
+            from sahc_core.plans._ray_candidates import measure_on_ray
+
+            measure_on_ray(run, [(rec.name, cfgs or []) for rec, cfgs in zip(recs, options)], ray, progress)
+            progress = None
         for i, (rec, cfgs) in enumerate(zip(recs, options)):
             base = {"tensor": rec.name, "component": rec.component, "kind": rec.kind, "layer": layers.get(rec.name),
                     "ndim": len(rec.shape), "orig_bytes": int(rec.orig_bytes), "damage": math.nan,

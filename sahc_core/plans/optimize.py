@@ -181,7 +181,7 @@ class Prepared:
 
 def prepare(source: ModelSource, cache: Cache | None, *, calibration: bool = True, grid: CandidateGrid = CandidateGrid(),
             text: str | None = None, calib_cfg: Any = None, sens_cfg: SensitivityConfig = SensitivityConfig(),
-            smoke_tokens: int | None = None, device: str = "auto", workspace: Workspace | None = None, tensors: Sequence[str] | None = None,
+            smoke_tokens: int | None = None, ray: str | None = None, device: str = "auto", workspace: Workspace | None = None, tensors: Sequence[str] | None = None,
             load: Callable[[], tuple[Any, Any]] | None = None,
             progress: Callable[[str, int, int], None] | None = None) -> Prepared:
     """Calibration statistics, sensitivities and the candidate table of ``source`` (all cached).
@@ -200,6 +200,8 @@ def prepare(source: ModelSource, cache: Cache | None, *, calibration: bool = Tru
         How the statistics are captured (default ``CalibConfig()``, the runs' setting).
     smoke_tokens : int, optional
         Tokens of the predicted smoke gate (default: the run's, ``pipeline.SMOKE_TOKENS``).
+    ray : str, optional
+        Measure the missing candidates on a Ray cluster (``candidate_table``'s ``ray``).
     load : callable, optional
         ``load() -> (model, tokenizer)``; default ``evaluate.load_model`` on ``device`` (once).
     progress : callable, optional
@@ -241,7 +243,7 @@ def prepare(source: ModelSource, cache: Cache | None, *, calibration: bool = Tru
     gate = GateSource(load=load, text=text, n_tokens=smoke_tokens or SMOKE_TOKENS)
     t0 = time.perf_counter()
     cands = candidate_table(source, gate, cache, calib, grid, workspace=workspace, device=device, tensors=tensors,
-                            progress=step("candidates"))
+                            progress=step("candidates"), ray=ray)
     seconds["candidates"] = time.perf_counter() - t0
     original = int(cands.drop_duplicates("tensor")["orig_bytes"].sum())
     return Prepared(source=source, cache=cache, calib=calib, gate=gate, grid=grid, sens_cfg=sens_cfg,

@@ -70,6 +70,12 @@ def parse_address(address: str) -> dict:
     return {"address": text}
 
 
+def check_address(address: str) -> None:
+    """What a distributed command checks before any work: ``address`` parses and Ray is installed."""
+    parse_address(address)
+    _ray()
+
+
 def connect(address: str) -> bool:
     """Connect to (or start) the cluster of ``address``; True when this call started the session."""
     ray = _ray()
