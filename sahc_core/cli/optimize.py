@@ -1,13 +1,15 @@
 """The CLI ``optimize`` command: the plan of least predicted damage for one or more target ratios.
 
 ``python -m sahc_core optimize --target-ratio 4.5 [5 ...] [--constraints keep=embedding only=int,gptq
-max-bits=embedding:8 one-group-size] [--methods int,gptq] [--no-calib] [--out plan.json] [--save] --json``
+max-bits=embedding:8 one-group-size] [--methods int,gptq] [--no-calib] [--ray auto|local[:N]|ADDRESS]
+[--out plan.json] [--save] --json``
 
 One target: the design.md keys (``ratio_projected``, ``bytes_projected``, ``predicted``, ``status``,
 ``plan``) plus ``message``, ``notes``, ``seconds``; an unreachable target is an error line naming the
 best reachable ratio. Several targets (the frontier mode): ``frontier`` holds one such object per
-target, unreachable ones with ``plan: null``. Wired into :mod:`sahc_core.cli.main` by
-:func:`add_optimize_parser`.
+target, unreachable ones with ``plan: null``. ``--ray``: the candidate measurements (the expensive
+stage) run as one Ray task per tensor (:mod:`sahc_core.plans._ray_candidates`). Wired into
+:mod:`sahc_core.cli.main` by :func:`add_optimize_parser`.
 """
 from __future__ import annotations
 
@@ -60,6 +62,10 @@ def cmd_optimize(args: argparse.Namespace) -> dict:
 
     if args.out and len(args.target_ratio) > 1:
         raise ValueError("--out writes one plan; give one --target-ratio (or drop --out in the frontier mode).")
+    if args.ray:  # a bad address or a missing extra before calibration and sensitivity run
+        from sahc_core.runs.distributed import check_address
+
+        check_address(args.ray)
     constraints = parse_constraints(args.constraints or [])
     grid = _grid(args)
     source, cache = _source(args), _cache(args)
@@ -77,7 +83,7 @@ def cmd_optimize(args: argparse.Namespace) -> dict:
 
     try:
         prep = prepare(source, cache, calibration=not args.no_calib, grid=grid, text=text, device=args.device,
-                       progress=progress)
+                       progress=progress, ray=args.ray)
     finally:
         for _, close in bars.values():
             close()
@@ -125,5 +131,8 @@ def add_optimize_parser(sub: argparse._SubParsersAction, common: argparse.Argume
     sp.add_argument("--no-calib", action="store_true",
                     help="no calibration statistics: calibration-free candidates, weight error as the damage")
     sp.add_argument("--corpus", help="calibration text file or folder (default: the embedded Shakespeare split)")
+    sp.add_argument("--ray", metavar="auto|local[:N]|ADDRESS",
+                    help="one Ray task per tensor with candidates to measure, on a cluster (needs the ray extra); "
+                         "the cache is written here")
     sp.add_argument("--time-limit", type=float, default=30.0, help="solver seconds per target (default 30)")
     return sp

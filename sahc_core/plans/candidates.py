@@ -190,7 +190,7 @@ class GateSource:
 def candidate_table(source: ModelSource, gate: GateSource, cache: Cache | None = None, calib: Any = None,
                     grid: CandidateGrid = CandidateGrid(), workspace: Workspace | None = None, device: str = "auto",
                     tensors: Sequence[str] | None = None, extra: Mapping[str, Sequence[Any]] | None = None,
-                    progress: Callable[[int, int, str], None] | None = None) -> pd.DataFrame:
+                    progress: Callable[[int, int, str], None] | None = None, ray: str | None = None) -> pd.DataFrame:
     """Measure (or look up) every option of every tensor (see the module docstring).
 
     Parameters
@@ -210,6 +210,10 @@ def candidate_table(source: ModelSource, gate: GateSource, cache: Cache | None =
         Tensor name -> configs to measure besides the grid's (e.g. a hand plan's settings).
     progress : callable, optional
         ``progress(done, total, tensor)`` once per tensor.
+    ray : str, optional
+        ``auto``, ``local[:N]`` or a cluster address: every tensor with an option missing from the
+        cache is one Ray task, each result committed as it arrives (:mod:`._ray_candidates`); the
+        rows are the serial table's.
 
     Returns
     -------
@@ -230,9 +234,18 @@ def candidate_table(source: ModelSource, gate: GateSource, cache: Cache | None =
     layers = dict(zip(table["name"], table["layer"]))
     run = _Measurer(source, gate, cache, calib, grid.cos_threshold,
                     workspace if workspace is not None else Workspace(), device)
+    recs = list(keep_rows.itertuples(index=False))
+    options = [None if rec.method == TIED or len(rec.shape) < 2 else
+               _with_extra(tensor_configs(rec.shape, rec.component, grid, with_calibration=calib is not None),
+                           (extra or {}).get(rec.name, ()), rec.shape, rec.component) for rec in recs]
     rows: list[dict] = []
     try:
-        for i, rec in enumerate(keep_rows.itertuples(index=False)):
+        if ray is not None:  # the missing options measured on the cluster; the rows below are look-ups
+            from sahc_core.plans._ray_candidates import measure_on_ray
+
+            measure_on_ray(run, [(rec.name, cfgs or []) for rec, cfgs in zip(recs, options)], ray, progress)
+            progress = None
+        for i, (rec, cfgs) in enumerate(zip(recs, options)):
             base = {"tensor": rec.name, "component": rec.component, "kind": rec.kind, "layer": layers.get(rec.name),
                     "ndim": len(rec.shape), "orig_bytes": int(rec.orig_bytes), "damage": math.nan,
                     "output_error": math.nan, "lookup_output_error": math.nan, "output_cosine": math.nan,
@@ -241,18 +254,16 @@ def candidate_table(source: ModelSource, gate: GateSource, cache: Cache | None =
                 rows.append({**base, "method": TIED, "label": f"tied to {rec.tied_to}", "bits": math.nan,
                              "config": json.dumps({"method": TIED}), "group_size": math.nan, "bytes": 0,
                              "rel_error": 0.0, "feasible": True})
-            elif len(rec.shape) < 2:
+            elif cfgs is None:
                 rows.append({**base, "method": "keep", "label": "keep", "config": json.dumps(rec.config),
                              "bits": math.nan, "group_size": math.nan, "bytes": int(rec.bytes), "rel_error": 0.0,
                              "output_cosine": 1.0, "feasible": True})
             else:
-                cfgs = _with_extra(tensor_configs(rec.shape, rec.component, grid, with_calibration=calib is not None),
-                                   (extra or {}).get(rec.name, ()), rec.shape, rec.component)
                 rows += [{**base, **run.option(rec.name, cfg)} for cfg in cfgs]
             if len(run.pending) >= _FLUSH_ROWS:
                 run.flush()
             if progress is not None:
-                progress(i + 1, len(keep_rows), rec.name)
+                progress(i + 1, len(recs), rec.name)
     finally:
         run.flush()  # an interrupted measurement keeps what it finished
     return pd.DataFrame(rows).reindex(columns=list(COLUMNS))
@@ -300,27 +311,32 @@ class _Measurer:
             self._gi = capture_gate_inputs(model, tokenizer, self.gate.text, self.gate.n_tokens)
         return self._gi
 
+    def keys(self, name: str, cfg: Any) -> tuple[str, str]:
+        """Cache keys of the measurement and of the predicted smoke test of ``cfg`` (fitted)."""
+        return whatif.measure_key(name, cfg, self.calib), _gate_key(name, cfg, self.tkey, self.calib)
+
+    def missing(self, name: str, cfg: Any) -> tuple[bool, bool]:
+        """Whether the measurement / the predicted smoke test of ``cfg`` are not known yet."""
+        mkey, gkey = self.keys(name, cfg)
+        return mkey not in self.measured, gkey not in self.gated
+
+    def store(self, name: str, cfg: Any, values: Mapping[str, dict]) -> None:
+        """Keep new :func:`measure_option` values (and queue them for the next :meth:`flush`)."""
+        mkey, gkey = self.keys(name, cfg)
+        for kind, key, version, known in ((whatif.KIND_MEASURE, mkey, whatif.MEASURE_VERSION, self.measured),
+                                          (GATE_KIND, gkey, GATE_VERSION, self.gated)):
+            if kind in values:
+                known[key] = values[kind]
+                self.pending.append((kind, key, version, values[kind]))
+
     def option(self, name: str, cfg: Any) -> dict:
         """One candidate row: the cached (or new) measurement and predicted smoke test of ``cfg`` (fitted)."""
-        d = registry.config_to_dict(cfg)
-        mkey = whatif.measure_key(name, cfg, self.calib)
-        m = self.measured.get(mkey)
-        if m is None:  # measured uncached, stored in bulk exactly as measure_tensor stores it
-            m = whatif.measure_tensor(self.source, name, cfg, device=self.device, workspace=self.ws, log=False,
-                                      calib=self.calib)
-            self.pending.append((whatif.KIND_MEASURE, mkey, whatif.MEASURE_VERSION, m))
-        gkey = _gate_key(name, cfg, self.tkey, self.calib)
-        g = self.gated.get(gkey)
-        if g is None:
-            gi = self.gate_inputs()
-            t0 = time.perf_counter()
-            W = self.source.read(name, device="cpu", dtype=torch.float32)
-            W_hat = whatif.reconstruction(self.source, name, cfg, self.device, self.ws, self.calib)
-            usages = gi.usages.get(name, [])  # none: a tensor the forward pass never uses (an MTP head)
-            held = self.calib.heldout if self.calib is not None else None
-            counts = held.token_counts if held is not None and any(k == "embedding" for _, k in usages) else None
-            g = {**gate_numbers(W, W_hat, usages, gi, counts), "seconds": time.perf_counter() - t0}
-            self.pending.append((GATE_KIND, gkey, GATE_VERSION, g))
+        need_m, need_g = self.missing(name, cfg)
+        if need_m or need_g:
+            self.store(name, cfg, measure_option(self.source, name, cfg, self.calib, self.gate_inputs, self.device,
+                                                 self.ws, measure=need_m, gate=need_g))
+        mkey, gkey = self.keys(name, cfg)
+        m, g, d = self.measured[mkey], self.gated[gkey], registry.config_to_dict(cfg)
         failed = [x["gate"] for x in m["gates"] if not x["passed"]]
         failed += [f"output_cosine {mod}" for mod, c in g["cosines"].items() if not c >= self.cos_threshold]
         return {"method": d["method"], "label": m.get("label") or registry.label(cfg), "config": json.dumps(d),
@@ -329,6 +345,30 @@ class _Measurer:
                 "lookup_output_error": float(g.get("lookup_output_error", math.nan)),
                 "output_cosine": min(g["cosines"].values(), default=math.nan),
                 "failed_gates": ", ".join(failed), "feasible": not failed}
+
+
+def measure_option(source: ModelSource, name: str, cfg: Any, calib: Any, gate_inputs: Callable[[], GateInputs],
+                   device: str, ws: Workspace, *, measure: bool = True, gate: bool = True) -> dict[str, dict]:
+    """The new values of one option, by cache kind: what the serial table and a Ray worker both compute.
+
+    ``measure``: :func:`~sahc_core.whatif.measure.measure_tensor`'s value (kind ``whatif_measure``);
+    ``gate``: the predicted smoke test (kind :data:`GATE_KIND`), on ``gate_inputs()`` (asked for only
+    then). Plain values (dicts of numbers, strings and lists), stored by the caller.
+    """
+    out: dict[str, dict] = {}
+    if measure:  # exactly what measure_tensor stores, without its own cache write
+        out[whatif.KIND_MEASURE] = whatif.measure_tensor(source, name, cfg, device=device, workspace=ws, log=False,
+                                                         calib=calib)
+    if gate:
+        gi = gate_inputs()
+        t0 = time.perf_counter()
+        W = source.read(name, device="cpu", dtype=torch.float32)
+        W_hat = whatif.reconstruction(source, name, cfg, device, ws, calib)
+        usages = gi.usages.get(name, [])  # none: a tensor the forward pass never uses (an MTP head)
+        held = calib.heldout if calib is not None else None
+        counts = held.token_counts if held is not None and any(k == "embedding" for _, k in usages) else None
+        out[GATE_KIND] = {**gate_numbers(W, W_hat, usages, gi, counts), "seconds": time.perf_counter() - t0}
+    return out
 
 
 def grid_dict(grid: CandidateGrid) -> dict:

@@ -47,6 +47,7 @@ from sahc_core.plans import _solver
 from sahc_core.plans.candidates import CandidateGrid, GateSource, candidate_table, grid_dict
 from sahc_core.plans.plan import TIED, CompressionPlan, Override, project
 from sahc_core.plans.sensitivity import SensitivityConfig, sensitivities
+from sahc_core.plans.smoke_gate import model_loader
 from sahc_core.workspace import Workspace
 
 #: Name of the damage model recorded in a plan's provenance.
@@ -178,24 +179,9 @@ class Prepared:
     device: str = "auto"
 
 
-def _loader(source: ModelSource, device: str) -> Callable[[], tuple[Any, Any]]:
-    """A memoised ``load() -> (model, tokenizer)`` shared by the sensitivity pass and the gate inputs."""
-    box: list[tuple[Any, Any]] = []
-
-    def load() -> tuple[Any, Any]:
-        if not box:
-            from sahc_core.evaluate.model import load_model
-
-            box.append(load_model(source.path, device=device))
-        return box[0]
-
-    return load
-
-
 def prepare(source: ModelSource, cache: Cache | None, *, calibration: bool = True, grid: CandidateGrid = CandidateGrid(),
             text: str | None = None, calib_cfg: Any = None, sens_cfg: SensitivityConfig = SensitivityConfig(),
-            smoke_tokens: int | None = None,
-            device: str = "auto", workspace: Workspace | None = None, tensors: Sequence[str] | None = None,
+            smoke_tokens: int | None = None, ray: str | None = None, device: str = "auto", workspace: Workspace | None = None, tensors: Sequence[str] | None = None,
             load: Callable[[], tuple[Any, Any]] | None = None,
             progress: Callable[[str, int, int], None] | None = None) -> Prepared:
     """Calibration statistics, sensitivities and the candidate table of ``source`` (all cached).
@@ -214,6 +200,8 @@ def prepare(source: ModelSource, cache: Cache | None, *, calibration: bool = Tru
         How the statistics are captured (default ``CalibConfig()``, the runs' setting).
     smoke_tokens : int, optional
         Tokens of the predicted smoke gate (default: the run's, ``pipeline.SMOKE_TOKENS``).
+    ray : str, optional
+        Measure the missing candidates on a Ray cluster (``candidate_table``'s ``ray``).
     load : callable, optional
         ``load() -> (model, tokenizer)``; default ``evaluate.load_model`` on ``device`` (once).
     progress : callable, optional
@@ -225,7 +213,7 @@ def prepare(source: ModelSource, cache: Cache | None, *, calibration: bool = Tru
         from sahc_core.io.corpus import default_corpus
 
         text = default_corpus().calib_text
-    load = load or _loader(source, device)
+    load = load or model_loader(source.path, device)
     notes: list[str] = []
     seconds: dict[str, float] = {}
     step = (lambda stage: (lambda d, t, *_: progress(stage, d, t))) if progress is not None else (lambda stage: None)
@@ -255,7 +243,7 @@ def prepare(source: ModelSource, cache: Cache | None, *, calibration: bool = Tru
     gate = GateSource(load=load, text=text, n_tokens=smoke_tokens or SMOKE_TOKENS)
     t0 = time.perf_counter()
     cands = candidate_table(source, gate, cache, calib, grid, workspace=workspace, device=device, tensors=tensors,
-                            progress=step("candidates"))
+                            progress=step("candidates"), ray=ray)
     seconds["candidates"] = time.perf_counter() - t0
     original = int(cands.drop_duplicates("tensor")["orig_bytes"].sum())
     return Prepared(source=source, cache=cache, calib=calib, gate=gate, grid=grid, sens_cfg=sens_cfg,

@@ -10,8 +10,9 @@ gate as a constraint on each candidate.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +56,21 @@ def weight_usages(model: nn.Module) -> dict[str, list[tuple[str, str]]]:
             kind = "embedding" if isinstance(module, nn.Embedding) else "linear"
             out.setdefault(names[id(module.weight)], []).append((mod_name, kind))
     return out
+
+
+def model_loader(path: str | Path, device: str) -> Callable[[], tuple[Any, Any]]:
+    """A memoised ``load() -> (model, tokenizer)`` (``evaluate.load_model`` on first call), shared by the
+    optimizer's sensitivity pass and the gate inputs."""
+    box: list[tuple[Any, Any]] = []
+
+    def load() -> tuple[Any, Any]:
+        if not box:
+            from sahc_core.evaluate.model import load_model
+
+            box.append(load_model(path, device=device))
+        return box[0]
+
+    return load
 
 
 def text_key(text: str, n_tokens: int) -> str:

@@ -1,4 +1,4 @@
-"""Distributed scans on a Ray cluster: one task per tensor, the driver the only DuckDB writer.
+"""Distributed work on a Ray cluster: one task per tensor, the driver the only DuckDB writer.
 
 ``scan --ray auto|local[:N]|ADDRESS`` (and :func:`ray_scan`) sends one Ray task per tensor that the
 cache does not hold yet. Each worker opens the model from its path itself (shared storage: every
@@ -17,13 +17,17 @@ anything else is a cluster address (``"10.0.0.1:6379"``, ``"ray://head:10001"``)
 already connected (``ray.is_initialized()``) is used as it is. Ray is optional at install time
 (the ``ray`` extra); without it a clear error names the extra.
 
-Workers import :mod:`sahc_core.spectra.spectrum` and :mod:`sahc_core.io` only (never Streamlit).
+The driver loop (connect, task resources, retries, ``ray.wait``, commit callback, cancel on
+interrupt, error wrapping) is :func:`run_tasks`, shared with the plan optimizer's candidate
+measurements (:mod:`sahc_core.plans._ray_candidates`, ``optimize --ray``). Scan workers import
+:mod:`sahc_core.spectra.spectrum` and :mod:`sahc_core.io` only (never Streamlit).
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -66,6 +70,12 @@ def parse_address(address: str) -> dict:
     return {"address": text}
 
 
+def check_address(address: str) -> None:
+    """What a distributed command checks before any work: ``address`` parses and Ray is installed."""
+    parse_address(address)
+    _ray()
+
+
 def connect(address: str) -> bool:
     """Connect to (or start) the cluster of ``address``; True when this call started the session."""
     ray = _ray()
@@ -80,14 +90,85 @@ def connect(address: str) -> bool:
     return True
 
 
-def spectrum_task(model_path: str, name: str, fingerprint: str, device: str) -> dict:
-    """One worker's job: the cache value of tensor ``name`` of the model at ``model_path``."""
+@dataclass(frozen=True)
+class Running:
+    """What a commit callback of :func:`run_tasks` may ask about the run: tasks at once, start time."""
+
+    parallel: float
+    t0: float
+
+    def speedup(self, spent: float) -> float:
+        """Observed speed-up of ``spent`` task seconds so far over the wall time (1 .. ``parallel``)."""
+        wall = time.perf_counter() - self.t0
+        return min(self.parallel, max(1.0, spent / wall)) if wall > 0 else 1.0
+
+
+def run_tasks(address: str, task: Callable[..., Any], jobs: Sequence[tuple[str, tuple, dict]],
+              commit: Callable[[str, Any, Running], None], *, what: str, device: str = "auto",
+              shared: Mapping[str, Any] | None = None, max_retries: int = MAX_RETRIES) -> None:
+    """Run one Ray task per job and hand each result to ``commit`` on the driver as it finishes.
+
+    Each job ``(name, args, kwargs)`` runs ``task(*args, device, **kwargs, **shared)`` in a worker:
+    ``device`` is the workers' device (``"auto"``: ``cuda`` when the cluster has GPUs, else ``cpu``),
+    ``shared`` values are ``ray.put`` once and reach every task as the value. Tasks ask for one GPU
+    each when the cluster has GPUs, else one CPU; Ray retries a task whose worker died
+    (``max_retries``). ``commit(name, value, running)`` runs on the driver as each result arrives
+    (``ray.wait``), so what it stores is kept when the run stops; an exception there (an interrupt, a
+    progress callback) cancels every pending task and propagates. A task that fails for good is a
+    :class:`DistributedError` naming ``what`` and the job (e.g. ``"the spectrum of" NAME``).
+    Connects to (or starts) the cluster of ``address`` (:func:`connect`) and shuts down only a
+    session it started.
+    """
+    ray = _ray()
+    if not jobs:
+        return
+    started = connect(address)
+    try:
+        resources = ray.cluster_resources()
+        gpus = float(resources.get("GPU", 0))
+        options = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
+        dev = ("cuda" if gpus >= 1 else "cpu") if device == "auto" else device
+        parallel = max(1.0, gpus if gpus >= 1 else float(resources.get("CPU", 1)))
+        common = {k: ray.put(v) for k, v in (shared or {}).items()}  # once, not once per task
+        remote = ray.remote(max_retries=max_retries)(task).options(**options)
+        refs = {remote.remote(*args, dev, **kwargs, **common): name for name, args, kwargs in jobs}
+        running = Running(parallel, time.perf_counter())
+        pending = list(refs)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                name = refs[ready[0]]
+                try:
+                    value = ray.get(ready[0])
+                except ray.exceptions.RayError as exc:
+                    cause = getattr(exc, "cause", None) or exc  # a task's own exception, else Ray's
+                    raise DistributedError(f"{what} {name} failed on the cluster ({type(cause).__name__}: "
+                                           f"{str(cause).splitlines()[0] if str(cause) else ''}); rerun to resume "
+                                           "(finished tensors are cached).") from exc
+                commit(name, value, running)
+        except BaseException:
+            for ref in pending:  # an interrupted driver leaves no work running on the cluster
+                ray.cancel(ref, force=True)
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def open_checked(model_path: str, fingerprint: str) -> ModelSource:
+    """The model at ``model_path`` as a worker sees it; refused unless its fingerprint is the driver's."""
     from sahc_core.io.source import ModelSource
 
     source = ModelSource.open(model_path)
     if source.fingerprint != fingerprint:
         raise DistributedError(f"the model at {model_path} on this node differs from the driver's (fingerprint "
                                f"{source.fingerprint[:12]} vs {fingerprint[:12]}); every node must see the same files.")
+    return source
+
+
+def spectrum_task(model_path: str, name: str, fingerprint: str, device: str) -> dict:
+    """One worker's job: the cache value of tensor ``name`` of the model at ``model_path``."""
+    source = open_checked(model_path, fingerprint)
     try:
         return spectrum_value(source, name, device=device)
     except NumericalError as exc:  # a NaN / Inf / empty tensor: its reason goes back to the driver, the scan goes on
@@ -119,7 +200,7 @@ def ray_scan(source: ModelSource, component: str | None = None, cache: Cache | N
     pandas.DataFrame
         The rows :func:`~sahc_core.spectra.scan.scan` returns, in the table's order.
     """
-    ray = _ray()
+    _ray()  # a missing extra is named before anything is read
     table = matrix_table(source, component)
     stored = stored_spectra(cache, source.fingerprint) if cache is not None else {}
     errors = stored_spectra(cache, source.fingerprint, ERROR_KIND) if cache is not None else {}
@@ -135,50 +216,24 @@ def ray_scan(source: ModelSource, component: str | None = None, cache: Cache | N
             done += 1
             if progress is not None:
                 progress(done, total, meta["name"], eta.remaining())
-    todo = [m for m in metas if m["name"] not in results]
-    if not todo:
-        return finished_frame(metas, results)
-    started = connect(address)
-    try:
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        options = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
-        dev = ("cuda" if gpus >= 1 else "cpu") if device == "auto" else device
-        parallel = max(1.0, gpus if gpus >= 1 else float(ray.cluster_resources().get("CPU", 1)))
-        remote = ray.remote(max_retries=max_retries)(task).options(**options)
-        refs = {remote.remote(str(source.path), m["name"], source.fingerprint, dev): m for m in todo}
-        t0 = time.perf_counter()
-        pending = list(refs)
-        try:
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                meta = refs[ready[0]]
-                try:
-                    value = ray.get(ready[0])
-                except ray.exceptions.RayError as exc:
-                    raise DistributedError(f"the spectrum of {meta['name']} failed on the cluster "
-                                           f"({type(exc).__name__}: {str(exc).splitlines()[0]}); rerun to resume "
-                                           "(finished tensors are cached).") from exc
-                if "error" in value:  # no spectrum: the reason is recorded like one (spectra.scan.ERROR_KIND)
-                    record_error(cache, source.fingerprint, meta["name"], value["error"])
-                    results[meta["name"]] = {"error": value["error"], "cached": False, "seconds": 0.0}
-                else:
-                    if cache is not None:  # the driver is the only writer: commit at once (resumable)
-                        cache.put(CACHE_KIND, source.fingerprint, meta["name"], SPECTRUM_VERSION, value)
-                    results[meta["name"]] = SpectrumResult.from_value(meta["name"], value, False,
-                                                                      float(value["compute_seconds"]))
-                    eta.done(tuple(meta["shape"]), float(value["compute_seconds"]))
-                done += 1
-                if progress is not None:
-                    wall = time.perf_counter() - t0
-                    speedup = min(parallel, max(1.0, eta.spent / wall)) if wall > 0 else 1.0
-                    rem = eta.remaining()
-                    progress(done, total, meta["name"], None if rem is None else rem / speedup)
-        except BaseException:
-            for ref in pending:  # an interrupted driver leaves no work running on the cluster
-                ray.cancel(ref, force=True)
-            raise
-    finally:
-        if started:
-            ray.shutdown()
-    return finished_frame(metas, results)
+    by_name = {m["name"]: m for m in metas if m["name"] not in results}
 
+    def commit(name: str, value: dict, running: Running) -> None:
+        nonlocal done
+        meta = by_name[name]
+        if "error" in value:  # no spectrum: the reason is recorded like one (spectra.scan.ERROR_KIND)
+            record_error(cache, source.fingerprint, name, value["error"])
+            results[name] = {"error": value["error"], "cached": False, "seconds": 0.0}
+        else:
+            if cache is not None:  # the driver is the only writer: commit at once (resumable)
+                cache.put(CACHE_KIND, source.fingerprint, name, SPECTRUM_VERSION, value)
+            results[name] = SpectrumResult.from_value(name, value, False, float(value["compute_seconds"]))
+            eta.done(tuple(meta["shape"]), float(value["compute_seconds"]))
+        done += 1
+        if progress is not None:
+            rem = eta.remaining()
+            progress(done, total, name, None if rem is None else rem / running.speedup(eta.spent))
+
+    run_tasks(address, task, [(n, (str(source.path), n, source.fingerprint), {}) for n in by_name], commit,
+              what="the spectrum of", device=device, max_retries=max_retries)
+    return finished_frame(metas, results)
