@@ -129,12 +129,8 @@ def test_a_worker_reading_another_model_is_refused(tiny_qwen35_dir, tiny_llama_d
                                   ModelSource.open(tiny_qwen35_dir).fingerprint, "cpu")
 
 
-def test_addresses_and_the_missing_extra(monkeypatch):
-    assert parse_address("local") == {"num_cpus": None, "include_dashboard": False}
-    assert parse_address("local:3")["num_cpus"] == 3 and parse_address("auto") == {"address": "auto"}
-    assert parse_address("10.0.0.1:6379") == {"address": "10.0.0.1:6379"}
-    with pytest.raises(ValueError, match="local:N"):
-        parse_address("local:0")
+def hide_ray(monkeypatch) -> None:
+    """Make ``import ray`` fail for the rest of the test, as on an install without the extra."""
     real_import = builtins.__import__
 
     def no_ray(name, *args, **kwargs):
@@ -143,6 +139,15 @@ def test_addresses_and_the_missing_extra(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
+
+
+def test_addresses_and_the_missing_extra(monkeypatch):
+    assert parse_address("local") == {"num_cpus": None, "include_dashboard": False}
+    assert parse_address("local:3")["num_cpus"] == 3 and parse_address("auto") == {"address": "auto"}
+    assert parse_address("10.0.0.1:6379") == {"address": "10.0.0.1:6379"}
+    with pytest.raises(ValueError, match="local:N"):
+        parse_address("local:0")
+    hide_ray(monkeypatch)
     with pytest.raises(DistributedError, match=r"sahc-explorer\[ray\]"):
         distributed.connect("local")
 

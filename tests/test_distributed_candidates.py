@@ -256,18 +256,9 @@ def test_cli_optimize_ray_gives_the_serial_plan(cluster, tiny_llama_tok_dir, tmp
 
 
 def test_cli_optimize_ray_without_ray_names_the_extra(tiny_llama_tok_dir, tmp_path, capsys, monkeypatch):
-    import builtins
-
     from sahc_core.cli.main import main
 
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray":
-            raise ImportError("No module named 'ray'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
+    test_distributed.hide_ray(monkeypatch)
     monkeypatch.setenv("SAHC_CACHE", str(tmp_path / "c.duckdb"))
     code = main(["optimize", "--model", str(tiny_llama_tok_dir), "--target-ratio", "2", "--ray", "local"])
     err = capsys.readouterr().err
