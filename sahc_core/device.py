@@ -4,6 +4,11 @@ from __future__ import annotations
 import torch
 
 
+def device_choices() -> list[str]:
+    """The devices a picker offers: ``auto``, ``cpu`` and, with a CUDA GPU, ``cuda``."""
+    return ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def resolve_device(device: str = "auto") -> str:
     """Return a concrete torch device string for ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
 

@@ -15,6 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import build_tiny_llama, build_tiny_qwen35  # noqa: E402
 
 
+@pytest.fixture()
+def cache_path(tmp_path, monkeypatch) -> Path:
+    """``SAHC_CACHE`` pointed at ``tmp_path/cache/c.duckdb`` (not created) for the test (tests/test_hardening_*.py)."""
+    p = tmp_path / "cache" / "c.duckdb"
+    monkeypatch.setenv("SAHC_CACHE", str(p))
+    return p
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer tied-embedding llama checkpoint saved in 2 safetensors shards (read-only use)."""

@@ -57,3 +57,18 @@ def test_layer_heatmap_ticks_whole_layers():
     df = pd.DataFrame({"layer": [0, 1, 0, 1], "kind": ["q", "q", "k", "k"], "v": [0.1, 0.2, 0.3, 0.4]})
     fig = layer_heatmap(df, "v", "t")
     assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tickformat == "d"
+
+
+def test_captions_and_the_output_rank_table():
+    from dataclasses import replace
+
+    from sahc_core.figures.spectrum import note_captions, output_rank_table, results_caption
+
+    a, b = _result(0), replace(_result(1), cached=True, note="conv1d weight (8, 1, 4) reshaped", seconds=0.5)
+    assert results_caption([a, b]) == ("Device: **cpu** · 2 tensor(s) in 0.500 s (1 from cache; "
+                                       "computing took 0.00 s)")
+    assert note_captions([a, b]) == ["`layers.1.self_attn.k_proj`: conv1d weight (8, 1, 4) reshaped"]
+    table = output_rank_table([{"tensor": "model.layers.0.mlp.up_proj.weight", "min_rank": {0.1: 3, 0.01: 9},
+                                "min_rank_output": {0.1: 2, 0.01: 7}}])
+    assert table.to_dict("records") == [{"tensor": "layers.0.mlp.up_proj", "weight r@0.1": 3, "weight r@0.01": 9,
+                                         "output r@0.1": 2, "output r@0.01": 7}]

@@ -101,3 +101,23 @@ def test_breakdown_and_wall_figures(tiny_qwen35_dir):
         assert need == pytest.approx(embedding_wall(res, t)["embedding_ratio_needed"])
     assert ok["embedding_ratio_needed"].is_monotonic_increasing
     json.loads(wall_figure(res, 2.0).to_json())
+
+
+def test_fallback_name_overrides_and_settings_tables(tiny_llama_dir):
+    import pandas as pd
+
+    from sahc_core.figures.budget import fallback_name, fallback_sentence, overrides_frame, with_settings
+
+    assert fallback_name({"fallback": {"method": "int", "bits": 8, "group_size": None, "scheme": "asym"}}) == \
+        "int8 per row"
+    assert fallback_name({}) == fallback_name({"fallback": {"method": "svd"}}) == "none (adapt, else error)"
+    table = overrides_frame([{"pattern": "*norm*", "method": "keep"},
+                             {"pattern": "*q_proj*", "method": "int", "bits": 8, "group_size": None}])
+    assert table["pattern"].tolist() == ["*norm*", "*q_proj*"] and table["setting"].str.len().min() > 0
+    tensors = pd.DataFrame({"config": [{"method": "keep"}, None]})
+    assert with_settings(tensors)["setting"].iloc[1] == "tied"
+    res = project(CompressionPlan.from_dict({"name": "g256", "default": {"method": "int", "bits": 4,
+                                                                          "group_size": 256}}),
+                  ModelSource.open(tiny_llama_dir))
+    assert res["n_fallback"] and fallback_sentence(res).startswith(f"{res['n_fallback']} tensor(s) took a fallback")
+    assert fallback_sentence({**res, "n_fallback": 0}) is None

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sahc_core.spectra import _gram
 from sahc_core.spectra import spectrum as sp
 from sahc_core.cache import Cache
 from sahc_core.errors import ModelError
@@ -246,29 +247,29 @@ def test_conv1d_weight_of_qwen35_is_reshaped_and_says_so(tiny_qwen35_dir):
 
 @pytest.mark.parametrize("shape", [(70, 30), (30, 70)])
 def test_both_gram_paths_equal_numpy(shape, monkeypatch):
-    monkeypatch.setattr(sp, "_GRAM_CHUNK", 16)  # several chunks
+    monkeypatch.setattr(_gram, "_GRAM_CHUNK", 16)  # several chunks
     W = torch.from_numpy(_matrix("random", *shape, seed=9).astype(np.float32))
     A = W.double().numpy()
     ref = A.T @ A if shape[0] >= shape[1] else A @ A.T
-    cpu = sp._gram64(W).numpy()
+    cpu = _gram._gram64(W).numpy()
     np.testing.assert_allclose(np.triu(cpu), np.triu(ref), rtol=0, atol=1e-14 * np.abs(ref).max())
-    G = sp._gram64_torch(W if shape[0] >= shape[1] else W.T)  # the GPU path, run on CPU
+    G = _gram._gram64_torch(W if shape[0] >= shape[1] else W.T)  # the GPU path, run on CPU
     np.testing.assert_allclose(G.numpy(), ref, rtol=0, atol=1e-14 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("n,idle,threads", [(64, True, 1), (64, False, 1), (80, True, None), (80, False, 1)])
 def test_eigvalsh_threads_follow_size_and_machine_load(monkeypatch, n, idle, threads):
     """Serial unless the Gram is large AND no other task is runnable; the values never change."""
-    monkeypatch.setattr(sp, "_EIGH_PARALLEL_MIN_N", 80)
-    monkeypatch.setattr(sp, "_machine_idle", lambda: idle)
+    monkeypatch.setattr(_gram, "_EIGH_PARALLEL_MIN_N", 80)
+    monkeypatch.setattr(_gram, "_machine_idle", lambda: idle)
     used = []
-    real = sp._cpu_threads
-    monkeypatch.setattr(sp, "_cpu_threads", lambda k: used.append(k) or real(k))
+    real = _gram._cpu_threads
+    monkeypatch.setattr(_gram, "_cpu_threads", lambda k: used.append(k) or real(k))
     A = torch.randn(n + 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
-    lam = sp._eigvalsh(A.T @ A, adaptive_threads=True)
+    lam = _gram._eigvalsh(A.T @ A, adaptive_threads=True)
     assert used == [threads]
     used.clear()
-    assert torch.equal(sp._eigvalsh(A.T @ A), lam) and used == [None]  # without the opt-in: threads untouched
+    assert torch.equal(_gram._eigvalsh(A.T @ A), lam) and used == [None]  # without the opt-in: threads untouched
     assert np.allclose(lam.numpy(), np.linalg.eigvalsh((A.T @ A).numpy()), rtol=1e-10, atol=1e-9)
 
 
@@ -280,7 +281,7 @@ def test_machine_idle_reads_proc_loadavg(monkeypatch, tmp_path):
         f = tmp_path / "loadavg"
         f.write_text(text)
         monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(f if p == "/proc/loadavg" else p, *a, **k))
-        assert sp._machine_idle() is idle
+        assert _gram._machine_idle() is idle
     monkeypatch.setattr(builtins, "open", real_open)
 
 

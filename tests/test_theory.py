@@ -172,7 +172,7 @@ def test_tt_prediction_in_row_blocks_equals_the_whole_core_contraction(monkeypat
 
     import torch
 
-    from sahc_core.methods import tt
+    from sahc_core.methods import _tt_sweep, tt
     from sahc_core.methods.quant import QuantConfig
     from sahc_core.methods.rtn import rounding_noise_var
 
@@ -188,7 +188,7 @@ def test_tt_prediction_in_row_blocks_equals_the_whole_core_contraction(monkeypat
         norm2 = 50.0
         got = tt.predicted(cores, (1.0, 2.0), q, norm2, padded=False)
         assert got["core_noise"] == pytest.approx(math.sqrt(noise2 / norm2), rel=1e-12)
-        monkeypatch.setattr(tt, "_PREDICT_BLOCK_BYTES", 1)  # every core cut into single rows
+        monkeypatch.setattr(_tt_sweep, "_PREDICT_BLOCK_BYTES", 1)  # every core cut into single rows
         small = tt.predicted(cores, (1.0, 2.0), q, norm2, padded=False)
         monkeypatch.undo()
         assert small["core_noise"] == pytest.approx(got["core_noise"], rel=1e-12)

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from sahc_core.figures.format import component_label
 from sahc_core.figures.model import COMPONENT_COLORS
 from sahc_core.figures.style import tidy_figure
+from sahc_core.methods import registry
 from sahc_core.plans.plan import embedding_wall
 
 #: Plan-JSON fallback configs offered by the page (label -> config dict or None = the methods adapt
@@ -37,6 +38,33 @@ def plan_dict(name: str, components: Mapping[str, Mapping[str, Any]], overrides:
     if fallback is not None:
         out["fallback"] = fallback
     return out
+
+
+def fallback_name(plan: Mapping[str, Any]) -> str:
+    """The :data:`FALLBACKS` entry of a plan JSON's ``fallback`` (the first whose keys it holds; else "none")."""
+    fb = plan.get("fallback")
+    return next((k for k, v in FALLBACKS.items() if v and fb and v.items() <= fb.items()), "none (adapt, else error)")
+
+
+def overrides_frame(overrides: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """A plan's per-tensor overrides as ``pattern`` and ``setting`` (the method's short label)."""
+    return pd.DataFrame([{"pattern": o["pattern"], "setting": registry.label(registry.config_from_dict(
+        {k: v for k, v in o.items() if k != "pattern"}))} for o in overrides])
+
+
+def with_settings(tensors: pd.DataFrame) -> pd.DataFrame:
+    """A projection's per-tensor rows with a ``setting`` label (``tied`` for a tensor stored once)."""
+    return tensors.assign(setting=[registry.label(registry.config_from_dict(c)) if c else "tied"
+                                   for c in tensors["config"]])
+
+
+def fallback_sentence(result: Mapping[str, Any]) -> str | None:
+    """How many tensors took a fallback or an adapted setting, with the first one's reason (``None``: none)."""
+    if not result["n_fallback"]:
+        return None
+    fb = result["tensors"][result["tensors"]["fallback_reason"].notna()]
+    return (f"{len(fb)} tensor(s) took a fallback or an adapted setting, e.g. {fb.iloc[0]['name']}: "
+            f"{fb.iloc[0]['fallback_reason']}.")
 
 
 def breakdown_frame(result: Mapping[str, Any]) -> pd.DataFrame:

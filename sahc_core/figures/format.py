@@ -26,6 +26,11 @@ _COMPONENT_LABELS = {"ffn": "FFN", "attention_full": "Full attention", "attentio
                      "norm_other": "Norms & other"}
 
 
+def short_name(name: str) -> str:
+    """A tensor name without the common ``model.``/``.weight`` decorations (legends, pickers, captions)."""
+    return name.removeprefix("model.").removesuffix(".weight")
+
+
 def component_label(component: str) -> str:
     """Human label of a component value (``"ffn"`` -> ``"FFN"``); unknown values pass through."""
     return _COMPONENT_LABELS.get(str(component), str(component))

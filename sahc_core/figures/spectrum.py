@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
+from sahc_core.figures.format import short_name
 from sahc_core.figures.style import tidy_figure
 from sahc_core.spectra.spectrum import ERROR_LEVELS, SpectrumResult, rank_error_curve
 
@@ -24,11 +25,6 @@ MAX_LEGEND = 8
 SIGMA_I, SIGMA_1 = "σ<sub>i</sub>", "σ<sub>1</sub>"
 FRO_ERROR = "‖W − W<sub>r</sub>‖<sub>F</sub> / ‖W‖<sub>F</sub>"
 STABLE_RANK = "‖W‖<sub>F</sub><sup>2</sup> / σ<sub>max</sub><sup>2</sup>"
-
-
-def _label(name: str) -> str:
-    """Short legend label: drop the common ``model.``/``.weight`` decorations."""
-    return name.removeprefix("model.").removesuffix(".weight")
 
 
 def _ranks(n: int) -> np.ndarray:
@@ -102,10 +98,10 @@ def sigma_figure(results: Sequence[SpectrumResult], normalized: bool = False,
     for r, sc, color in zip(results, scales, colors):
         s = r.singular_values
         if depth is None:
-            _band(fig, s.size, *_mp_edges(r, sc), color, f"MP bulk {_label(r.tensor)}", r.tensor)
-        fig.add_trace(go.Scatter(x=_ranks(s.size), y=s / sc, mode="lines", name=_label(r.tensor),
+            _band(fig, s.size, *_mp_edges(r, sc), color, f"MP bulk {short_name(r.tensor)}", r.tensor)
+        fig.add_trace(go.Scatter(x=_ranks(s.size), y=s / sc, mode="lines", name=short_name(r.tensor),
                                  line=dict(color=color, width=1.5 if depth else 2), legendgroup=r.tensor,
-                                 hovertemplate=f"{_label(r.tensor)}<br>i=%{{x}}: %{{y:.4g}}<extra></extra>"))
+                                 hovertemplate=f"{short_name(r.tensor)}<br>i=%{{x}}: %{{y:.4g}}<extra></extra>"))
     if depth is not None and results:
         _depth_colorbar(fig, depth, 1, float(results[0].singular_values[0] / scales[0]) if
                         results[0].singular_values.size else 1.0)
@@ -120,12 +116,12 @@ def rank_error_figure(results: Sequence[SpectrumResult], layers: Sequence[int] |
     colors, depth = _colors(results, layers)
     for r, color in zip(results, colors):
         e = rank_error_curve(r.singular_values)
-        fig.add_trace(go.Scatter(x=np.arange(e.size), y=e, mode="lines", name=_label(r.tensor),
+        fig.add_trace(go.Scatter(x=np.arange(e.size), y=e, mode="lines", name=short_name(r.tensor),
                                  line=dict(color=color, width=1.5 if depth else 2),
-                                 hovertemplate=f"{_label(r.tensor)}<br>r=%{{x}}: %{{y:.4f}}<extra></extra>"))
+                                 hovertemplate=f"{short_name(r.tensor)}<br>r=%{{x}}: %{{y:.4f}}<extra></extra>"))
         mins = [r.stats[f"min_rank_{eps}"] for eps in ERROR_LEVELS]
         fig.add_trace(go.Scatter(x=mins, y=[e[m] for m in mins], mode="markers", marker=dict(color=color, size=8),
-                                 name=f"min ranks {_label(r.tensor)}", showlegend=False,
+                                 name=f"min ranks {short_name(r.tensor)}", showlegend=False,
                                  hovertext=[f"ε={eps}: r={m}" for eps, m in zip(ERROR_LEVELS, mins)]))
     for eps in ERROR_LEVELS:
         fig.add_hline(y=eps, line_dash=_LEVEL_DASH[eps], line_color="grey", annotation_text=f"{eps:g}",
@@ -141,9 +137,9 @@ def energy_figure(results: Sequence[SpectrumResult], layers: Sequence[int] | Non
     colors, depth = _colors(results, layers)
     for r, color in zip(results, colors):
         e = 1.0 - rank_error_curve(r.singular_values) ** 2
-        fig.add_trace(go.Scatter(x=np.arange(e.size), y=e, mode="lines", name=_label(r.tensor),
+        fig.add_trace(go.Scatter(x=np.arange(e.size), y=e, mode="lines", name=short_name(r.tensor),
                                  line=dict(color=color, width=1.5 if depth else 2),
-                                 hovertemplate=f"{_label(r.tensor)}<br>r=%{{x}}: %{{y:.1%}}<extra></extra>"))
+                                 hovertemplate=f"{short_name(r.tensor)}<br>r=%{{x}}: %{{y:.1%}}<extra></extra>"))
     if depth is not None and results:
         _depth_colorbar(fig, depth, 0, 0.0)
     fig.update_yaxes(range=[0, 1.02], tickformat=".0%")
@@ -174,11 +170,32 @@ def output_rank_figure(curves: Sequence[dict]) -> go.Figure:
         color = _PALETTE[k % len(_PALETTE)]
         w, o = np.asarray(c["weight_error"]), np.asarray(c["output_error"])
         fig.add_trace(go.Scatter(x=np.arange(w.size), y=w, mode="lines", line=dict(color=color),
-                                 name=f"{_label(c['tensor'])}: weight error"))
+                                 name=f"{short_name(c['tensor'])}: weight error"))
         fig.add_trace(go.Scatter(x=np.arange(o.size), y=o, mode="lines", line=dict(color=color, dash="dash"),
-                                 name=f"{_label(c['tensor'])}: output error (whitened)"))
+                                 name=f"{short_name(c['tensor'])}: output error (whitened)"))
     for eps in ERROR_LEVELS:
         fig.add_hline(y=eps, line_dash=_LEVEL_DASH[eps], line_color="grey", annotation_text=f"{eps:g}",
                       annotation_position="right")
     return _layout(fig, "Rank vs error: weights (EYM) and outputs on calibration activations (whitened EYM)",
                    "rank r", "relative error")
+
+
+def output_rank_table(curves: Sequence[dict]) -> pd.DataFrame:
+    """One row per curve of :func:`sahc_core.spectra.whitened.output_rank_curve`: the minimum rank for each
+    error level on the weights (``weight r@e``) and on the outputs (``output r@e``)."""
+    return pd.DataFrame([{"tensor": short_name(c["tensor"]), **{f"weight r@{e}": c["min_rank"][e] for e in c["min_rank"]},
+                          **{f"output r@{e}": c["min_rank_output"][e] for e in c["min_rank_output"]}}
+                         for c in curves])
+
+
+def results_caption(results: Sequence[SpectrumResult]) -> str:
+    """``Device: **cpu** · n tensor(s) in x s (k from cache; computing took y s)`` of the spectra shown."""
+    devices = sorted({r.device for r in results})
+    return (f"Device: **{', '.join(devices)}** · {len(results)} tensor(s) in {sum(r.seconds for r in results):.3f} s "
+            f"({sum(r.cached for r in results)} from cache; computing took "
+            f"{sum(r.compute_seconds for r in results):.2f} s)")
+
+
+def note_captions(results: Sequence[SpectrumResult]) -> list[str]:
+    """How each reshaped tensor was viewed as a matrix (``conv1d weight ... reshaped to ...``)."""
+    return [f"`{short_name(r.tensor)}`: {r.note}" for r in results if r.note]

@@ -1,6 +1,6 @@
 """TT-SVD and TT measurements of a big V x d matrix without its float32 tensorization or Ŵ whole.
 
-The textbook TT-SVD (:func:`sahc_core.methods.tt._tt_svd`) first writes the zero-padded, mode-interleaved
+The textbook TT-SVD (:func:`sahc_core.methods._tt_sweep._tt_svd`) first writes the zero-padded, mode-interleaved
 tensor X in float32 (4 GB for the 248,320 x 4,096 embedding) and factorizes its first unfolding
 ``M1 = X.reshape(i1 j1, rest)``. Its first step only needs the smaller Gram ``M1 M1ᵀ`` (i1 j1 x i1 j1:
 640 x 640 for the embedding, never the 248,320² one) and ``R1 = L1ᵀ M1``, and both are sums over

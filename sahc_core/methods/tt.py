@@ -28,6 +28,10 @@ Cores are stored in fp16 (``bits=None``) or quantized with :mod:`sahc_core.metho
 ``(r_{k-1}, i_k j_k r_k)`` (one row per left rank index; ``group_size`` must divide ``i_k j_k r_k``).
 Bytes: ``Σ_k 2 r_{k-1} i_k j_k r_k`` or ``Σ_k quant_bytes((r_{k-1}, i_k j_k r_k))``.
 
+The layout (factors, padding, rank limits) is in :mod:`sahc_core.methods._tt_layout`, the TT-SVD sweep
+and the error it predicts in :mod:`sahc_core.methods._tt_sweep`, the streamed first step of a big matrix
+in :mod:`sahc_core.methods._tt_bounded`.
+
 References: I. Oseledets, "Tensor-Train Decomposition", SIAM J. Sci. Comput. 33(5), 2011;
 A. Novikov et al., "Tensorizing Neural Networks", NeurIPS 2015.
 """
@@ -40,6 +44,8 @@ import torch
 from torch import Tensor
 
 from sahc_core import metrics
+from sahc_core.methods._tt_layout import _Layout, _layout, _tensorize, suggest_factors  # noqa: F401  (public here)
+from sahc_core.methods._tt_sweep import _tt_svd, _tt_svd_from, predicted
 from sahc_core.methods.quant import (QuantConfig, QuantizedTensor, _as_int, load_part, optional_quant_config, part_state,
                              quant_bytes, quantize, state_nbytes)
 
@@ -103,84 +109,6 @@ class TTConfig:
         """The core quantizer, or ``None`` for fp16 cores."""
         return optional_quant_config(self.bits, self.group_size, self.scheme)
 
-def _divisors(n: int) -> list[int]:
-    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
-    return sorted(set(small + [n // k for k in small]))
-
-
-def _balanced_split(n: int, parts: int, cap: int) -> tuple[int, ...] | None:
-    """Ascending factors of ``n`` into ``parts`` factors <= ``cap``, the largest as small as possible."""
-    found: list[tuple[int, ...]] = []
-
-    def rec(rest: int, k: int, lo: int, acc: tuple[int, ...]) -> None:
-        if k == 1:
-            if lo <= rest <= cap:
-                found.append(acc + (rest,))
-            return
-        for f in _divisors(rest):
-            if f ** k > rest:
-                break
-            if f >= lo:
-                rec(rest // f, k - 1, f, acc + (f,))
-
-    rec(n, parts, 1, ())
-    return min(found, key=lambda f: (f[-1], -f[0])) if found else None
-
-
-def suggest_factors(n: int, parts: int) -> tuple[int, ...]:
-    """Ascending factors of the smallest ``P >= n`` splitting into ``parts`` factors <= 2*ceil(P^(1/parts))."""
-    if n < 1 or parts < 1:
-        raise ValueError(f"cannot factorize {n} into {parts} factors.")
-    P = n
-    while True:
-        f = _balanced_split(P, parts, 2 * math.ceil(P ** (1 / parts) - 1e-9))
-        if f is not None:
-            return f
-        P += 1
-
-
-@dataclass(frozen=True)
-class _Layout:
-    V: int
-    d: int
-    row_factors: tuple[int, ...]
-    col_factors: tuple[int, ...]
-    ranks: tuple[int, ...]
-
-    @property
-    def modes(self) -> list[int]:
-        return [i * j for i, j in zip(self.row_factors, self.col_factors)]
-
-    def tt_shape(self) -> dict:
-        return {"row_factors": list(self.row_factors), "col_factors": list(self.col_factors), "ranks": list(self.ranks)}
-
-
-def _layout(shape: tuple[int, ...], cfg: TTConfig, check_ranks: bool = True) -> _Layout:
-    """Resolve factors for ``shape`` and check the ranks against the unfoldings."""
-    if len(shape) != 2 or min(shape) < 1:
-        raise ValueError(f"a TT-matrix needs a non-empty 2-D matrix (embedding / LM head), got shape {tuple(shape)}.")
-    V, d = int(shape[0]), int(shape[1])
-    D = cfg.n_cores
-    rf = cfg.row_factors or suggest_factors(V, D)
-    cf = cfg.col_factors or suggest_factors(d, D)
-    if math.prod(rf) < V or math.prod(cf) < d:
-        raise ValueError(f"row factors {list(rf)} / column factors {list(cf)} must multiply to at least {V} / {d}.")
-    if math.prod(rf) > 2 * V or math.prod(cf) > 2 * d:
-        raise ValueError(f"row factors {list(rf)} / column factors {list(cf)} pad the {V} x {d} matrix to "
-                         f"{math.prod(rf)} x {math.prod(cf)}, more than twice its size; choose factors whose products "
-                         f"lie in [{V}, {2 * V}] and [{d}, {2 * d}].")
-    lay = _Layout(V, d, tuple(rf), tuple(cf), cfg.ranks)
-    if check_ranks:
-        modes, r = lay.modes, cfg.ranks
-        for k in range(1, D):
-            limit = min(r[k - 1] * modes[k - 1], math.prod(modes[k:]))
-            if r[k] > limit:
-                raise ValueError(
-                    f"tt rank r{k}={r[k]} is more than the unfolding allows for factors {list(rf)} x {list(cf)} "
-                    f"(at most {limit}); lower it."
-                )
-    return lay
-
 
 def _core_quant(lay: _Layout, cfg: TTConfig) -> QuantConfig | None:
     q = cfg.quant_config
@@ -199,74 +127,6 @@ def tt_bytes(shape: tuple[int, ...], cfg: TTConfig) -> int:
     if q is None:
         return sum(2 * r[k] * n * r[k + 1] for k, n in enumerate(lay.modes))
     return sum(quant_bytes((r[k], n * r[k + 1]), q) for k, n in enumerate(lay.modes))
-
-
-def _tensorize(W: Tensor, lay: _Layout) -> Tensor:
-    """Zero-pad to ``P × Q`` and interleave modes: ``(i_1 j_1, ..., i_D j_D)`` in float32."""
-    P, Q = math.prod(lay.row_factors), math.prod(lay.col_factors)
-    X = W.detach().to(torch.float32)
-    if (P, Q) != (lay.V, lay.d):
-        X = torch.nn.functional.pad(X, (0, Q - lay.d, 0, P - lay.V))
-    D = len(lay.row_factors)
-    X = X.reshape(*lay.row_factors, *lay.col_factors)
-    return X.permute([p for k in range(D) for p in (k, D + k)]).reshape(lay.modes)
-
-
-def _top_subspace(M: Tensor, r: int | None, delta2: float = 0.0) -> tuple[Tensor, Tensor, float]:
-    """Best rank-r split ``M ≈ L @ R`` with orthonormal columns in ``L`` (one TT-SVD step), and the
-    energy it discards, ``‖M − L R‖² = Σ_{i>r} σ_i²`` (float64, from the same eigenvalues).
-
-    Hand-written through the Gram matrix of the short side (eigendecomposed in float64) instead of
-    ``torch.linalg.svd``: the SVD of the very wide first unfolding (e.g. 256 x 110592) took 17 s on a
-    2-core CPU against about 3 s this way, which is what keeps a 7-config TT sweep of a 49152 x 576
-    embedding under a minute. ``r=None`` picks the smallest rank whose discarded energy is at most
-    ``delta2`` (δ-truncation).
-    """
-    a, b = M.shape
-    wide = a <= b
-    G = (M @ M.T) if wide else (M.T @ M)
-    evals, evecs = torch.linalg.eigh(G.to(torch.float64))  # ascending
-    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    if r is None:
-        tail = torch.cumsum(evals.flip(0), 0).flip(0)  # tail[i] = energy discarded at rank i
-        ok = torch.nonzero(tail <= delta2).flatten()
-        r = max(1, int(ok[0])) if ok.numel() else evals.numel()
-    discarded = float(evals[r:].sum())
-    top = evecs[:, :r].to(M.dtype)
-    if wide:  # L = U_r, R = U_rᵀ M = S_r V_rᵀ
-        return top, top.T @ M, discarded
-    # L = M V_r / s (orthonormal: V_r are eigenvectors of MᵀM), R = diag(s) V_rᵀ; s = 0 columns dropped to 0
-    s = evals[:r].sqrt().to(M.dtype)
-    inv = torch.where(s > s[0] * 1e-12, 1 / s.clamp_min(1e-300), torch.zeros_like(s))
-    return (M @ top) * inv, s[:, None] * top.T, discarded
-
-
-def _tt_svd(X: Tensor, ranks: tuple[int, ...] | None, delta2: float = 0.0) -> tuple[list[Tensor], list[float]]:
-    """TT-SVD (Oseledets 2011, Alg. 1) of a float tensor: cores ``(r_{k-1}, n_k, r_k)`` in its dtype, and
-    the energy δ_k² each of the D - 1 steps discards.
-
-    Each step splits the remaining core as ``M = L R + E_k`` with ``L`` orthonormal and ``E_k ⟂ L``, so
-    in exact arithmetic ``‖X − TT‖² = Σ_k δ_k²`` (the equality behind Oseledets' Thm 2.2 bound).
-    """
-    return _tt_svd_from(X, list(X.shape), ranks, delta2)
-
-
-def _tt_svd_from(M: Tensor, modes: list[int], ranks: tuple[int, ...] | None, delta2: float = 0.0,
-                 cores: list[Tensor] | None = None,
-                 discarded: list[float] | None = None) -> tuple[list[Tensor], list[float]]:
-    """The TT-SVD sweep from step ``len(cores)`` on: ``M`` is what the previous steps left, (r_prev, rest);
-    ``discarded`` the δ_k² of those steps."""
-    cores = [] if cores is None else cores
-    discarded = [] if discarded is None else discarded
-    r_prev = cores[-1].shape[-1] if cores else 1
-    for k in range(len(cores), len(modes) - 1):
-        M = M.reshape(r_prev * modes[k], -1)
-        L, M, d2 = _top_subspace(M, None if ranks is None else ranks[k + 1], delta2)
-        cores.append(L.reshape(r_prev, modes[k], L.shape[1]))
-        discarded.append(d2)
-        r_prev = L.shape[1]
-    cores.append(M.reshape(r_prev, modes[-1], 1))
-    return cores, discarded
 
 
 def tt_ranks_for_error(W: Tensor, eps: float, n_cores: int = 3, row_factors: tuple[int, ...] | None = None,
@@ -422,57 +282,6 @@ def _load(state: dict[str, Tensor], meta: dict, cfg: TTConfig) -> TTMatrix:
     if set(state) != set(out.state()):
         raise ValueError(f"TT state must hold exactly {sorted(out.state())}, got {sorted(state)}.")
     return out
-
-
-#: float64 bytes of one block of core rows in :func:`predicted`.
-_PREDICT_BLOCK_BYTES = 64 << 20
-
-
-def predicted(svd_cores: tuple[Tensor, ...], discarded: tuple[float, ...], q: QuantConfig | None,
-              norm2: float, padded: bool) -> dict:
-    """The error of a stored TT-matrix predicted from the TT-SVD sweep and the cores' storage alone.
-
-    Truncation: ``Σ_k δ_k²``, the energies the sweep discards (Oseledets 2011, Thm 2.2: an upper bound
-    on ``‖X − TT‖²``, here an equality since each step's residual is orthogonal to the rest). Storage:
-    rounding each core entry with variance ``v_k[a, i, b]`` (:func:`rtn.rounding_noise_var` of the stored
-    ``(r_{k-1}, n_k r_k)`` view) changes the tensor by ``L_{<k} ΔG_k R_{>k}``; the left interface has
-    orthonormal columns (TT-SVD cores are left-orthogonal), so to first order
-    ``E‖ΔX‖² = Σ_k Σ_{a,i,b} v_k[a, i, b] · (R_{>k} R_{>k}ᵀ)[b, b]``, with the right Gram built core by core.
-
-    Returns
-    -------
-    dict
-        ``trunc_bound``, ``core_noise``, ``predicted_error`` (both in quadrature), ``prediction``,
-        ``prediction_sides`` ("upper" when the layout pads rows / columns: the prediction then also
-        covers the padded part that the measurement drops), all relative to ``sqrt(norm2) = ‖W‖_F``.
-    """
-    from sahc_core.methods.rtn import rounding_noise_var
-
-    gram = torch.ones(1, 1, dtype=torch.float64)  # R_{>D} R_{>D}ᵀ
-    noise2 = 0.0
-    for core in reversed(svd_cores):  # (r_{k-1}, n_k, r_k)
-        r0, n, r1 = core.shape
-        flat = core.detach().to("cpu").reshape(r0, n * r1)
-        # In blocks of rows (64 MB of float64 each): a rank-256 core of the 248k embedding is 670 MB in
-        # float64 and its noise variances several times that; rows are independent in both sums.
-        step = max(1, _PREDICT_BLOCK_BYTES // (8 * n * r1))
-        blocks = [(a, min(r0, a + step)) for a in range(0, r0, step)]
-        diag = torch.diagonal(gram)
-        new = torch.empty(r0, r0, dtype=torch.float64)
-        for a, b in blocks:
-            var = rounding_noise_var(flat[a:b], q).cpu().reshape(b - a, n, r1)  # per-row groups: block = whole
-            noise2 += float((var * diag).sum())
-            del var
-            A = (flat[a:b].to(torch.float64).reshape(-1, r1) @ gram).reshape(b - a, n * r1)
-            for d, e in blocks:  # R_{>k-1} R_{>k-1}ᵀ = Σ_{i,b,c} C[a,i,b] gram[b,c] C[d,i,c]
-                new[a:b, d:e] = A @ flat[d:e].to(torch.float64).T
-        gram = new
-    trunc2 = float(sum(discarded))
-    rel = (lambda x2: math.sqrt(max(x2, 0.0) / norm2) if norm2 > 0 else 1.0)  # noqa: E731
-    return {"trunc_bound": rel(trunc2), "core_noise": rel(noise2), "predicted_error": rel(trunc2 + noise2),
-            "prediction_sides": "upper" if padded else "two",
-            "prediction": "TT-SVD discarded energies sum_k delta_k^2 (Oseledets 2011, Thm 2.2) in quadrature with "
-                          "the cores' rounding noise through the orthonormal left interface"}
 
 
 def _extras(W: Tensor, c: TTMatrix, W_hat: Tensor) -> dict:

@@ -19,7 +19,7 @@ Precision of the block products (the accuracy contract of :mod:`sahc_core.spectr
 σ_max <= 1e-5 against a float64 SVD):
 
 * ``"float64"``: float64 products accumulated in float64, the ``gram64`` path of
-  :mod:`sahc_core.spectra.spectrum`, with its a-posteriori estimate ``_gram_error_estimate``.
+  :mod:`sahc_core.spectra._gram`, with its a-posteriori estimate ``_gram_error_estimate``.
 * ``"float32"``: float32 block products (exact inputs: bf16/f16/f32 are exact in float32) added
   into a float64 Gram; 2.4x less CPU time than float64 for the products (OpenBLAS ssyrk vs dsyrk,
   8192 x 4096, this machine). Its eigenvalue error is modelled as δλ ≈ C·ε₃₂·‖W‖_F²/√k: on bf16
@@ -57,7 +57,8 @@ from sahc_core.device import resolve_device
 from sahc_core.errors import ModelError
 from sahc_core.io.dtypes import not_analysed_reason
 from sahc_core.io.rows import DEFAULT_BLOCK_BYTES, matrix_shape, row_reader, rows_per_block
-from sahc_core.spectra.spectrum import _GRAM_TOL, _eigvalsh, _gram_error_estimate
+from sahc_core.spectra._gram import _eigvalsh, _gram_error_estimate
+from sahc_core.spectra.spectrum import _GRAM_TOL
 
 if TYPE_CHECKING:
     from sahc_core.io.source import ModelSource

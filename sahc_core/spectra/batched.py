@@ -26,7 +26,8 @@ import torch
 
 from sahc_core.device import resolve_device
 from sahc_core.io.rows import STORED_ITEMSIZE, matrix_shape
-from sahc_core.spectra.spectrum import _GRAM_TOL, _gram_error_estimate, as_matrix, make_value
+from sahc_core.spectra._gram import _gram_error_estimate
+from sahc_core.spectra.spectrum import _GRAM_TOL, as_matrix, make_value
 
 if TYPE_CHECKING:
     from sahc_core.io.source import ModelSource, TensorInfo

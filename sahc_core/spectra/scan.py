@@ -283,6 +283,14 @@ def scan_status(source: ModelSource, cache: Cache | None, component: str | None 
             "shapes": list(shapes.values())}
 
 
+def scan_status_line(status: dict) -> str:
+    """``Scan: done/total tensors done · ETA x min`` of a :func:`scan_status` (no ETA once nothing is left)."""
+    eta = status["eta_seconds"]
+    eta_txt = "" if not status["todo"] else (" · ETA unknown until a tensor is timed on this device" if eta is None
+                                             else f" · ETA {eta / 60:.1f} min")
+    return f"Scan: {status['done']}/{status['total']} tensors done{eta_txt}"
+
+
 def cached_scan(source: ModelSource, cache: Cache, component: str | None = None) -> pd.DataFrame:
     """The rows of :func:`scan` already in the cache, computing nothing (may be partial or empty)."""
     table = matrix_table(source, component)

@@ -4,6 +4,9 @@ Pure array functions first (:func:`as_matrix`, :func:`singular_values`, :func:`r
 :func:`min_rank`, :func:`spectrum_stats`, :func:`marchenko_pastur_edges`), then the thin wrapper
 :func:`tensor_spectrum` that reads ONE tensor of a :class:`~sahc_core.io.source.ModelSource` and
 caches the result in DuckDB. Whole-model scans live in :mod:`sahc_core.spectra.scan` (:func:`scan`).
+The statistics are implemented in :mod:`sahc_core.spectra._stats` and the ``gram64`` kernel (Gram
+matrix, eigensolver threads, error estimate) in :mod:`sahc_core.spectra._gram`; the statistics are
+re-exported here.
 
 Accuracy contract: every method returns singular values whose error, relative to σ_max, is below
 1e-5 against ``numpy.linalg.svd`` in float64 (tests/test_spectrum.py).
@@ -27,21 +30,20 @@ References
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy.linalg.blas import dsyrk as _dsyrk
 
 from sahc_core.device import resolve_device
 from sahc_core.errors import ModelError, NumericalError
 from sahc_core.io.rows import is_bounded, memory_bound
 from sahc_core.metrics import check_finite
+from sahc_core.spectra._gram import _eigvalsh, _gram64, _gram_error_estimate
+from sahc_core.spectra._stats import (ERROR_LEVELS, REPORT_RANKS, marchenko_pastur_edges,  # noqa: F401  (public here)
+                                      min_rank, numerical_rank, rank_error_curve, spectrum_stats)
 
 if TYPE_CHECKING:
     from sahc_core.cache import Cache
@@ -52,29 +54,11 @@ SPECTRUM_VERSION = 1
 #: Cache ``kind`` of a stored spectrum.
 CACHE_KIND = "spectrum"
 METHODS = ("auto", "gram64", "svd32", "svd64")
-#: Ranks at which σ_r and the energy are reported (those <= min(m, n)).
-REPORT_RANKS = (1, 512, 1024, 2048, 4096)
-#: Relative errors whose minimum rank is reported.
-ERROR_LEVELS = (0.1, 0.05, 0.01)
 #: Largest a-posteriori error estimate (relative to σ_max) accepted from the Gram path; 10x below
 #: the 1e-5 accuracy contract because the estimate is a typical, not a worst-case, bound.
 _GRAM_TOL = 1e-6
-#: Rows converted to float64 at a time while forming the Gram matrix (bounds the extra memory).
-_GRAM_CHUNK = 4096
-#: CPU ``eigvalsh`` of an n x n Gram with n <= this runs on ONE thread unless the machine is idle (see
-#: ``_EIGH_PARALLEL_MIN_N``). Its tridiagonal reduction is memory-bound BLAS-2 with a parallel region
-#: per column: measured on 2 shared cores, 1 thread was 5x faster at n = 4096 (2.2 s vs 11 s) and up
-#: to 40x at n = 576, because every OpenMP barrier waits for a descheduled thread when the machine is
-#: oversubscribed.
-_EIGH_SERIAL_MAX_N = 4096
-#: ... but when no other task is runnable (``_machine_idle``), n >= this uses every thread: on 2 idle
-#: cores, 2 threads took 1.57 s against 2.1 s at n = 4096 and 0.29 s against 0.34 s at n = 2048.
-#: Below it the gain is a few ms and one descheduled thread costs more (0.7 s once at n = 1536).
-_EIGH_PARALLEL_MIN_N = 2048
 #: What a NaN / Inf / empty tensor makes impossible (the end of the :class:`NumericalError` sentence).
 _UNDEFINED = "its singular-value spectrum is undefined"
-_EPS64 = float(np.finfo(np.float64).eps)
-_EPS32 = float(np.finfo(np.float32).eps)
 
 
 # ------------------------------------------------------------------------------- pure numerics
@@ -97,100 +81,6 @@ def as_matrix(W: torch.Tensor) -> tuple[torch.Tensor, str | None]:
     else:
         note = f"{W.ndim}-D weight {shape} reshaped to (d0, d1*...*dk) = ({rows}, {cols})"
     return W.reshape(rows, cols), note
-
-
-def _gram64(M: torch.Tensor) -> torch.Tensor:
-    """Float64 Gram matrix of the smaller side of ``M``: (n, n) with n = min(m, n).
-
-    Only the UPPER triangle is guaranteed (the CPU path fills nothing else); read it with
-    ``eigvalsh(G, UPLO="U")``. Rows are converted to float64 ``_GRAM_CHUNK`` at a time.
-    """
-    if M.shape[0] < M.shape[1]:
-        M = M.T  # (n, m) -> (m, n), tall
-    return _gram64_syrk(M) if M.device.type == "cpu" else _gram64_torch(M)
-
-
-def _gram64_torch(M: torch.Tensor) -> torch.Tensor:
-    """Full Gram MᵀM of a tall ``M`` in float64 on M's device (the GPU path), chunked ``addmm_``."""
-    m, n = M.shape
-    G = torch.zeros(n, n, dtype=torch.float64, device=M.device)
-    for start in range(0, m, _GRAM_CHUNK):
-        block = M[start:start + _GRAM_CHUNK].to(torch.float64)  # (<=chunk, n)
-        G.addmm_(block.T, block)
-    return G
-
-
-def _gram64_syrk(M: torch.Tensor) -> torch.Tensor:
-    """CPU Gram via BLAS ``dsyrk`` (scipy), which computes one triangle: half the flops of a GEMM.
-
-    torch exposes no SYRK; measured on 12288 x 4096: 1.7 s against 2.5 s for ``addmm_``.
-    """
-    m, n = M.shape
-    G = np.zeros((n, n), dtype=np.float64, order="F")
-    for start in range(0, m, _GRAM_CHUNK):
-        block = M[start:start + _GRAM_CHUNK].to(torch.float64).contiguous().numpy()  # (k, n), C order
-        # block.T is an F-ordered (n, k) view: C := block.T @ block + C (upper triangle), in place
-        G = _dsyrk(1.0, block.T, beta=1.0, c=G, trans=0, lower=0, overwrite_c=1)
-    return torch.from_numpy(G)
-
-
-@contextmanager
-def _cpu_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch CPU threads (no change for ``None``), restoring the old value."""
-    old = torch.get_num_threads()
-    if n is not None and n != old:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != old:
-            torch.set_num_threads(old)
-
-
-def _machine_idle() -> bool:
-    """True when no task of another process is runnable right now; False when that cannot be read.
-
-    Linux only: the runnable count of ``/proc/loadavg`` (field 4, ``running/total``) minus this
-    process's own runnable threads (``/proc/self/task/*/stat`` state ``R``), because a BLAS worker
-    of ours may still be spinning after the Gram product.
-    """
-    try:
-        with open("/proc/loadavg", encoding="ascii") as f:
-            running = int(f.read().split()[3].split("/")[0])
-        own = 0
-        for task in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{task}/stat", encoding="ascii", errors="replace") as f:
-                    stat = f.read()
-            except OSError:  # the thread ended meanwhile
-                continue
-            own += stat.rpartition(")")[2].split()[0] == "R"  # the state follows "(comm)"
-    except (OSError, ValueError, IndexError):
-        return False
-    return running - own <= 0
-
-
-def _eigvalsh(G: torch.Tensor, adaptive_threads: bool = False) -> torch.Tensor:
-    """Ascending eigenvalues of a symmetric matrix.
-
-    With ``adaptive_threads`` (only an entry point that owns the process sets it: the CLI; torch's
-    thread count is process-wide, so a page thread never does): serial on CPU for
-    n <= ``_EIGH_SERIAL_MAX_N`` unless the machine is idle and n >= ``_EIGH_PARALLEL_MIN_N``.
-    """
-    n = G.shape[0]
-    serial = (adaptive_threads and G.device.type == "cpu" and n <= _EIGH_SERIAL_MAX_N
-              and not (n >= _EIGH_PARALLEL_MIN_N and _machine_idle()))
-    with _cpu_threads(1 if serial else None):
-        return torch.linalg.eigvalsh(G, UPLO="U")
-
-
-def _gram_error_estimate(s: np.ndarray, shape: tuple[int, int]) -> float:
-    """A-posteriori estimate of max_i |Δσ_i| / σ_max of the Gram path (see module docstring)."""
-    if s.size == 0 or s[0] == 0.0:
-        return 0.0
-    m, n = max(shape), min(shape)
-    d_lambda = _EPS64 * (math.sqrt(m) * float(np.sum(s**2)) + math.sqrt(n) * float(s[0]) ** 2)
-    return float(np.max(d_lambda / (s + math.sqrt(d_lambda)))) / float(s[0])
 
 
 def _singular_values(W: torch.Tensor, device: str = "auto", method: str = "auto",
@@ -240,111 +130,6 @@ def singular_values(W: torch.Tensor, device: str = "auto", method: str = "auto")
         ``"auto"``, ``"gram64"``, ``"svd32"`` or ``"svd64"`` (see the module docstring).
     """
     return _singular_values(W, device, method)[0]
-
-
-def rank_error_curve(s: np.ndarray) -> np.ndarray:
-    """Eckart–Young–Mirsky relative error of the best rank-r approximation, r = 0..len(s).
-
-    ``e[r] = sqrt(sum_{i>r} σ_i² / sum_i σ_i²)``; ``e[0] = 1``, ``e[len(s)] = 0``. A zero matrix
-    gets all ones (design.md: the relative error against a zero matrix is 1.0).
-    """
-    s = np.asarray(s, dtype=np.float64)
-    energy = s**2
-    total = float(energy.sum())
-    if total == 0.0:
-        return np.ones(s.size + 1)
-    tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])  # tail[r] = sum_{i>=r} (0-based)
-    return np.sqrt(np.clip(tail / total, 0.0, 1.0))
-
-
-def numerical_rank(s: np.ndarray, rtol: float | None = None) -> int:
-    """Number of σ above ``σ_max * rtol``; default rtol = len(s)·ε_float32 (weights are ≤ 32-bit)."""
-    s = np.asarray(s, dtype=np.float64)
-    if s.size == 0 or s[0] == 0.0:
-        return 0
-    rtol = s.size * _EPS32 if rtol is None else float(rtol)
-    return int(np.count_nonzero(s > s[0] * rtol))
-
-
-def min_rank(s: np.ndarray, eps: float) -> int:
-    """Smallest rank r whose EYM relative error e(r) is <= ``eps``.
-
-    Singular values below the numerical-rank tolerance (:func:`numerical_rank`) count as zero, so
-    ``eps = 0`` gives the numerical rank and the result never grows as ``eps`` shrinks further.
-    ``eps >= 1`` gives 0; a zero matrix gives 0.
-    """
-    if not (isinstance(eps, (int, float, np.floating)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"the relative error eps must be a finite number >= 0, got {eps!r}.")
-    s = np.asarray(s, dtype=np.float64)
-    r_num = numerical_rank(s)
-    if r_num == 0 or eps >= 1.0:
-        return 0
-    e = rank_error_curve(np.where(np.arange(s.size) < r_num, s, 0.0))
-    return int(np.argmax(e <= eps))  # e[r_num] == 0 exactly, so a hit always exists
-
-
-def marchenko_pastur_edges(shape: tuple[int, int], variance: float) -> tuple[float, float]:
-    """Singular-value edges of the Marchenko–Pastur bulk of an iid (m, n) matrix of that variance.
-
-    ``σ± = sqrt(variance) * (sqrt(m) ± sqrt(n))`` (lower edge taken in absolute value).
-    """
-    m, n = (int(d) for d in shape)
-    if m <= 0 or n <= 0:
-        raise ValueError(f"the shape must have two positive dimensions, got {tuple(shape)}.")
-    if not (math.isfinite(variance) and variance >= 0):
-        raise ValueError(f"the variance must be a finite number >= 0, got {variance!r}.")
-    sd = math.sqrt(variance)
-    return sd * abs(math.sqrt(m) - math.sqrt(n)), sd * (math.sqrt(m) + math.sqrt(n))
-
-
-def spectrum_stats(s: np.ndarray, shape: tuple[int, int], mean: float = 0.0) -> dict[str, Any]:
-    """Tidy statistics of one spectrum (JSON-safe: non-finite numbers become ``None``).
-
-    Parameters
-    ----------
-    s : np.ndarray
-        All min(m, n) singular values, descending.
-    shape : (int, int)
-        Shape (m, n) of the matrix.
-    mean : float
-        Mean of the entries; the Marchenko–Pastur variance is ``‖W‖_F²/(mn) - mean²``.
-    """
-    s = np.asarray(s, dtype=np.float64)
-    m, n = (int(d) for d in shape)
-    if m * n == 0:
-        raise NumericalError(f"a matrix of shape {(m, n)} has no elements, so it has no spectrum statistics.")
-    if s.size != min(m, n):
-        raise ValueError(f"expected min{(m, n)} = {min(m, n)} singular values, got {s.size}.")
-    energy = s**2
-    total = float(energy.sum())
-    s_max = float(s[0]) if s.size else 0.0
-    s_min = float(s[-1]) if s.size else 0.0
-    p = s / s.sum() if total > 0 else np.zeros(0)
-    p = p[p > 0]
-    variance = max(total / (m * n) - float(mean) ** 2, 0.0)
-    mp_lo, mp_hi = marchenko_pastur_edges((m, n), variance)
-    above, below = int(np.count_nonzero(s > mp_hi)), int(np.count_nonzero(s < mp_lo))
-    out: dict[str, Any] = {
-        "rows": m, "cols": n, "full_rank": int(s.size),
-        "sigma_max": s_max, "sigma_min": s_min,
-        "condition_number": s_max / s_min if s_min > 0 else None,
-        "frobenius_norm": math.sqrt(total),
-        "stable_rank": total / s_max**2 if s_max > 0 else 0.0,
-        "effective_rank": float(np.exp(-np.sum(p * np.log(p)))) if p.size else 0.0,
-        "numerical_rank": numerical_rank(s),
-    }
-    cum = np.cumsum(energy) / total if total > 0 else np.zeros(s.size)
-    for r in REPORT_RANKS:
-        if r <= s.size:
-            out[f"sigma_at_{r}"] = float(s[r - 1])
-            out[f"energy_at_{r}"] = float(cum[r - 1])
-    for eps in ERROR_LEVELS:
-        r = min_rank(s, eps)
-        out[f"min_rank_{eps}"] = r
-        out[f"min_rank_frac_{eps}"] = r / s.size if s.size else 0.0
-    out.update(mp_variance=variance, mp_lo=mp_lo, mp_hi=mp_hi, n_above_mp=above, n_below_mp=below,
-               n_outside_mp=above + below, frac_outside_mp=(above + below) / s.size if s.size else 0.0)
-    return out
 
 
 # ---------------------------------------------------------------------------- one model tensor
