@@ -255,7 +255,8 @@ def child_page(page: str, model: str) -> None:
             if at.exception or at.error:
                 what = (at.exception or at.error)[0].value
                 raise SystemExit(f"{page} page after {key}={value!r}: {str(what).splitlines()[0]}")
-            steps.append({"step": key if key == "open" else f"{key}={value}", "seconds": round(time.perf_counter() - t0, 2)})
+            steps.append({"step": key if key == "open" else f"{key}={value}", "seconds": round(time.perf_counter() - t0, 2),
+                          "metrics": {m.label: m.value for m in at.metric}})  # what the page showed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps({"page": page, "steps": steps, "seconds": time.perf_counter() - t0}))
