@@ -35,7 +35,9 @@ bounded in bytes); ``result.steps`` gives the time at which each view was drawn;
 ``assemble-int4`` the run's assembly stage (written next to ``--dir``, then deleted). ``ppl-offload``
 (512 tokens, one decoder layer at a time, bf16), ``calib`` (XᵀX of every text-model linear input,
 512 + 128 tokens) and ``run-int4`` (the int4-g128 plan end to end: assembly, gates, smoke test,
-baseline and compressed perplexity on 512 tokens, offload decided by the run) use ``<dir>-tok``: the
+baseline and compressed perplexity on 512 tokens, offload decided by the run) and ``measure-gptq-*`` /
+``measure-wsvd-*`` (the method's defaults on an FFN matrix and the LM head with the statistics ``calib``
+captured, looked up in the cache) use ``<dir>-tok``: the
 same shards linked plus a word-level tokenizer trained on the default corpus (random weights: the
 perplexities mean nothing, the time and memory do), with a cache next to ``--dir``.
 """
@@ -59,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 EMBEDDING = "model.language_model.embed_tokens.weight"
 FFN = "model.language_model.layers.0.mlp.gate_proj.weight"
+HEAD = "lm_head.weight"
 GB = 1e9
 
 
@@ -101,6 +104,9 @@ def commands(model: Path, spectra: Path, block_bytes: int, device: str = "cpu",
     out.update({
         "ppl-offload": [*cli, "ppl", "--max-tokens", "512", *small, "--offload", "always", *cached],
         "calib": [*cli, "calib", "--tokens", "512", "--heldout-tokens", "128", "--window", "128", *cached],
+        **{f"measure-{m}-{what}": [*me, "--child-measure-calib", str(tok), str(work / "sahc-scale-cache.duckdb"), t, m,
+                                   device]
+           for m in ("gptq", "wsvd") for what, t in (("ffn", FFN), ("head", HEAD))},
         "run-int4": [*cli, "run", "--plan", str(ROOT / "plans" / "int4-g128.json"), "--max-tokens", "512", *small,
                      "--offload", "auto", *cached],
     })
@@ -301,7 +307,34 @@ def child_assemble(model: str, plan: str, out: str, device: str) -> None:
                       "n_tensors": res["n_tensors"], "seconds": time.perf_counter() - t0}))
 
 
+def child_measure_calib(model: str, cache: str, tensor: str, method: str, device: str) -> None:
+    """``--child-measure-calib``: ``measure`` of a calibration-aware method (its defaults) on ``tensor``, with
+    the statistics the ``calib`` command captured (512 + 128 tokens, window 128: looked up, not recomputed;
+    their XᵀX are rank-deficient at that size, so damping carries the solve: the time and memory are what
+    this measures)."""
+    from sahc_core.cache import Cache
+    from sahc_core.calib.stats import CalibConfig
+    from sahc_core.calib.store import calibration_stats
+    from sahc_core.io.corpus import default_corpus
+    from sahc_core.io.source import ModelSource
+    from sahc_core.methods import registry
+    from sahc_core.whatif.measure import measure_tensor
+
+    source = ModelSource.open(model)
+    t0 = time.perf_counter()
+    calib = calibration_stats(source, Cache(Path(cache)), default_corpus().calib_text,
+                              CalibConfig(tokens=512, heldout_tokens=128, window=128), device=device)
+    t_calib = time.perf_counter() - t0
+    res = measure_tensor(source, tensor, registry.config_from_values(method, {}), device=device, log=False, calib=calib)
+    print(json.dumps({"tensor": tensor, "method": method, "label": res.get("label"), "bytes": res.get("bytes"),
+                      "rel_error": res.get("rel_error"), "output_error": res.get("output_error"),
+                      "calib_lookup_seconds": t_calib, "seconds": time.perf_counter() - t0}))
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-measure-calib":
+        child_measure_calib(*sys.argv[2:7])
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--child-gram":
         child_gram(*sys.argv[2:7])
         return
