@@ -6,6 +6,7 @@ the textbook tensorization of ``tt._tensorize``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -21,13 +22,14 @@ from sahc_core.io import rows
 from sahc_core.io.source import ModelSource
 from sahc_core.methods import registry
 from sahc_core.methods._bounded import row_norm2_blocked
-from sahc_core.methods._svd_bounded import bounded_measure as svd_bounded, gram_eig
+from sahc_core.methods._svd_bounded import bounded_measure as svd_bounded, gram_eig, whitened_bounded_measure
 from sahc_core.methods._tt_bounded import first_chunks, row_slabs
 from sahc_core.methods.hqq import HQQConfig
 from sahc_core.methods.keep import KeepConfig
 from sahc_core.methods.lowrank import SVDConfig, lowrank
 from sahc_core.methods.quant import QuantConfig
 from sahc_core.methods.tt import TTConfig, _layout, _tensorize, _tt_svd, tt_decompose
+from sahc_core.methods.wsvd import WSVDConfig
 from sahc_core.whatif import measure as whatif
 
 EMB = "model.language_model.embed_tokens.weight"  # (256, 64) in the tiny Qwen3.5
@@ -177,8 +179,9 @@ def test_measure_tensor_bounded_equals_the_in_memory_path(bounded_dir: Path, mon
 def test_methods_without_a_bounded_path_are_refused_naming_the_bound(bounded_dir: Path, monkeypatch) -> None:
     source = ModelSource.open(bounded_dir)
     monkeypatch.setattr(rows, "BOUNDED_MIN_BYTES", 0)
+    no_path = dataclasses.replace(registry.get("wsvd"), measure_bounded=None)  # every built-in has one
     with pytest.raises(ValueError, match=r"memory bound.*int"):
-        whatif._measure_fn(registry.get("wsvd"), source, "model.embed_tokens.weight")
+        whatif._measure_fn(no_path, source, "model.embed_tokens.weight")
     assert rows.memory_bound(source) == int(2.5 * 2 * 1024 * 64 + 1.5e9)
 
 
@@ -294,3 +297,49 @@ def test_checkpoint_weights_read_big_tensors_as_another_dtype_in_blocks(tiny_lla
     for dtype in (torch.float32, torch.bfloat16):
         got = w.read_as(name, dtype)
         assert got.dtype == dtype and torch.equal(got, src.read(name).to(dtype))
+
+
+_WSVD_CFGS = [WSVDConfig(rank=16, bits=4, group_size=16), WSVDConfig(rank=16, bits=None),
+              WSVDConfig(rank=24, bits=3, group_size=None, scheme="sym")]
+
+
+def _stats(m: int = 200, n: int = 64, seed: int = 2):
+    """``XᵀX`` of correlated inputs (a decaying spectrum, so whitening matters) and its calibration stand-in."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(m, n, generator=gen, dtype=torch.float64) @ torch.diag(torch.logspace(0, -1.5, n, dtype=torch.float64))
+    H = X.T @ X
+    return H, type("Stats", (), {"xtx": H})()
+
+
+@pytest.mark.parametrize("cfg", _WSVD_CFGS)
+def test_whitened_svd_from_the_gram_equals_the_in_memory_whitened_svd(cfg) -> None:
+    """``Sᵀ G S``'s eigenvectors give the factors of the float64 SVD of ``W S`` (the in-memory kernel)."""
+    W = _decaying(1024, 64).to(torch.bfloat16)
+    H, stats = _stats()
+    got = whitened_bounded_measure(W, cfg, _Ctx(W, H))
+    Wf = W.float()
+    ref = registry.measure(Wf, cfg, compressed=registry.compress(Wf, cfg, stats), calib=stats)
+    assert got["bytes"] == ref["bytes"] and got["rank"] == ref["rank"] == cfg.rank
+    for key in ("rel_error", "weight_cosine", "output_error"):
+        assert got[key] == pytest.approx(ref[key], rel=2e-3, abs=1e-7), key
+    assert got["whitened_eym_error"] == pytest.approx(ref["whitened_eym_error"], rel=1e-4)
+    # and it is the whitened truncation, not plain SVD's: a lower output error at the same rank
+    plain = registry.measure(Wf, SVDConfig(rank=cfg.rank, bits=cfg.bits, group_size=cfg.group_size,
+                                           scheme=cfg.scheme), calib=stats)
+    assert got["output_error"] < plain["output_error"]
+
+
+@pytest.mark.parametrize("cfg", _WSVD_CFGS[:2])
+def test_wsvd_compress_of_a_big_tensor_stores_the_factors_its_bounded_measure_measured(monkeypatch, cfg) -> None:
+    """Assembly's Gram-path whitened factors: exact bytes, and their Ŵ has the bounded measurement's errors."""
+    W = _decaying(512, 64, seed=6).to(torch.bfloat16)
+    H, stats = _stats(seed=3)
+    monkeypatch.setattr(rows, "BOUNDED_MIN_BYTES", 0)
+    c = registry.compress(W, cfg, stats)
+    assert c.nbytes == registry.projected_bytes(W.shape, cfg)
+    got = whitened_bounded_measure(W, cfg, _Ctx(W, H))
+    ref = registry.measure(W.float(), cfg, compressed=c, w_hat=c.reconstruct(torch.float32), calib=stats)
+    for key in ("rel_error", "weight_cosine", "output_error"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-5), key
+    loaded = registry.load_compressed(c.state(), c.meta())
+    assert torch.equal(loaded.reconstruct(), c.reconstruct())

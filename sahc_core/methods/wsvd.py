@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sahc_core.io import rows
+from sahc_core.methods._svd_bounded import whitened_bounded_measure, whitened_lowrank_bounded
 from sahc_core.methods._wsvd import DEFAULT_DAMP, whitened_factors, whitened_lowrank
 from sahc_core.methods.lowrank import SVDConfig, _load as _svd_load, lowrank_bytes
 from sahc_core.methods.registry import MethodSpec, Param, Tagged, register
@@ -42,6 +44,9 @@ class WSVDConfig:
 
 
 def _compress(W, cfg: WSVDConfig, calib) -> Tagged:
+    """A tall 2-D W above ``io.rows.BOUNDED_MIN_BYTES`` of float32 takes the Gram path (``_svd_bounded``)."""
+    if W.ndim == 2 and W.shape[0] >= W.shape[1] and 4 * W.numel() > rows.BOUNDED_MIN_BYTES:
+        return Tagged(whitened_lowrank_bounded(W, calib.xtx, cfg.svd, cfg.damp), "wsvd", cfg)
     return Tagged(whitened_lowrank(W, calib.xtx, cfg.svd, damp=cfg.damp), "wsvd", cfg)
 
 
@@ -91,7 +96,8 @@ SPEC = register(MethodSpec(
               help="λ = damp · mean(diag XᵀX) added before the Cholesky whitening"),
     ),
     label=lambda cfg: label_for(cfg, "wsvd"), min_ndim=2, needs_calibration=True, extras=_extras, candidates=_candidates,
-    adapt=lambda shape, cfg: _adapt(shape, cfg), compress_in=_compress_in, color="#E45756",
+    adapt=lambda shape, cfg: _adapt(shape, cfg), compress_in=_compress_in, measure_bounded=whitened_bounded_measure,
+    color="#E45756",
     description="Activation-whitened SVD (Wang et al. 2024, SVD-LLM): the truncation minimises the output "
                 "error on calibration activations; plain SVD's storage and bytes."))
 
