@@ -252,3 +252,29 @@ def test_cli_calib(tiny_llama_tok_dir: Path, tmp_path: Path, capsys: pytest.Capt
                                                              if f.suffix == ".safetensors")
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cached"] is True
+
+
+def test_cli_measure_calib_tokens_use_the_statistics_calib_captured(tiny_llama_tok_dir: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    """``measure --calib --calib-tokens N --calib-heldout-tokens M`` finds what ``calib --tokens N --heldout-tokens M``
+    captured (no second capture); other counts are other statistics (a capture)."""
+    from sahc_core.calib import store
+    from sahc_core.cli.main import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    common = ["--model", str(tiny_llama_tok_dir), "--corpus", str(corpus), "--cache", str(tmp_path / "sahc.duckdb"),
+              "--device", "cpu", "--json"]
+    assert main(["calib", "--tokens", "128", "--heldout-tokens", "64", *common]) == 0
+    capsys.readouterr()
+
+    def no_capture(*a, **k):
+        raise AssertionError("captured again")
+
+    monkeypatch.setattr(store, "_capture", no_capture)
+    measure = ["measure", "--tensor", "model.layers.0.mlp.down_proj.weight", "--method", "gptq", "--calib", *common]
+    assert main([*measure, "--calib-tokens", "128", "--calib-heldout-tokens", "64"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["method"] == "gptq" and out["output_error"] > 0
+    assert main([*measure, "--calib-tokens", "96", "--calib-heldout-tokens", "64"]) != 0  # other statistics
+    assert "captured again" in capsys.readouterr().err

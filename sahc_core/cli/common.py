@@ -65,6 +65,14 @@ def _workspace():
 
 
 
+def _calib_config(args: argparse.Namespace) -> Any:
+    """``CalibConfig`` of ``--calib-tokens`` / ``--calib-heldout-tokens`` / ``--calib-window`` (defaults where not given)."""
+    from sahc_core.calib.stats import CalibConfig
+
+    given = {k: getattr(args, f"calib_{k}", None) for k in ("tokens", "heldout_tokens", "window")}
+    return CalibConfig(**{k: v for k, v in given.items() if v is not None})
+
+
 def _calib(args: argparse.Namespace, source: Any):
     """Calibration statistics of ``source`` (captured once, then read from the cache folder), or None
     when ``--calib`` was not given."""
@@ -79,6 +87,7 @@ def _calib(args: argparse.Namespace, source: Any):
     text = load_corpus(args.corpus).calib_text if getattr(args, "corpus", None) else None
     update, close = _tqdm_progress("calibration", "layer")
     try:
-        return calibration_stats(source, Cache(args.cache), text, progress=update, device=args.device)
+        return calibration_stats(source, Cache(args.cache), text, _calib_config(args), progress=update,
+                                 device=args.device)
     finally:
         close()

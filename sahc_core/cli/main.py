@@ -159,6 +159,17 @@ def cmd_ppl(args: argparse.Namespace) -> dict:
             "evaluation": names.describe(), "corpus": corpus.name, "model": str(_model_dir(args))}
 
 
+def _calib_flags(sp: argparse.ArgumentParser, help_: str) -> None:
+    """``--calib`` and the statistics it uses: the text and, as ``calib`` takes them, the token counts."""
+    sp.add_argument("--calib", action="store_true", help=help_)
+    sp.add_argument("--corpus", help="calibration text file or folder for --calib (default: the Shakespeare split)")
+    sp.add_argument("--calib-tokens", type=int, metavar="N",
+                    help="fitting tokens of the statistics (default 8192; as `calib --tokens`: the same N finds "
+                         "the statistics `calib` captured)")
+    sp.add_argument("--calib-heldout-tokens", type=int, metavar="N", help="held-out tokens after them (default 2048)")
+    sp.add_argument("--calib-window", type=int, metavar="W", help="tokens per capture window (default min(2048, model max))")
+
+
 def cmd_calib(args: argparse.Namespace) -> dict:
     from sahc_core.cache import Cache, utcnow
     from sahc_core.calib.stats import CalibConfig
@@ -264,9 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip the pre-quantized grid check (reads a sample of rows of every tensor; cached)")
     sp = add("spectrum", cmd_spectrum, "singular values, statistics and rank-vs-error curve of one tensor")
     sp.add_argument("--tensor", required=True)
-    sp.add_argument("--calib", action="store_true",
-                    help="also the rank-vs-output-error curve on calibration activations (whitened EYM)")
-    sp.add_argument("--corpus", help="calibration text for --calib (default: the Shakespeare calibration split)")
+    _calib_flags(sp, "also the rank-vs-output-error curve on calibration activations (whitened EYM)")
     sp = add("scan", cmd_scan, "spectrum statistics of every 2-D weight (resumable, cached)")
     sp.add_argument("--component", help="only this component (ffn, attention_full, ...)")
     sp.add_argument("--ray", metavar="auto|local[:N]|ADDRESS",
@@ -281,10 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     from sahc_core.cli.method_flags import add_method_flags
 
     add_method_flags(sp)
-    sp.add_argument("--calib", action="store_true",
-                    help="use calibration statistics (captured once on the calibration text, then cached): needed "
-                         "by gptq/wsvd, and adds output_error on held-out tokens for every method")
-    sp.add_argument("--corpus", help="calibration text file or folder for --calib (default: the Shakespeare split)")
+    _calib_flags(sp, "use calibration statistics (captured once on the calibration text, then cached): needed "
+                     "by gptq/wsvd, and adds output_error on held-out tokens for every method")
     add("methods", cmd_methods, "the registered compression methods and their parameter schemas")
 
     sp = add("sweep", cmd_sweep, "Tensor-Train rank sweep of an embedding (the study's table)")
