@@ -62,6 +62,19 @@ def gram_eig(W: Tensor, device: str = "cpu") -> tuple[Tensor, Tensor]:
     return lam.flip(0).clamp_min(0.0), V.flip(1)
 
 
+def takes_gram_path(W: Tensor) -> bool:
+    """Whether (whitened) SVD compresses ``W`` through the Gram: a tall 2-D W above ``io.rows.BOUNDED_MIN_BYTES``
+    of float32 (its thin SVD would not fit the memory bound)."""
+    from sahc_core.io import rows
+
+    return W.ndim == 2 and W.shape[0] >= W.shape[1] and 4 * W.numel() > rows.BOUNDED_MIN_BYTES
+
+
+def _fp16_or_quant(v: Tensor, q: QuantConfig | None) -> Tensor:
+    """``v`` as stored: fp16 without a factor grid, else fake-quantized on it (float32)."""
+    return v.half().float() if q is None else fake_quantize(v, q)
+
+
 def _check(W: Tensor) -> tuple[int, int]:
     if W.ndim != 2 or W.shape[0] < W.shape[1]:
         raise ValueError(f"a bounded SVD takes a tall 2-D matrix (m >= n), got shape {tuple(W.shape)}; "
@@ -96,7 +109,7 @@ def _factors(lam: Tensor, V: Tensor, r: int, q: QuantConfig | None, dev: torch.d
     inv = torch.where(sigma[:r] > sigma[0] * _ZERO_SIGMA, 1.0 / sq.clamp_min(1e-300), torch.zeros_like(sq))
     Vr64 = V[:, :r].to(dev)
     v = (sq.to(dev)[:, None] * Vr64.T).to(torch.float32)  # (r, n)
-    v_hat = v.half().float() if q is None else fake_quantize(v, q)
+    v_hat = _fp16_or_quant(v, q)
     vV = v_hat.double() @ Vr64  # (r, r): v̂ in the V_r basis
     K = v_hat.double() @ v_hat.double().T - vV @ vV.T  # v̂ (I - V_r V_rᵀ) v̂ᵀ, PSD
     return {"Vr": Vr64.to(torch.float32), "inv": inv.to(device=dev, dtype=torch.float32), "v_hat": v_hat,
@@ -161,13 +174,13 @@ def _whitened_factors(S: Tensor, lam: Tensor, V: Tensor, StG: Tensor, r: int) ->
     """``(proj, scale, v)`` of rank r: ``u_Bᵀ = (B proj) * scale`` and ``v`` as :mod:`._wsvd` stores them."""
     sigma = lam[:r].sqrt()
     ok = sigma > lam[0].sqrt() * _ZERO_SIGMA
+    one = torch.ones_like(sigma)
     Vr = V[:, :r]
-    UtW = (Vr.T @ StG) / torch.where(ok, sigma, torch.ones_like(sigma))[:, None]  # U_rᵀ W, (r, n)
-    c = torch.where(ok, UtW.norm(dim=1), torch.zeros_like(sigma))
-    sc = c.sqrt()
-    live = c > 0
-    scale = torch.where(live, sc / torch.where(ok, sigma, torch.ones_like(sigma)), torch.zeros_like(sc))
-    v = torch.where(live[:, None], UtW / torch.where(live, sc, torch.ones_like(sc))[:, None], torch.zeros_like(UtW))
+    UtW = (Vr.T @ StG) / torch.where(ok, sigma, one)[:, None]  # U_rᵀ W, (r, n)
+    sc = torch.where(ok, UtW.norm(dim=1), torch.zeros_like(sigma)).sqrt()  # sqrt(c)
+    live = sc > 0
+    scale = torch.where(live, sc / torch.where(ok, sigma, one), torch.zeros_like(sc))
+    v = torch.where(live[:, None], UtW / torch.where(live, sc, one)[:, None], torch.zeros_like(UtW))
     return S @ Vr, scale, v
 
 
@@ -239,8 +252,7 @@ def whitened_bounded_measure(W: Tensor, cfg: Any, ctx: Any) -> dict:
     r, q = resolve_rank((m, n), svd), factor_quant(m, n, svd)
     proj, scale, v = _whitened_factors(S, lam, V, StG, r)
     dev = torch.device(ctx.device)
-    v32 = v.to(device=dev, dtype=torch.float32)
-    v_hat = v32.half().float() if q is None else fake_quantize(v32, q)
+    v_hat = _fp16_or_quant(v.to(device=dev, dtype=torch.float32), q)
     out, _ = _row_pass(W, "wsvd", svd, proj.to(device=dev, dtype=torch.float32),
                        scale.to(device=dev, dtype=torch.float32), v_hat, ctx)
     total = float(lam.sum())

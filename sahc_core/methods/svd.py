@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from sahc_core import metrics
-from sahc_core.io import rows
-from sahc_core.methods._svd_bounded import bounded_measure, lowrank_bounded
+from sahc_core.methods._svd_bounded import bounded_measure, lowrank_bounded, takes_gram_path
 from sahc_core.methods.lowrank import (
     LowRankTensor,
     SVDConfig,
@@ -162,7 +161,7 @@ def fast_measure(W: Tensor, cfg: SVDConfig, ctx: Any) -> dict:
 
 def _compress(W: Tensor, cfg: SVDConfig) -> LowRankTensor:
     """``lowrank(W, cfg)``; a tall 2-D W above ``io.rows.BOUNDED_MIN_BYTES`` of float32 takes the Gram path."""
-    if W.ndim == 2 and W.shape[0] >= W.shape[1] and 4 * W.numel() > rows.BOUNDED_MIN_BYTES:
+    if takes_gram_path(W):
         return lowrank_bounded(W, cfg)
     return lowrank(W, cfg)
 

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sahc_core.io import rows
-from sahc_core.methods._svd_bounded import whitened_bounded_measure, whitened_lowrank_bounded
+from sahc_core.methods._svd_bounded import takes_gram_path, whitened_bounded_measure, whitened_lowrank_bounded
 from sahc_core.methods._wsvd import DEFAULT_DAMP, whitened_factors, whitened_lowrank
 from sahc_core.methods.lowrank import SVDConfig, _load as _svd_load, lowrank_bytes
 from sahc_core.methods.registry import MethodSpec, Param, Tagged, register
@@ -45,7 +44,7 @@ class WSVDConfig:
 
 def _compress(W, cfg: WSVDConfig, calib) -> Tagged:
     """A tall 2-D W above ``io.rows.BOUNDED_MIN_BYTES`` of float32 takes the Gram path (``_svd_bounded``)."""
-    if W.ndim == 2 and W.shape[0] >= W.shape[1] and 4 * W.numel() > rows.BOUNDED_MIN_BYTES:
+    if takes_gram_path(W):
         return Tagged(whitened_lowrank_bounded(W, calib.xtx, cfg.svd, cfg.damp), "wsvd", cfg)
     return Tagged(whitened_lowrank(W, calib.xtx, cfg.svd, damp=cfg.damp), "wsvd", cfg)
 
