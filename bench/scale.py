@@ -3,7 +3,8 @@
 Writes once (cached in ``--dir``) a random checkpoint with the real Qwen3.5-9B tensor names and
 full-size embedding (248,320 x 4,096), FFN, vision tower and MTP head, but ``--layers`` text layers
 (default 4: ~7.2 GB bf16; ``sahc_core.io.synthetic``), then runs each command as a child process
-(``nice -n 10 python -m sahc_core ... --json --no-cache --device DEVICE``, default cpu) and records per command
+(``nice -n 10 python -m sahc_core ... --json --no-cache --device DEVICE``, default cpu, or one of the
+``--child-*`` functions of ``bench/_scale_children.py`` for what is not a CLI call) and records per command
 
 * ``seconds``      wall time of the child; ``cpu_seconds`` its user + system CPU time (steadier than
                    wall time on a shared machine);
@@ -59,9 +60,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-EMBEDDING = "model.language_model.embed_tokens.weight"
-FFN = "model.language_model.layers.0.mlp.gate_proj.weight"
-HEAD = "lm_head.weight"
+from _scale_children import CALIB, CHILDREN, EMBEDDING, FFN, HEAD, PAGE_STEPS  # noqa: E402 - bench/ is sys.path[0]
+
 GB = 1e9
 
 
@@ -100,20 +100,20 @@ def commands(model: Path, spectra: Path, block_bytes: int, device: str = "cpu",
     # ppl / calib / run need a tokenizer: the same shards (linked) plus a word-level one (with_tokenizer)
     tok = Path(f"{model}-tok")
     small = ["--window", "128", "--dtype", "bfloat16"]
-    cached = ["--model", str(tok), "--json", "--cache", str(work / "sahc-scale-cache.duckdb"), "--device", device]
+    cache = str(work / "sahc-scale-cache.duckdb")
+    cached = ["--model", str(tok), "--json", "--cache", cache, "--device", device]
     out.update({
         "ppl-offload": [*cli, "ppl", "--max-tokens", "512", *small, "--offload", "always", *cached],
-        "calib": [*cli, "calib", "--tokens", "512", "--heldout-tokens", "128", "--window", "128", *cached],
-        **{f"measure-{m}-{what}": [*me, "--child-measure-calib", str(tok), str(work / "sahc-scale-cache.duckdb"), t, m,
-                                   device]
+        "calib": [*cli, "calib", *(x for k, v in CALIB.items() for x in (f"--{k.replace('_', '-')}", str(v))), *cached],
+        **{f"measure-{m}-{what}": [*me, "--child-measure-calib", str(tok), cache, t, m, device]
            for m in ("gptq", "wsvd") for what, t in (("ffn", FFN), ("head", HEAD))},
         "run-int4": [*cli, "run", "--plan", str(ROOT / "plans" / "int4-g128.json"), "--max-tokens", "512", *small,
                      "--offload", "auto", *cached],
     })
     for what, tensor in (("embedding", EMBEDDING), ("ffn", FFN)):
         for bits in ("64", "32"):
-            out[f"gram{bits}-{what}"] = [sys.executable, str(Path(__file__).resolve()), "--child-gram", str(model),
-                                         tensor, f"float{bits}", str(block_bytes), str(spectra / f"gram{bits}-{what}.npy")]
+            out[f"gram{bits}-{what}"] = [*me, "--child-gram", str(model), tensor, f"float{bits}", str(block_bytes),
+                                         str(spectra / f"gram{bits}-{what}.npy")]
     return out
 
 
@@ -219,55 +219,6 @@ def compare(results: dict, spectra_dir: Path) -> dict:
     return out
 
 
-def child_gram(model: str, tensor: str, precision: str, block_bytes: str, out_file: str) -> None:
-    """``--child-gram``: one blocked spectrum; saves σ to ``out_file``, prints a JSON line."""
-    from sahc_core.io.source import ModelSource
-    from sahc_core.spectra._blocked import spectrum_blocked
-
-    t0 = time.perf_counter()
-    r = spectrum_blocked(ModelSource.open(model), tensor, precision=precision, block_bytes=int(block_bytes))
-    np.save(out_file, r.singular_values)
-    print(json.dumps({"tensor": tensor, "shape": list(r.shape), "method": r.method, "block_rows": r.block_rows,
-                      "error_estimate": r.error_estimate, "within_contract": r.within_contract,
-                      "seconds": time.perf_counter() - t0}))
-
-
-#: Per page: the (widget key, value) selections made in turn, each followed by a script run.
-PAGE_STEPS: dict[str, tuple[tuple[str, str], ...]] = {
-    "model": (),
-    "spectrum": (("sp_component", "embedding"), ("sp_component", "ffn"), ("sp_tensor", FFN)),
-    "whatif": (("wi_component", "embedding"), ("wi_tensor", EMBEDDING)),
-}
-
-
-def child_page(page: str, model: str) -> None:
-    """``--child-page``: ``app_pages/<page>.py`` under AppTest on ``model``, through :data:`PAGE_STEPS`, timed."""
-    import shutil
-
-    from streamlit.testing.v1 import AppTest
-
-    sys.path.insert(0, str(ROOT))  # the pages import app_state / app_widgets from the repo root
-    tmp = Path(tempfile.mkdtemp(prefix="sahc-scale-page-"))
-    os.environ["SAHC_CACHE"] = str(tmp / "sahc.duckdb")
-    t0 = time.perf_counter()
-    steps: list[dict] = []
-    try:
-        at = AppTest.from_file(str(ROOT / "app_pages" / f"{page}.py"), default_timeout=7200)
-        at.session_state["model_path"] = model
-        for key, value in (("open", ""), *PAGE_STEPS[page]):
-            if key != "open":
-                at.selectbox(key=key).select(value)
-            at.run()
-            if at.exception or at.error:
-                what = (at.exception or at.error)[0].value
-                raise SystemExit(f"{page} page after {key}={value!r}: {str(what).splitlines()[0]}")
-            steps.append({"step": key if key == "open" else f"{key}={value}", "seconds": round(time.perf_counter() - t0, 2),
-                          "metrics": {m.label: m.value for m in at.metric}})  # what the page showed
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps({"page": page, "steps": steps, "seconds": time.perf_counter() - t0}))
-
-
 def with_tokenizer(model: Path) -> Path:
     """``<model>-tok``: every file of ``model`` linked, plus a word-level tokenizer (ids far below the
     248,320 vocabulary) trained on the default corpus, so that ``ppl``, ``calib`` and ``run`` have one."""
@@ -292,57 +243,9 @@ def with_tokenizer(model: Path) -> Path:
     return out
 
 
-def child_assemble(model: str, plan: str, out: str, device: str) -> None:
-    """``--child-assemble``: the run's assembly stage of ``plan`` (streaming, tensor by tensor), then delete it."""
-    import shutil
-
-    from sahc_core.io.source import ModelSource
-    from sahc_core.plans.assemble import assemble
-    from sahc_core.plans.plan import CompressionPlan
-
-    t0 = time.perf_counter()
-    res = assemble(ModelSource.open(model), CompressionPlan.from_json(plan), out, overwrite=True, device=device)
-    shutil.rmtree(out, ignore_errors=True)
-    print(json.dumps({"ratio_actual": res["ratio_actual"], "ratio_projected": res["ratio_projected"],
-                      "n_tensors": res["n_tensors"], "seconds": time.perf_counter() - t0}))
-
-
-def child_measure_calib(model: str, cache: str, tensor: str, method: str, device: str) -> None:
-    """``--child-measure-calib``: ``measure`` of a calibration-aware method (its defaults) on ``tensor``, with
-    the statistics the ``calib`` command captured (512 + 128 tokens, window 128: looked up, not recomputed;
-    their XᵀX are rank-deficient at that size, so damping carries the solve: the time and memory are what
-    this measures)."""
-    from sahc_core.cache import Cache
-    from sahc_core.calib.stats import CalibConfig
-    from sahc_core.calib.store import calibration_stats
-    from sahc_core.io.corpus import default_corpus
-    from sahc_core.io.source import ModelSource
-    from sahc_core.methods import registry
-    from sahc_core.whatif.measure import measure_tensor
-
-    source = ModelSource.open(model)
-    t0 = time.perf_counter()
-    calib = calibration_stats(source, Cache(Path(cache)), default_corpus().calib_text,
-                              CalibConfig(tokens=512, heldout_tokens=128, window=128), device=device)
-    t_calib = time.perf_counter() - t0
-    res = measure_tensor(source, tensor, registry.config_from_values(method, {}), device=device, log=False, calib=calib)
-    print(json.dumps({"tensor": tensor, "method": method, "label": res.get("label"), "bytes": res.get("bytes"),
-                      "rel_error": res.get("rel_error"), "output_error": res.get("output_error"),
-                      "calib_lookup_seconds": t_calib, "seconds": time.perf_counter() - t0}))
-
-
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child-measure-calib":
-        child_measure_calib(*sys.argv[2:7])
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "--child-gram":
-        child_gram(*sys.argv[2:7])
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "--child-page":
-        child_page(sys.argv[2], sys.argv[3])
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "--child-assemble":
-        child_assemble(*sys.argv[2:6])
+    if len(sys.argv) > 1 and sys.argv[1] in CHILDREN:
+        CHILDREN[sys.argv[1]](*sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/sahc-qwen35-9b-like"), help="checkpoint directory (cache)")
