@@ -331,11 +331,11 @@ class _Measurer:
 
     def option(self, name: str, cfg: Any) -> dict:
         """One candidate row: the cached (or new) measurement and predicted smoke test of ``cfg`` (fitted)."""
-        need_m, need_g = self.missing(name, cfg)
+        mkey, gkey = self.keys(name, cfg)
+        need_m, need_g = mkey not in self.measured, gkey not in self.gated
         if need_m or need_g:
             self.store(name, cfg, measure_option(self.source, name, cfg, self.calib, self.gate_inputs, self.device,
                                                  self.ws, measure=need_m, gate=need_g))
-        mkey, gkey = self.keys(name, cfg)
         m, g, d = self.measured[mkey], self.gated[gkey], registry.config_to_dict(cfg)
         failed = [x["gate"] for x in m["gates"] if not x["passed"]]
         failed += [f"output_cosine {mod}" for mod, c in g["cosines"].items() if not c >= self.cos_threshold]

@@ -181,7 +181,8 @@ class Prepared:
 
 def prepare(source: ModelSource, cache: Cache | None, *, calibration: bool = True, grid: CandidateGrid = CandidateGrid(),
             text: str | None = None, calib_cfg: Any = None, sens_cfg: SensitivityConfig = SensitivityConfig(),
-            smoke_tokens: int | None = None, ray: str | None = None, device: str = "auto", workspace: Workspace | None = None, tensors: Sequence[str] | None = None,
+            smoke_tokens: int | None = None, ray: str | None = None, device: str = "auto",
+            workspace: Workspace | None = None, tensors: Sequence[str] | None = None,
             load: Callable[[], tuple[Any, Any]] | None = None,
             progress: Callable[[str, int, int], None] | None = None) -> Prepared:
     """Calibration statistics, sensitivities and the candidate table of ``source`` (all cached).
